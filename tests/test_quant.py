@@ -1,0 +1,103 @@
+"""Tests for lora_kit.quant: the NF4 levels and measured quantization error."""
+
+import matplotlib
+import pytest
+import torch
+
+from lora_kit import quant
+from lora_kit.errors import LoraKitError
+
+
+def test_nf4_has_16_sorted_levels_with_exact_zero_and_unit_endpoints():
+    levels = quant.nf4_levels()
+    assert levels.shape == (16,)
+    assert torch.all(levels[1:] > levels[:-1])
+    assert levels[0].item() == -1.0 and levels[-1].item() == 1.0
+    assert (levels == 0).sum().item() == 1
+    assert (levels < 0).sum().item() == 7 and (levels > 0).sum().item() == 8
+
+
+def test_nf4_matches_the_published_table_and_the_normal_quantile_construction():
+    levels = quant.nf4_levels()
+    assert torch.allclose(levels, torch.tensor(quant._NF4_PAPER_TABLE), atol=1e-6)
+    assert torch.allclose(quant.normal_quantile_levels(16), levels, atol=1e-5)
+
+
+def test_normal_quantile_levels_other_sizes():
+    levels = quant.normal_quantile_levels(8)
+    assert levels.shape == (8,) and levels.min() == -1 and levels.max() == 1 and (levels == 0).any()
+    with pytest.raises(LoraKitError):
+        quant.normal_quantile_levels(7)
+
+
+def test_fp4_and_int4_grids():
+    fp4 = quant.fp4_levels()
+    assert fp4.shape == (16,) and fp4.min() == -1 and fp4.max() == 1
+    assert len(torch.unique(fp4)) == 15  # +0 and -0
+    int4 = quant.int4_levels()
+    assert torch.allclose(int4[1:] - int4[:-1], torch.full((15,), 2 / 15))
+    assert torch.allclose(int4, -int4.flip(0))
+
+
+def test_bits_per_parameter():
+    assert quant.bits_per_parameter(double_quant=False) == 4.5
+    assert quant.bits_per_parameter() == pytest.approx(4.127, abs=1e-3)
+    assert quant.bits_per_parameter() == 4 + 8 / 64 + 32 / (64 * 256)
+    assert quant.bits_per_parameter(blocksize=128, double_quant=False) == 4.25
+
+
+def test_own_nf4_round_trip_reproduces_bitsandbytes():
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    for quant_type, levels in (("nf4", quant.nf4_levels()), ("fp4", quant.fp4_levels())):
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+        theirs = F.dequantize_4bit(packed, state)
+        ours = quant.quantize_to_levels(w, levels, blocksize=64)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_quantization_error_is_right_when_rows_are_not_whole_blocks():
+    # 96 is not a multiple of 64: bitsandbytes 0.50.2's CPU dequantize_4bit gets such 2-D
+    # shapes wrong, so quantization_error goes through a flat view. Check it against our own NF4.
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    ours = quant.quantize_to_levels(w, quant.nf4_levels(), blocksize=64)
+    expected = ((w - ours).norm() / w.norm()).item()
+    assert quant.quantization_error(w)["nf4"]["relative_rms_error"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_quantize_to_levels_handles_a_ragged_last_block():
+    w = torch.tensor([0.5, -1.0, 0.25, 2.0, 0.0])
+    q = quant.quantize_to_levels(w, quant.int4_levels(), blocksize=4)
+    assert q.shape == w.shape
+    assert q[3].item() == 2.0  # the block's absmax is exact
+    assert q[1].item() == pytest.approx(-2 * 7 / 15)  # -0.5 of absmax -> nearest level -7/15
+    assert q[4].item() == 0.0  # the last block is [0.0] (padded): an all-zero block stays zero
+
+
+def test_nf4_beats_fp4_and_int4_on_a_normal_matrix():
+    torch.manual_seed(0)
+    w = torch.randn(256, 256) * 0.02
+    errors = quant.quantization_error(w)
+    assert set(errors) == {"nf4", "fp4", "int4"}
+    for metric in ("mean_abs_error", "relative_rms_error"):
+        assert errors["nf4"][metric] < errors["int4"][metric] < errors["fp4"][metric]
+    # 4 bits leave an error near a tenth of the weights' size.
+    assert 0.05 < errors["nf4"]["relative_rms_error"] < 0.15
+
+
+def test_quantization_error_rejects_packed_weights():
+    with pytest.raises(LoraKitError, match="quantized"):
+        quant.quantization_error(torch.zeros(64, dtype=torch.uint8))
+
+
+def test_plot_nf4_levels_has_labelled_axes():
+    fig = quant.plot_nf4_levels()
+    assert isinstance(fig, matplotlib.figure.Figure)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("NF4" in s for s in labels) and any("int4" in s for s in labels)
+    assert len(ax.lines[1].get_ydata()) == 16
