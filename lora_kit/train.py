@@ -1,0 +1,321 @@
+"""LoRA settings, presets, target-module detection and the trainer.
+
+``build_trainer`` returns a stock ``trl.SFTTrainer``: call ``.train()`` on it, read its
+``state.log_history``, save it. lora_kit only chooses good settings and fixes the two things
+that break learners' runs (adapter dtype under fp16, NaN/zero losses that go unnoticed).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .errors import LoraKitError
+from .hardware import detect_hardware, resolve_precision
+
+BIASES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraSettings:
+    """What gets adapted and how strongly. W' = W + (alpha / r) * B @ A for each target layer."""
+
+    r: int = 16
+    """Rank of the update. Parameters and capacity grow linearly with r; 8-16 suits most
+    instruction tuning, 64 is the QLoRA paper's choice to make up for the 4-bit base."""
+    alpha: float = 32
+    """Scale of the update is alpha / r. Keep alpha/r fixed when you change r and the learning
+    rate stays about right (2 for the LoRA preset, 0.25 for QLoRA's r=64, alpha=16)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input. Regularises small data sets; 0 is fastest and fine for
+    large ones (it also lets PEFT skip a copy of the activations)."""
+    target_modules: str | list[str] = "all-linear"
+    """Which linear layers get adapters: "all-linear" (attention and MLP projections, the QLoRA
+    paper's finding: best quality for the parameter count), "attention" (q_proj and v_proj only,
+    the original LoRA paper: fewest parameters), or an explicit list of module names."""
+    bias: str = "none"
+    """Train biases too: "none" (the usual choice; the adapter is self-contained), "lora_only"
+    (biases of adapted layers), "all" (every bias; the saved adapter then changes the base)."""
+
+    def __post_init__(self):
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise LoraKitError(f"LoraSettings.r={self.r!r}: the rank must be a positive integer (8, 16, 64...).")
+        if self.alpha <= 0:
+            raise LoraKitError(f"LoraSettings.alpha={self.alpha!r} must be positive; the update is scaled by alpha / r.")
+        if not 0 <= self.dropout < 1:
+            raise LoraKitError(f"LoraSettings.dropout={self.dropout!r} must be in [0, 1).")
+        if self.bias not in BIASES:
+            raise LoraKitError(f"LoraSettings.bias={self.bias!r} is not one of {BIASES}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class TrainSettings:
+    """How long and how fast to train. Defaults follow the seeds' LoRA column."""
+
+    learning_rate: float = 1e-4
+    """Adapters tolerate higher rates than full fine-tuning (1e-4 to 5e-4); too high and the
+    loss jumps up after a few steps."""
+    micro_batch_size: int = 1
+    """Samples per forward pass. Memory grows with it; raise it until memory is nearly full."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step: the effective batch is micro_batch_size * this."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means run num_epochs over the data."""
+    num_epochs: float = 1.0
+    max_length: int = 2048
+    """Longest sample in tokens; longer ones are cut (lora_kit reports how many)."""
+    optim: str = "adamw_torch"
+    """"paged_adamw_32bit" moves optimizer states to CPU RAM when the GPU runs short (QLoRA);
+    it needs CUDA, so lora_kit uses plain AdamW on CPU."""
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    """Gradient clipping at 0.3, as in the QLoRA paper: keeps early adapter updates calm."""
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: ~30% slower, far less memory. Needed for 7B
+    models on a T4; off is faster for small models on big GPUs."""
+    logging_steps: int = 1
+    save_steps: int = 50
+    """Checkpoint every this many steps (keep 2), so a Colab disconnect loses little."""
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    fast: bool = True
+    """Use lora_kit's speed levers where they are correct on this hardware (lora_kit.speed)."""
+    report_to: str = "tensorboard"
+
+
+@dataclass
+class Recipe:
+    """A method in one object: what to load the base as, and how to adapt and train it."""
+
+    method: str
+    quantization: str
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+def preset(method: str = "lora") -> Recipe:
+    """The seeds' defaults: "lora" (16-bit base), "lora8" (8-bit base), "qlora" (NF4 base)."""
+    if method in ("lora", "lora8"):
+        return Recipe(
+            method=method,
+            quantization="8bit" if method == "lora8" else "none",
+            lora=LoraSettings(r=16, alpha=32, dropout=0.05),
+            train=TrainSettings(learning_rate=1e-4, micro_batch_size=1, gradient_accumulation_steps=8),
+        )
+    if method == "qlora":
+        # Higher r to make up for the 4-bit base; the base is small enough to leave room for batches of 4.
+        return Recipe(
+            method="qlora",
+            quantization="nf4",
+            lora=LoraSettings(r=64, alpha=16, dropout=0.1),
+            train=TrainSettings(
+                learning_rate=2e-4, micro_batch_size=4, gradient_accumulation_steps=4, optim="paged_adamw_32bit"
+            ),
+        )
+    raise LoraKitError(f"method={method!r} is not one of 'lora', 'lora8', 'qlora'.")
+
+
+def _is_linear(module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear in current releases; match by name to be safe.
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def find_target_modules(model, which: str | list[str] = "all-linear") -> list[str]:
+    """Names (last component) of the linear layers to adapt, found by walking the model.
+
+    The output layer (lm_head) is never adapted: it is huge (vocab x hidden) and tied to the
+    embeddings in many models.
+    """
+    found = sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m) and "lm_head" not in name}
+    )
+    if which == "all-linear":
+        return found
+    wanted = ["q_proj", "v_proj"] if which == "attention" else list(which) if not isinstance(which, str) else [which]
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise LoraKitError(
+            f"target_modules {missing} not found in {type(model).__name__}; its linear layers are {found}. "
+            "Names differ between architectures (e.g. GPT-2 uses c_attn): pick from that list or use 'all-linear'."
+        )
+    return wanted
+
+
+def add_lora(model, lora: LoraSettings):
+    """Wrap a model with fresh LoRA adapters (B = 0, so the output is unchanged at first)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=find_target_modules(model, lora.target_modules),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    _adapters_to_fp32(peft_model)
+    return peft_model
+
+
+def _adapters_to_fp32(model) -> None:
+    # fp16 trainable weights make the grad scaler fail ("Attempting to unscale FP16 gradients");
+    # bf16 ones made QLoRA diverge on CPU. fp32 adapters cost little: they are ~1% of the model.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+class LossWatchdog:
+    """Stops training with a clear message when the loss turns NaN/inf, or exactly 0 (fp16 overflow)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Watchdog(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if loss is None:
+                    return
+                if not math.isfinite(loss) or (loss == 0.0 and state.global_step > 1):
+                    raise LoraKitError(
+                        f"Training loss became {loss} at step {state.global_step}. With fp16 this is usually an "
+                        "overflow: lower learning_rate (e.g. halve it), keep max_grad_norm at 0.3, and check the data "
+                        "for empty answers. On a GPU with compute capability >= 8.0 use precision='bf16'."
+                    )
+
+        return _Watchdog()
+
+
+def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs: dict | None = None):
+    from trl import SFTConfig
+
+    hardware = detect_hardware()
+    optim = train.optim
+    if "paged" in optim and hardware.device != "cuda":
+        optim = "adamw_torch"  # paged optimizers page optimizer state through CUDA unified memory
+    steps_hint = train.max_steps if train.max_steps > 0 else None
+    kwargs = dict(
+        output_dir=train.output_dir,
+        max_steps=train.max_steps,
+        num_train_epochs=train.num_epochs,
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=max(train.micro_batch_size, 8),
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=math.ceil(train.warmup_ratio * steps_hint) if steps_hint else train.warmup_ratio,
+        max_grad_norm=train.max_grad_norm,
+        weight_decay=train.weight_decay,
+        optim=optim,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        max_length=train.max_length,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=[train.report_to] if train.report_to and train.report_to != "none" else [],
+        seed=train.seed,
+        dataloader_pin_memory=hardware.device == "cuda",
+    )
+    kwargs.update(fast_kwargs or {})
+    return SFTConfig(**kwargs)
+
+
+def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=None, train=None, precision="auto"):
+    """A ``trl.SFTTrainer`` for ``model`` (plain or already wrapped with ``add_lora``).
+
+    ``train_dataset`` is either a ``messages`` dataset (tokenized here with the chat template and
+    assistant-only labels) or already tokenized (``input_ids`` and ``labels``).
+    """
+    from trl import SFTTrainer
+
+    from .data import tokenize_conversations
+
+    lora = lora or LoraSettings()
+    train = train or TrainSettings()
+    precision = resolve_precision(precision)
+    if "messages" in train_dataset.column_names:
+        train_dataset, report = tokenize_conversations(train_dataset, tokenizer, train.max_length)
+        print(report)
+    if eval_dataset is not None and "messages" in eval_dataset.column_names:
+        eval_dataset, _ = tokenize_conversations(eval_dataset, tokenizer, train.max_length)
+    if not hasattr(model, "peft_config"):
+        model = add_lora(model, lora)
+    fast_kwargs = {}
+    if train.fast:
+        from . import speed
+        from .merge import _quantization_of
+
+        method = "qlora" if _quantization_of(model) == "nf4" else "lora"
+        fast_kwargs = speed.fast_path_settings(detect_hardware().compute_capability, precision, method)
+        micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, fast_kwargs)
+        train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(train, precision, eval_dataset is not None, fast_kwargs),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[LossWatchdog()],
+    )
+    # SFTTrainer casts a quantized model's adapters to bf16 while it is built; under fp16 the first
+    # optimizer step then dies in the grad scaler, and on CPU QLoRA diverged. Undo it here, after.
+    _adapters_to_fp32(trainer.model)
+    return trainer
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in output_dir, for resuming after a disconnect."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def train(trainer, resume: bool = True):
+    """Run ``trainer.train()``, resuming from the last checkpoint in its output folder if there is one."""
+    checkpoint = last_checkpoint(trainer.args.output_dir) if resume else None
+    if checkpoint:
+        print(f"Resuming from {checkpoint}")
+    return trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def loss_history(trainer) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def plot_loss(trainer, title: str = "Training loss"):
+    """The loss curve from the trainer's log, as a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    points = loss_history(trainer)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens only)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "LoraSettings", "TrainSettings", "Recipe", "preset", "find_target_modules", "add_lora", "build_trainer",
+    "train", "last_checkpoint", "loss_history", "plot_loss", "replace",
+]
