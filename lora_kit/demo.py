@@ -67,7 +67,7 @@ def run_demo(s: DemoSettings) -> dict:
     model = train.add_lora(model, recipe.lora)
     print(f"[demo] {s.method}: {model.get_nb_trainable_parameters()[0]:,} trainable parameters; evaluating the base")
     gen = evaluate.GenerationSettings(max_new_tokens=s.max_new_tokens)
-    before = evaluate.task_score(model, tokenizer, eval_ds, settings=gen)
+    before = evaluate.task_score(model, tokenizer, eval_ds, settings=gen, batch_size=s.n_eval)
     before_ppl = evaluate.perplexity(model, eval_ds, tokenizer)
     print(f"[demo] before: exact match {before.score:.3f}, perplexity {before_ppl:.3f}")
 
@@ -76,7 +76,7 @@ def run_demo(s: DemoSettings) -> dict:
     trainer.train()
     train_seconds = time.time() - t_train
     model = trainer.model
-    after = evaluate.task_score(model, tokenizer, eval_ds, settings=gen)
+    after = evaluate.task_score(model, tokenizer, eval_ds, settings=gen, batch_size=s.n_eval)
     after_ppl = evaluate.perplexity(model, eval_ds, tokenizer)
     print(f"[demo] after {s.steps} steps ({train_seconds:.0f} s): exact match {after.score:.3f}, perplexity {after_ppl:.3f}")
 

