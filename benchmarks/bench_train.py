@@ -1,0 +1,530 @@
+#!/usr/bin/env python3
+"""Side-by-side training benchmark: the stock transformers + peft + trl recipe against lora_kit's fast path.
+
+What it measures (issue 7): a Llama-2-7B-shaped model built from its config with random weights (speed and memory
+do not depend on the values; no weights can be downloaded), LoRA or QLoRA (NF4, double quant) r=64 alpha=16
+dropout 0 on all 7 projections, trained with TRL's SFTTrainer. For each recipe it reports
+
+    real tokens/s   non-padding input tokens of the timed steps / their wall time
+    median step     median optimizer-step time after the warm-up steps (synchronised CUDA clock)
+    peak            torch.cuda.max_memory_allocated during training (reset after the trainer is built)
+
+"stock" is the recipe of issue 7: sdpa attention, paged_adamw_32bit, gradient checkpointing, each batch padded to its
+longest sequence, constant learning rate. "lora_kit" is stock plus the levers that `lora_kit.speed` switches on for
+this machine. Other recipe names switch one lever on at a time (see RECIPES) so each lever is measured alone.
+
+Two data shapes: "fixed" (every sample seq_len tokens) and "mixed" (log-normal lengths, median ~250 tokens, clipped
+to [16, seq_len], seeded: chat-like, mostly short with a long tail).
+
+Run it (GPU, from the repository root):
+    python benchmarks/bench_train.py --model-size 7b --method qlora --shapes fixed,mixed --recipes stock,lora_kit
+    python benchmarks/bench_train.py --model-size 7b --precision fp16 --max-memory-gib 15 --shapes fixed  # T4 proxy
+CPU smoke run (CI):
+    python benchmarks/bench_train.py --model-size tiny --steps 2 --warmup 1
+
+Each recipe runs in its own subprocess on CUDA (clean peak-memory counters; Liger and torch.compile patch modules
+globally). The last line printed is one JSON object with every result and the lora_kit/stock ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+GIB = 2**30
+RESULT_TAG = "BENCH_RESULT "
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ---- model shapes ------------------------------------------------------------------------------------------------
+MODEL_SIZES = {
+    # Llama-2-7B: 6.74 B parameters.
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    # CPU smoke size: same architecture, a few hundred thousand parameters.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+}
+
+# ---- recipes: stock + one lever at a time + combinations ---------------------------------------------------------
+# Keys: liger (Liger RMSNorm/RoPE/SwiGLU kernels), padding_free (flatten the batch, no pad tokens), packing (TRL bfd
+# packing into seq_len bins, padding-free inside), mb_mult (micro-batch multiplier, gradient accumulation divided by
+# the same: same samples per optimizer step), gc ("full" | "selective" | "off"), offload (TRL activation offloading
+# to CPU), compile (Trainer torch_compile), fast (take every setting from lora_kit.speed).
+RECIPES = {
+    "stock": {},
+    "liger": {"liger": True},
+    "padfree": {"padding_free": True},
+    "padfree_mb4x": {"padding_free": True, "mb_mult": 4},
+    "packing": {"packing": True, "ga": 1},
+    "packing_flex": {"packing": True, "ga": 1, "attn": "flex_attention"},
+    "flex": {"attn": "flex_attention"},
+    "sac": {"gc": "selective"},  # TRL 1.16 + transformers 5.23: "Unexpected keyword arguments: selective"
+    "offload": {"offload": True},
+    "nogc": {"gc": "off"},
+    "mb2x": {"mb_mult": 2},
+    "compile": {"compile": True},
+    "liger_offload": {"liger": True, "offload": True},
+    "padfree_mb4x_liger": {"padding_free": True, "mb_mult": 4, "liger": True},
+    "padfree_mb4x_flex": {"padding_free": True, "mb_mult": 4, "attn": "flex_attention"},
+    "compile_liger": {"compile": True, "liger": True},
+    "lora_kit": {"fast": True},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="7b")
+    p.add_argument("--method", choices=["qlora", "lora"], default="qlora")
+    p.add_argument("--seq-len", type=int, default=None, help="fixed length / longest mixed sample (7b: 2048)")
+    p.add_argument("--micro-batch", type=int, default=2, help="stock micro-batch of the fixed shape")
+    p.add_argument("--mixed-micro-batch", type=int, default=4, help="stock micro-batch of the mixed shape")
+    p.add_argument("--grad-accum", type=int, default=1, help="stock gradient accumulation, fixed shape")
+    p.add_argument("--mixed-grad-accum", type=int, default=4, help="stock gradient accumulation, mixed shape")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 on compute capability >= 8.0, fp16 below (T4), fp32 on CPU")
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction): T4 proxy = 15")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
+    p.add_argument("--warmup", type=int, default=4, help="untimed optimizer steps first")
+    p.add_argument("--shapes", default="fixed,mixed")
+    p.add_argument("--recipes", default="stock,lora_kit", help=f"comma list from {sorted(RECIPES)}")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--ckpt-dir", default=None, help="where the random checkpoint is saved (reused if present)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run recipes in this process (default on CPU; on CUDA each recipe gets a subprocess)")
+    p.add_argument("--recipe-timeout", type=int, default=900, help="seconds per recipe subprocess")
+    p.add_argument("--json-out", default=None, help="also write the JSON result here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--emulate-capability", default=None,
+                   help="compute capability lora_kit.speed decides for, e.g. 7.5 for the T4 proxy on a big GPU")
+    # internal: one recipe in a worker subprocess
+    p.add_argument("--worker", nargs=2, metavar=("SHAPE", "RECIPE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.seq_len is None:
+        args.seq_len = 2048 if args.model_size == "7b" else 128
+    return args
+
+
+# ---- environment -------------------------------------------------------------------------------------------------
+def device_info():
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {"device": "cuda", "name": props.name, "capability": list(torch.cuda.get_device_capability(0)),
+                "total_gib": round(props.total_memory / GIB, 2)}
+    return {"device": "cpu", "name": "cpu", "capability": None, "total_gib": None}
+
+
+def resolve_precision(args, info):
+    if args.precision != "auto":
+        return args.precision
+    if info["device"] == "cpu":
+        return "fp32"
+    return "bf16" if tuple(info["capability"]) >= (8, 0) else "fp16"
+
+
+def versions():
+    import importlib
+
+    out = {"python": sys.version.split()[0]}
+    for name in ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "liger_kernel"]:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - report what is missing, do not fail the benchmark on it
+            try:
+                from importlib.metadata import version
+
+                out[name] = version(name.replace("_", "-"))
+            except Exception:  # noqa: BLE001
+                out[name] = None
+    return out
+
+
+# ---- checkpoint and tokenizer ------------------------------------------------------------------------------------
+def build_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({f"t{i}": i for i in range(4, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def ensure_checkpoint(args, dtype_name):
+    """Save a random-weight checkpoint once (safetensors) so every recipe loads it the ordinary way."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ckpt = Path(args.ckpt_dir)
+    if (ckpt / "config.json").exists() and any(ckpt.glob("*.safetensors")):
+        return ckpt, 0.0
+    t0 = time.time()
+    ckpt.mkdir(parents=True, exist_ok=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    cfg = LlamaConfig(**MODEL_SIZES[args.model_size], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in 16 bits: a 7B in fp32 would need 27 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model.save_pretrained(ckpt)
+    build_tokenizer(cfg.vocab_size).save_pretrained(ckpt)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ckpt, time.time() - t0
+
+
+def load_model(args, ckpt, precision, on_cuda, attn="sdpa"):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    kwargs = dict(dtype=dtype, attn_implementation=attn, device_map={"": 0} if on_cuda else {"": "cpu"})
+    if args.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+    return AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+def sample_lengths(shape, n, seq_len, seed):
+    import numpy as np
+
+    if shape == "fixed":
+        return [seq_len] * n
+    rng = np.random.default_rng(seed)
+    median = max(8, round(250 * seq_len / 2048))  # 250 at seq_len 2048, scaled for tiny runs
+    lengths = np.exp(rng.normal(math.log(median), 1.0, size=n))  # sigma 1: mean ~1.65x median, p99 ~10x
+    return [int(x) for x in np.clip(np.round(lengths), 16 if seq_len >= 256 else 4, seq_len)]
+
+
+def make_dataset(shape, n, seq_len, vocab_size, seed):
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed + 1)
+    lengths = sample_lengths(shape, n, seq_len, seed)
+    # Token ids from 4 up: never <unk>/<s>/</s>/<pad>, so no label is masked by accident.
+    rows = [rng.integers(4, vocab_size, size=length).tolist() for length in lengths]
+    return Dataset.from_dict({"input_ids": rows})
+
+
+# ---- one recipe --------------------------------------------------------------------------------------------------
+def fast_capability(args, info):
+    """The compute capability lora_kit.speed is told: the real one, or --emulate-capability (T4 proxy: 7.5)."""
+    if args.emulate_capability:
+        major, minor = args.emulate_capability.split(".")
+        return int(major), int(minor)
+    return tuple(info["capability"]) if info["capability"] else None
+
+
+def recipe_settings(args, shape, recipe, info, precision):
+    """Turn a recipe's levers into SFTConfig kwargs + micro-batch/accumulation. Returns (cfg_kwargs, mb, ga, levers)."""
+    levers = dict(RECIPES[recipe])
+    mb = args.micro_batch if shape == "fixed" else args.mixed_micro_batch
+    ga = args.grad_accum if shape == "fixed" else args.mixed_grad_accum
+    kw = {}
+    if levers.pop("fast", False):
+        from lora_kit import speed
+
+        cap = fast_capability(args, info)
+        fast = speed.fast_path_settings(cap, precision, args.method)
+        kw["_prepare_cap"] = cap  # speed.prepare_model picks the attention kernel after loading, as build_trainer
+        mb, ga = speed.batch_shape(mb, ga, fast)
+        kw.update(fast)
+        levers = {"fast": sorted(fast), "capability_seen": cap}
+    if levers.get("liger"):
+        kw["use_liger_kernel"] = True
+    if levers.get("padding_free"):
+        kw["padding_free"] = True
+    if levers.get("packing"):
+        kw["packing"] = True
+        kw["packing_strategy"] = "bfd"
+    if levers.get("ga"):
+        ga = levers["ga"]
+    if levers.get("attn"):
+        kw["_attn"] = levers["attn"]
+    if levers.get("mb_mult"):
+        m = levers["mb_mult"]
+        mb, ga = mb * m, max(1, ga // m)
+    gc = levers.get("gc", "full")
+    if gc == "off":
+        kw["gradient_checkpointing"] = False
+    elif gc == "selective":
+        kw["gradient_checkpointing_kwargs"] = {"selective": True}
+    if levers.get("offload"):
+        kw["activation_offloading"] = True
+    if levers.get("compile"):
+        kw["torch_compile"] = True
+    return kw, mb, ga, levers
+
+
+def run_recipe(args, shape, recipe, ckpt):
+    """Train one recipe for warmup+steps optimizer steps; return a result dict."""
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    info = device_info()
+    on_cuda = info["device"] == "cuda"
+    precision = resolve_precision(args, info)
+    result = {"shape": shape, "recipe": recipe, "precision": precision, "method": args.method,
+              "model_size": args.model_size, "seq_len": args.seq_len}
+    if on_cuda and args.max_memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total))
+        result["max_memory_gib"] = args.max_memory_gib
+
+    cfg_kw, mb, ga, levers = recipe_settings(args, shape, recipe, info, precision)
+    attn = cfg_kw.pop("_attn", "sdpa")
+    prepare_cap = cfg_kw.pop("_prepare_cap", "no")
+    result.update({"levers": levers, "micro_batch": mb, "grad_accum": ga, "attn": attn,
+                   "sft_kwargs": {k: v for k, v in cfg_kw.items()}})
+    total_steps = args.warmup + args.steps
+    packing = cfg_kw.get("packing", False)
+    padding_free = cfg_kw.get("padding_free", False) or packing
+    # Enough samples for every step; packing folds several samples into one bin, so give it more to draw from.
+    n_samples = total_steps * mb * ga * (12 if packing and shape == "mixed" else 1) + 8
+
+    t_load = time.time()
+    tok = build_tokenizer(MODEL_SIZES[args.model_size]["vocab_size"])
+    model = load_model(args, ckpt, precision, on_cuda, attn)
+    if prepare_cap != "no":
+        from lora_kit import speed
+
+        speed.prepare_model(model, prepare_cap, precision)
+    result["attn"] = model.config._attn_implementation
+    result["load_s"] = round(time.time() - t_load, 1)
+    if on_cuda:
+        result["load_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+    ds = make_dataset(shape, n_samples, args.seq_len, MODEL_SIZES[args.model_size]["vocab_size"], args.seed)
+
+    peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
+                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    base = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench_"), max_steps=total_steps, per_device_train_batch_size=mb,
+        gradient_accumulation_steps=ga, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
+        optim="paged_adamw_32bit" if on_cuda else "adamw_torch", gradient_checkpointing=True,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_cuda,
+        # pre-tokenized data: padding-free without packing needs max_length=None (TRL refuses otherwise); the
+        # samples are already at most seq_len long, so nothing is lost.
+        max_length=None if (padding_free and not packing) else args.seq_len,
+        logging_steps=1, report_to="none", save_strategy="no", seed=args.seed, dataloader_num_workers=0,
+        disable_tqdm=True)
+    base.update(cfg_kw)
+    sft_args = SFTConfig(**base)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if on_cuda:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if on_cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.t0)
+            step_tokens.append(micro_tokens[:])
+            micro_tokens.clear()
+
+    micro_tokens, step_tokens = [], []
+
+    class CountingSFTTrainer(SFTTrainer):
+        # Counts the real (non-padding) input tokens of each micro-batch; otherwise the stock trainer.
+        def training_step(self, model, inputs, *a, **k):
+            if "attention_mask" in inputs:
+                micro_tokens.append(int(inputs["attention_mask"].sum()))
+            else:  # padding-free: one flat row, no pad tokens (pad_to_multiple_of is unset)
+                micro_tokens.append(int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, *a, **k)
+
+    timer = Timer()
+    t_build = time.time()
+    trainer = CountingSFTTrainer(model=model, args=sft_args, train_dataset=ds, processing_class=tok,
+                                 peft_config=peft_config, callbacks=[timer])
+    # TRL casts a quantized model's trainable adapter weights to bf16 while the trainer is built; fp16 mixed precision
+    # then dies in the grad scaler at the first step, and fp32 base LoRA must stay fp32. Cast back after the build.
+    if precision in ("fp16", "fp32"):
+        from lora_kit.speed import upcast_trainable_params
+
+        result["upcast_params"] = upcast_trainable_params(trainer.model)
+    result["build_s"] = round(time.time() - t_build, 1)
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        result["pre_train_alloc_gib"] = round(torch.cuda.memory_allocated() / GIB, 3)
+    t_train = time.time()
+    trainer.train()
+    result["train_s"] = round(time.time() - t_train, 1)
+
+    times = timer.times[args.warmup:]
+    toks = [sum(t) for t in step_tokens[args.warmup:]]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result.update({
+        "status": "ok",
+        "timed_steps": len(times),
+        "median_step_s": round(statistics.median(times), 4) if times else None,
+        "tokens_per_s": round(sum(toks) / sum(times), 1) if times and sum(times) > 0 else None,
+        "real_tokens_per_step": round(statistics.mean(toks), 1) if toks else None,
+        "step_times_s": [round(t, 4) for t in times],
+        "losses": [round(x, 4) for x in losses],
+        "loss_finite": all(math.isfinite(x) for x in losses) and len(losses) > 0,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if on_cuda else None,
+    })
+    if on_cuda:
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
+    return result
+
+
+# ---- driver ------------------------------------------------------------------------------------------------------
+def run_in_subprocess(args, shape, recipe, argv):
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", shape, recipe]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.recipe_timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"shape": shape, "recipe": recipe, "status": "error", "error": f"timeout after {args.recipe_timeout}s",
+                "log_tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else ""}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+            res["wall_s"] = round(time.time() - t0, 1)
+            return res
+    tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3500:]).strip()
+    return {"shape": shape, "recipe": recipe, "status": "error", "error": f"exit {proc.returncode}",
+            "log_tail": tail}
+
+
+def summarize(results):
+    """lora_kit / stock ratios per shape (and every other recipe against stock)."""
+    ratios = {}
+    by = {(r["shape"], r["recipe"]): r for r in results if r.get("status") == "ok"}
+    for (shape, recipe), r in by.items():
+        st = by.get((shape, "stock"))
+        if not st or recipe == "stock":
+            continue
+        entry = {}
+        if r.get("tokens_per_s") and st.get("tokens_per_s"):
+            entry["tokens_per_s"] = round(r["tokens_per_s"] / st["tokens_per_s"], 3)
+        if r.get("peak_gib") and st.get("peak_gib"):
+            entry["peak"] = round(r["peak_gib"] / st["peak_gib"], 3)
+        ratios[f"{shape}/{recipe}"] = entry
+    return ratios
+
+
+def print_table(results, ratios):
+    hdr = f"{'shape':6} {'recipe':14} {'mb x ga':8} {'tokens/s':>9} {'x stock':>7} {'step s':>7} {'peak GiB':>8} " \
+          f"{'x stock':>7} {'loss first->last':>18}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        if r.get("status") != "ok":
+            print(f"{r['shape']:6} {r['recipe']:14} ERROR {r.get('error', '')}")
+            continue
+        rt = ratios.get(f"{r['shape']}/{r['recipe']}", {})
+        losses = r.get("losses") or [float("nan")]
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        print(f"{r['shape']:6} {r['recipe']:14} {str(r['micro_batch']) + 'x' + str(r['grad_accum']):8} "
+              f"{r['tokens_per_s']:9.1f} {rt.get('tokens_per_s', 1.0) if r['recipe'] != 'stock' else 1.0:7.2f} "
+              f"{r['median_step_s']:7.3f} {peak:>8} {rt.get('peak', '-') if r['recipe'] != 'stock' else 1.0!s:>7} "
+              f"{losses[0]:8.3f}->{losses[-1]:8.3f}")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    info = device_info()
+    precision = resolve_precision(args, info)
+    if args.ckpt_dir is None:
+        import shutil
+
+        # RAM-backed /dev/shm when it has room for a 7B bf16 checkpoint (13.5 GB): reloads cost no disk reads.
+        shm_ok = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 20 * GIB
+        root = "/dev/shm" if shm_ok and info["device"] == "cuda" else tempfile.gettempdir()
+        args.ckpt_dir = os.path.join(root, f"lora_kit_bench_{args.model_size}_{'bf16' if precision != 'fp32' else 'fp32'}")
+
+    if args.worker:
+        shape, recipe = args.worker
+        try:
+            res = run_recipe(args, shape, recipe, Path(args.ckpt_dir))
+        except Exception as e:  # noqa: BLE001 - the driver reports the failure in the table
+            import traceback
+
+            traceback.print_exc()
+            res = {"shape": shape, "recipe": recipe, "status": "error", "error": f"{type(e).__name__}: {e}"[:2000]}
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [r for r in recipes if r not in RECIPES] + [s for s in shapes if s not in ("fixed", "mixed")]
+    if unknown:
+        raise SystemExit(f"unknown recipe/shape {unknown}: recipes are {sorted(RECIPES)}, shapes fixed,mixed")
+    # The checkpoint stores 16-bit weights for GPU runs (what a hub checkpoint holds), fp32 on CPU.
+    ckpt, build_s = ensure_checkpoint(args, "bf16" if precision != "fp32" else "fp32")
+    print(f"# device {info['name']} | precision {precision} | method {args.method} | model {args.model_size} | "
+          f"checkpoint {ckpt} (built in {build_s:.0f}s)", flush=True)
+    in_process = args.in_process or info["device"] == "cpu"
+    worker_argv = [a for a in argv if a != "--in-process"] + ["--ckpt-dir", str(ckpt)]
+    results = []
+    for shape in shapes:
+        for recipe in recipes:
+            t0 = time.time()
+            if in_process:
+                try:
+                    res = run_recipe(args, shape, recipe, ckpt)
+                except Exception as e:  # noqa: BLE001
+                    res = {"shape": shape, "recipe": recipe, "status": "error", "error": f"{type(e).__name__}: {e}"}
+                res["wall_s"] = round(time.time() - t0, 1)
+            else:
+                res = run_in_subprocess(args, shape, recipe, worker_argv)
+            results.append(res)
+            if args.json_out:  # one line per recipe as it finishes: survives a run cut short
+                with open(str(args.json_out) + ".partial.jsonl", "a") as fh:
+                    fh.write(json.dumps(res) + "\n")
+            brief = {k: res.get(k) for k in ("shape", "recipe", "status", "tokens_per_s", "median_step_s",
+                                            "peak_gib", "wall_s", "error")}
+            print("# " + json.dumps(brief), flush=True)
+            if res.get("status") != "ok" and res.get("log_tail"):
+                print(res["log_tail"][-3000:], flush=True)
+    ratios = summarize(results)
+    print()
+    print_table(results, ratios)
+    out = {"device": info, "precision": precision, "args": {k: v for k, v in vars(args).items() if k != "worker"},
+           "versions": versions(), "results": results, "ratios": ratios}
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out), flush=True)
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
