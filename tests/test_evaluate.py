@@ -1,0 +1,135 @@
+"""Tests for lora_kit.evaluate on the embedded model, before and after a few LoRA steps.
+
+One model load and one short training run (10 steps, batch 4, lr 1e-3 on the demo task) are
+shared by the whole module; every test reads from that fixture.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+import lora_kit
+from lora_kit import evaluate
+from lora_kit.errors import LoraKitError
+
+MAX_NEW = 64  # a demo answer is ~35 tokens: an answer that stops at EOS stays well below this
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared; oversubscribed threads make every step far slower
+    torch.manual_seed(0)
+    model, tok = lora_kit.load_model("embedded")
+    lora = lora_kit.LoraSettings(r=8)
+    model = lora_kit.add_lora(model, lora)
+    train_ds, eval_ds = lora_kit.demo_task(40, 8)
+    ppl_before = [evaluate.perplexity(model, eval_ds, tok, batch_size=4) for _ in range(2)]
+    settings = lora_kit.TrainSettings(
+        max_steps=10, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3, max_length=256,
+        gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path_factory.mktemp("run")),
+        save_steps=10**6, fast=False,
+    )
+    trainer = lora_kit.build_trainer(model, tok, train_ds, lora=lora, train=settings)
+    trainer.train()
+    yield {"model": trainer.model, "tok": tok, "eval": eval_ds, "ppl_before": ppl_before}
+    torch.set_num_threads(threads)
+
+
+def test_perplexity_is_finite_deterministic_and_falls_after_training(trained):
+    first, second = trained["ppl_before"]
+    assert math.isfinite(first) and first > 1
+    assert first == second  # the same call gives the same number
+    after = evaluate.perplexity(trained["model"], trained["eval"], trained["tok"], batch_size=4)
+    assert math.isfinite(after) and after < first
+    # The base is still there, unchanged, behind the adapter.
+    with evaluate.adapter_disabled(trained["model"]):
+        assert evaluate.perplexity(trained["model"], trained["eval"], trained["tok"], batch_size=4) == pytest.approx(first, rel=1e-4)
+
+
+def test_perplexity_needs_a_tokenizer_for_messages(trained):
+    with pytest.raises(LoraKitError, match="needs the tokenizer"):
+        evaluate.perplexity(trained["model"], trained["eval"])
+
+
+def test_compare_answers_shows_base_and_finetuned_differ(trained):
+    prompts = list(trained["eval"]["messages"])[:3]
+    table = evaluate.compare_answers(trained["model"], trained["tok"], prompts,
+                                     evaluate.GenerationSettings(max_new_tokens=40))
+    assert list(table.columns) == ["prompt", "base model", "fine-tuned", "changed"]
+    assert list(table["prompt"]) == [m[1]["content"] for m in prompts]  # the user's sentence, not the system
+    assert table["changed"].any()
+    assert (table["base model"] != table["fine-tuned"]).sum() == table["changed"].sum()
+
+
+def test_finetuned_model_stops_at_eos(trained):
+    results = evaluate.generate_details(trained["model"], trained["tok"], list(trained["eval"]["messages"]),
+                                        max_new_tokens=MAX_NEW, batch_size=8)
+    assert len(results) == 8
+    assert all(r.stopped for r in results), [r for r in results if not r.stopped]
+    assert all(r.new_tokens < MAX_NEW for r in results)
+    assert all(r.text.startswith("{") for r in results)  # it learned the format
+
+
+def test_streaming_joins_to_the_greedy_answer(trained):
+    prompt = list(trained["eval"]["messages"])[0]
+    pieces = list(evaluate.stream_generate(trained["model"], trained["tok"], prompt, max_new_tokens=MAX_NEW))
+    assert len(pieces) > 3 and all(pieces)
+    answer = evaluate.generate(trained["model"], trained["tok"], [prompt], max_new_tokens=MAX_NEW)[0]
+    assert "".join(pieces).strip() == answer
+
+
+def test_stream_stops_when_the_consumer_does(trained):
+    stream = evaluate.stream_generate(trained["model"], trained["tok"], "Count from 1 to 100.", max_new_tokens=200)
+    first = next(stream)
+    stream.close()  # joins the generating thread: returns only because generation stopped early
+    assert first
+
+
+def test_task_score_counts_scorer_failures(trained):
+    calls = []
+
+    def scorer(prediction, reference):
+        calls.append(prediction)
+        if len(calls) == 2:
+            raise ValueError("cannot parse")
+        if len(calls) == 3:
+            return float("nan")
+        return 1.0
+
+    ds = trained["eval"].select(range(4))
+    result = evaluate.task_score(trained["model"], trained["tok"], ds, scorer=scorer,
+                                 settings=evaluate.GenerationSettings(max_new_tokens=MAX_NEW))
+    assert (result.n, result.failures) == (4, 2)
+    assert result.score == pytest.approx(0.5)
+    assert result.scores == [1.0, 0.0, 0.0, 1.0]
+    assert result.predictions == calls
+    # The default scorer (the demo task's JSON exact match) scores these same answers without failing.
+    assert all(lora_kit.json_exact_match(p, m[-1]["content"]) in (0.0, 1.0) for p, m in zip(calls, ds["messages"]))
+
+
+def test_generation_settings_refuse_nonsense_and_warn_on_ignored_knobs():
+    with pytest.raises(LoraKitError, match="temperature"):
+        evaluate.GenerationSettings(do_sample=True, temperature=0)
+    with pytest.raises(LoraKitError, match="top_p"):
+        evaluate.GenerationSettings(top_p=1.5)
+    with pytest.raises(LoraKitError, match="max_new_tokens"):
+        evaluate.GenerationSettings(max_new_tokens=0)
+    with pytest.warns(UserWarning, match="greedy decoding ignores"):
+        evaluate.GenerationSettings(temperature=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kwargs = evaluate.GenerationSettings().as_kwargs()
+    assert kwargs["do_sample"] is False and kwargs["temperature"] is None
+
+
+def test_decoding_showcase_is_reproducible(trained):
+    args = (trained["model"], trained["tok"], "Name three colours.")
+    with evaluate.adapter_disabled(trained["model"]):
+        first = evaluate.decoding_showcase(*args, seed=1, max_new_tokens=4)
+        again = evaluate.decoding_showcase(*args, seed=1, max_new_tokens=4)
+    assert list(first.columns) == ["setting", "answer"]
+    assert list(first["setting"][:6]) == ["greedy", "temperature 0.3", "temperature 1.2", "top-p 0.9", "top-k 20", "beams 4"]
+    assert first.equals(again)
+    assert all(isinstance(a, str) and a for a in first["answer"])
