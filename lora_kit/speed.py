@@ -29,7 +29,7 @@ from typing import Any
 
 # Levers that are Triton code (Liger's kernels, FlexAttention's generated kernels) stay off below sm_80. A T4 is
 # sm_75 with fp16 only; nothing here was run on a real sm_75 chip, and the fp16 proxy run on an H100 is no proof of
-# sm_75 code generation (FlexAttention's kernels need more shared memory than a T4 has for head_dim 128).
+# sm_75 code generation.
 _MIN_CAPABILITY_FOR_TRITON = (8, 0)
 
 VALID_PRECISIONS = ("bf16", "fp16", "fp32")
@@ -64,7 +64,7 @@ def fast_path_settings(hardware_capability, precision: str, method: str | None =
     settings["packing_strategy"] = "bfd"
 
     # 2. Liger kernels: RMSNorm, RoPE and SwiGLU in Triton (H100 7B QLoRA: 1.14x tokens/s, -3% peak on 2048-token
-    #    samples; 1.13x on packed chat data). TRL keeps its own chunked LM-head loss (Liger's fused cross-entropy is
+    #    samples; 1.13x on padding-free chat batches). TRL keeps its own chunked LM-head loss (Liger's fused cross-entropy is
     #    refused by TRL 1.16), so only the layer kernels apply. CUDA only, and only from sm_80 (see above). Runs on
     #    fp16 too (checked on the H100 fp16 proxy), but a T4 is below sm_80, so it stays off there.
     if cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and _importable("liger_kernel"):
