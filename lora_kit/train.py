@@ -264,9 +264,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         from .merge import _quantization_of
 
         method = "qlora" if _quantization_of(model) == "nf4" else "lora"
-        fast_kwargs = speed.fast_path_settings(detect_hardware().compute_capability, precision, method)
+        capability = detect_hardware().compute_capability
+        fast_kwargs = speed.fast_path_settings(capability, precision, method)
         micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, fast_kwargs)
         train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
+        model = speed.prepare_model(model, capability, precision)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(train, precision, eval_dataset is not None, fast_kwargs),

@@ -40,8 +40,8 @@ def test_llama2_fallback_template_masks_the_prompt(embedded_tokenizer):
 
 def test_truncation_is_reported(embedded_tokenizer):
     train, _ = demo_task(20, 2)
-    ds, report = tokenize_conversations(train, embedded_tokenizer, max_length=40)
-    assert report.truncated == 20 and report.longest <= 40
+    ds, report = tokenize_conversations(train, embedded_tokenizer, max_length=75)
+    assert report.truncated == 20 and report.longest <= 75
     assert "truncated" in str(report)
     with pytest.raises(LoraKitError, match="max_length"):
         tokenize_conversations(train, embedded_tokenizer, max_length=5)

@@ -63,10 +63,10 @@ def test_trainable_parameters_follow_r_and_targets(base):
 def test_a_few_steps_lower_the_loss(tmp_path, fast):
     model, tok = load_model("embedded")
     train_ds, _ = demo_task(64, 2)
-    probe, _ = tokenize_conversations(train_ds.select(range(8)), tok, 256)
+    probe, _ = tokenize_conversations(train_ds.select(range(8)), tok, 128)
     before = perplexity(model, probe)
-    settings = TrainSettings(max_steps=5, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                             max_length=256, gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path),
+    settings = TrainSettings(max_steps=5, micro_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
+                             max_length=128, gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path),
                              save_steps=1000, fast=fast)
     trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8, alpha=16, dropout=0.0), train=settings)
     trainer.train()
