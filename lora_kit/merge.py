@@ -1,34 +1,100 @@
-"""Save adapters, merge them into a 16-bit base, prove the merge, export.
+"""Save adapters, merge them into a 16-bit base, prove the merge, export, push.
 
 Never merge into quantized weights: rounding the merged W + (alpha/r)BA back to 4 (or 8) bits
 throws most of the small update away. Instead reload the base in 16-bit (fp32 on CPU), merge
 there, and check that the merged model's logits equal base + adapter's.
 
-Every folder is written under a temporary name beside its target and renamed when complete,
-so an interrupted save never leaves a folder that looks finished.
+A QLoRA adapter was trained against the NF4 weights, not the original ones. Two bases are on
+offer: ``base="original"`` (the base's own 16-bit weights: what users expect, the default) and
+``base="dequantized"`` (the NF4 weights dequantized to 16-bit: exactly what the adapter saw in
+training). ``compare_merge_bases`` measures both against the adapter on its NF4 base.
+
+Every folder is written under a temporary name beside its target (``.name.partial-...``) and
+renamed when complete, so an interrupted save never leaves a folder that looks finished; the
+leftovers of a killed save are removed by the next save to the same target.
+
+    adapter_dir = save_adapter(model, tokenizer, "out/adapter", card)   # small; loads with peft alone
+    free_memory(trainer, model)                                         # before reloading the base
+    check = merge_adapter(adapter_dir, "out/merged", card=card)         # loads with transformers alone
+    push_to_hub("out/merged", "me/my-model")                           # when a token is present
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import LoraKitError
 
+ADAPTER_META = "lora_kit_adapter.json"
+"""Written beside an adapter: how its base was quantized in training (for base='dequantized')."""
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# --- Atomic folders ---------------------------------------------------------------------------
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_partials(target: str | os.PathLike) -> list[Path]:
+    """Remove what killed saves to ``target`` left behind; return the removed folders.
+
+    Only temporary folders written on this machine by a process that no longer exists are
+    removed (their names carry a host tag and the writer's pid), so a save still running in
+    another process, or on another machine sharing the folder (Drive), is left alone.
+    """
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        prefix = f".{target.name}.{kind}-"
+        for path in target.parent.glob(f"{prefix}*"):
+            parts = path.name[len(prefix):].split("-")
+            if len(parts) < 2 or parts[0] != _host_tag() or not parts[1].isdigit():
+                continue
+            if int(parts[1]) != os.getpid() and _pid_alive(int(parts[1])):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike):
-    """Yield a temporary folder; on success it replaces ``target`` in one rename."""
+    """Yield a temporary folder; on success it replaces ``target`` in one rename.
+
+    On an exception the temporary folder is removed. On a kill (nothing can run) it stays as
+    ``.name.partial-<host>-<pid>-<random>``, which never looks like ``target``, and the next
+    ``atomic_folder(target)`` removes it.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    clean_stale_partials(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_host_tag()}-{os.getpid()}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
@@ -37,32 +103,32 @@ def atomic_folder(target: str | os.PathLike):
         raise
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_host_tag()}-{os.getpid()}-", dir=target.parent))
+        os.replace(target, old / target.name)
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def free_memory(*objects) -> None:
-    """Drop references and return GPU memory, e.g. the training model before reloading the base."""
+    """Drop references and return GPU memory, e.g. the training model before reloading the base.
+
+    Python frees an object only when its last reference goes: also ``del`` your own names
+    (``del trainer, model``) after calling this.
+    """
     for obj in objects:
+        # A trainer holds the model, the optimizer (2 states per trainable weight) and the dataloader.
+        for attr in ("model", "model_wrapped", "optimizer", "lr_scheduler"):
+            if hasattr(obj, attr) and not isinstance(obj, torch.nn.Module):
+                with contextlib.suppress(Exception):
+                    setattr(obj, attr, None)
         del obj
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def save_adapter(model, tokenizer, out_dir, card: dict | None = None) -> Path:
-    """Save the adapter with the tokenizer and its chat template beside it (loads with AutoPeftModelForCausalLM)."""
-    if not hasattr(model, "peft_config"):
-        raise LoraKitError(f"save_adapter needs a PEFT model (with LoRA adapters); got {type(model).__name__}.")
-    with atomic_folder(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if card:
-            write_model_card(tmp, {**card, "kind": "LoRA adapter"})
-    return Path(out_dir)
+# --- Adapters ---------------------------------------------------------------------------------
 
 
 def _quantization_of(model) -> str:
@@ -73,6 +139,74 @@ def _quantization_of(model) -> str:
     if getattr(base, "is_loaded_in_4bit", False):
         return "nf4"
     return "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none"
+
+
+def save_adapter(model, tokenizer, out_dir, card: dict | None = None) -> Path:
+    """Save the adapter with the tokenizer and its chat template beside it.
+
+    The folder loads without lora_kit: ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)``
+    (the base is found through ``base_model_name_or_path`` in adapter_config.json), or
+    ``PeftModel.from_pretrained(base_model, out_dir)``.
+    """
+    if not hasattr(model, "peft_config"):
+        raise LoraKitError(
+            f"save_adapter needs a PEFT model (with LoRA adapters); got {type(model).__name__}. "
+            "Wrap it with lora_kit.add_lora(model, settings) and train it, or pass trainer.model."
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        raise LoraKitError(
+            "The tokenizer has no chat template; the adapter would be served with a different prompt format than "
+            "it was trained on. Use the tokenizer returned by lora_kit.load_model (it always has one)."
+        )
+    quantization = _quantization_of(model)
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / ADAPTER_META).write_text(json.dumps({"base_quantization": quantization}, indent=2) + "\n")
+        if card:
+            info = {**card, "kind": "LoRA adapter"}
+            info.setdefault("lora", _lora_settings_of(tmp))
+            write_model_card(tmp, info)
+    return Path(out_dir)
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise LoraKitError(
+            f"{adapter_dir} is not an adapter folder: adapter_config.json is missing. "
+            "Pass the folder written by lora_kit.save_adapter (or PeftModel.save_pretrained)."
+        )
+    return json.loads(config_file.read_text())
+
+
+def _adapter_base_name(adapter_dir: Path) -> str:
+    return _adapter_config(adapter_dir)["base_model_name_or_path"]
+
+
+def _lora_settings_of(adapter_dir: Path) -> dict:
+    config = _adapter_config(adapter_dir)
+    targets = config.get("target_modules")
+    return {"r": config.get("r"), "alpha": config.get("lora_alpha"), "dropout": config.get("lora_dropout"),
+            "targets": sorted(targets) if isinstance(targets, (list, set)) else targets}
+
+
+def _adapter_quantization(adapter_dir: Path) -> str:
+    meta = Path(adapter_dir) / ADAPTER_META
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("base_quantization", "nf4")
+    return "nf4"  # an adapter from elsewhere: base="dequantized" is asked for QLoRA adapters
+
+
+def _adapter_tokenizer(adapter_dir: Path, fallback):
+    """The tokenizer saved with the adapter (the training one, with its chat template), else ``fallback``."""
+    from transformers import AutoTokenizer
+
+    from .models import prepare_tokenizer
+
+    if any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(adapter_dir))
+    return fallback
 
 
 def merge_in_place(model):
@@ -88,12 +222,120 @@ def merge_in_place(model):
     return model.merge_and_unload()
 
 
+# --- Dequantizing -----------------------------------------------------------------------------
+
+
+def dequantize_4bit_weight(weight) -> torch.Tensor:
+    """The dense weight of a bitsandbytes ``Params4bit`` (NF4 or FP4, with or without double quant).
+
+    Dequantizes through a flat view: bitsandbytes cuts blocks from the flattened tensor anyway,
+    and bitsandbytes 0.50.2's CPU ``dequantize_4bit`` applies the wrong block constants to a 2-D
+    output whose last dimension is not a multiple of the blocksize.
+    """
+    import bitsandbytes.functional as F
+
+    state = weight.quant_state
+    shape = state.shape
+    flat_state = copy.copy(state)
+    flat_state.shape = torch.Size([shape.numel()])
+    return F.dequantize_4bit(weight.data.reshape(-1), flat_state).reshape(shape)
+
+
+@torch.no_grad()
+def dequantize_model(model, dtype: torch.dtype | None = None):
+    """Replace every 4-bit / 8-bit bitsandbytes Linear by an ``nn.Linear`` holding its dequantized weight.
+
+    The result is a plain model: no quantization config, saves and loads like any checkpoint.
+    4-bit layers use ``dequantize_4bit_weight``; 8-bit ones use row scale * int8 / 127.
+    """
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = dequantize_4bit_weight(module.weight)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            state = module.state
+            int8 = module.weight.data
+            scale = getattr(module.weight, "SCB", None)
+            if scale is None:
+                scale = state.SCB
+            if int8.dtype != torch.int8:  # not quantized yet (still on its way to the device)
+                weight = int8
+            else:
+                weight = int8.float() * (scale.float().unsqueeze(1) / 127.0)
+        else:
+            continue
+        out_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=weight.device, dtype=out_dtype)
+        dense.weight.copy_(weight.to(out_dtype))
+        if module.bias is not None:
+            dense.bias.copy_(module.bias.data.to(out_dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    _mark_unquantized(model)  # first: transformers refuses to cast a model it thinks is bitsandbytes-quantized
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def _mark_unquantized(model) -> None:
+    model.lora_kit_quantization = "none"
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+        if getattr(model, attr, False):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, False)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, None)
+    config = getattr(model, "config", None)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if config is not None and hasattr(config, attr):
+            delattr(config, attr)
+
+
+def load_base_for_merge(base_name: str, base: str = "original", precision: str = "auto", quantization: str = "nf4"):
+    """The base model in 16-bit (fp32 on CPU) for merging.
+
+    base="original": the base's own 16-bit weights (what users expect; the default).
+    base="dequantized": the ``quantization`` (nf4 or 8bit) weights, dequantized to 16-bit: exactly
+    what a QLoRA adapter was trained against, so the merged model reproduces the adapter's
+    behaviour on the 4-bit base.
+    """
+    from .hardware import resolve_precision, torch_dtype
+    from .models import load_model
+
+    if base == "original":
+        model, tokenizer = load_model(base_name, "none", precision=precision)
+    elif base == "dequantized":
+        if quantization == "none":
+            print("[lora_kit] The adapter was trained on an unquantized base: base='dequantized' is the original base.")
+            model, tokenizer = load_model(base_name, "none", precision=precision)
+        else:
+            dtype = torch_dtype(resolve_precision(precision))
+            model, tokenizer = load_model(base_name, quantization, precision=precision)
+            # prepare_model_for_kbit_training put norms in fp32 and input grads on: undo both for inference.
+            with contextlib.suppress(Exception):
+                model.disable_input_require_grads()
+            model = dequantize_model(model, dtype)
+    else:
+        raise LoraKitError(f"base={base!r} is not 'original' or 'dequantized'.")
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+# --- Merging and proving it -------------------------------------------------------------------
+
+
 @dataclass
 class MergeCheck:
     max_abs_diff: float
     max_rel_diff: float  # max |merged - adapter| / max |adapter logits|
     same_argmax: bool
     ok: bool
+    base: str = "original"
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -122,77 +364,359 @@ def compare_logits(reference: torch.Tensor, merged: torch.Tensor, tolerance: flo
     return MergeCheck(max_abs_diff=diff, max_rel_diff=rel, same_argmax=same, ok=same and rel < tolerance)
 
 
-def _adapter_base_name(adapter_dir: Path) -> str:
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise LoraKitError(
-            f"{adapter_dir} is not an adapter folder: adapter_config.json is missing. "
-            "Pass the folder written by lora_kit.save_adapter (or PeftModel.save_pretrained)."
-        )
-    return json.loads(config_file.read_text())["base_model_name_or_path"]
+def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto", tolerance: float = 0.01,
+                 prompts=None):
+    """Load the base in 16-bit, apply the adapter, merge, and prove it; return ``(merged, tokenizer, check)``.
 
-
-def load_base_for_merge(base_name: str, base: str = "original", precision: str = "auto"):
-    """The base model in 16-bit (fp32 on CPU) for merging.
-
-    base="original": the base's own 16-bit weights (what users expect; the default).
-    base="dequantized": the NF4 weights, dequantized to 16-bit: exactly what a QLoRA adapter was
-    trained against, so the merged model reproduces the adapter's behaviour on the 4-bit base.
+    Nothing is written. Raises when the merged logits disagree with base + adapter's.
     """
-    from .models import load_model
+    from peft import PeftModel
 
-    if base == "original":
-        model, tokenizer = load_model(base_name, "none", precision=precision)
-    elif base == "dequantized":
-        model, tokenizer = load_model(base_name, "nf4", precision=precision)
-        model = model.dequantize()
-        model.lora_kit_quantization = "none"
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        # prepare_model_for_kbit_training left norms in fp32 and input grads on; harmless for inference.
-    else:
-        raise LoraKitError(f"base={base!r} is not 'original' or 'dequantized'.")
-    return model, tokenizer
+    adapter_dir = Path(adapter_dir)
+    base_name = _adapter_base_name(adapter_dir)
+    model, base_tokenizer = load_base_for_merge(base_name, base, precision, _adapter_quantization(adapter_dir))
+    tokenizer = _adapter_tokenizer(adapter_dir, base_tokenizer)
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    prompts = prompts or CHECK_PROMPTS
+    reference = _logits(model, tokenizer, prompts)
+    merged = model.merge_and_unload()
+    check = compare_logits(reference, _logits(merged, tokenizer, prompts), tolerance)
+    check.base = base
+    if not check.ok:
+        raise LoraKitError(
+            f"The merged model disagrees with base+adapter (max relative difference {check.max_rel_diff:.2e}, "
+            f"tolerance {tolerance}; same argmax: {check.same_argmax}); nothing was saved. "
+            f"Was the adapter in {adapter_dir} trained on {base_name}?"
+        )
+    _set_generation_tokens(merged, tokenizer)
+    return merged, tokenizer, check
+
+
+def _set_generation_tokens(model, tokenizer) -> None:
+    """generation_config with the tokenizer's EOS (stop at the end of the answer) and a pad token."""
+    gen = model.generation_config
+    eos = gen.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    gen.pad_token_id = tokenizer.pad_token_id
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+
+
+EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "README.md")
+
+
+def _check_export(folder: Path) -> None:
+    weights = list(folder.glob("*.safetensors"))
+    missing = [f for f in EXPORT_FILES if not (folder / f).is_file()]
+    if not weights:
+        missing.append("*.safetensors")
+    if (folder / "model.safetensors.index.json").is_file():
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        missing += sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
+    has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (folder / "tokenizer_config.json").read_text() if (folder / "tokenizer_config.json").is_file() else "{}")
+    if not has_template:
+        missing.append("chat template")
+    if missing:
+        raise LoraKitError(f"The export in {folder} is incomplete (missing: {', '.join(missing)}); nothing was moved into place.")
 
 
 def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: str = "auto", card: dict | None = None,
                   tolerance: float = 0.01, max_shard_size: str = "2GB") -> MergeCheck:
     """Reload the base in 16-bit, apply the adapter, check, merge, check again, and save atomically.
 
+    The output folder holds safetensors weights (sharded above ``max_shard_size``), config,
+    generation config (EOS and pad set), the training tokenizer with its chat template, and a
+    README.md model card. It loads with ``transformers.AutoModelForCausalLM.from_pretrained`` alone.
+
     Returns the comparison of the merged model's logits with base+adapter's; raises when they
     disagree (same argmax everywhere and relative difference under ``tolerance`` required).
+    Free the training model first (``free_memory(trainer, model)``): the base is reloaded here.
     """
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir)
-    model, tokenizer = load_base_for_merge(_adapter_base_name(adapter_dir), base, precision)
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    reference = _logits(model, tokenizer, CHECK_PROMPTS)
-    merged = model.merge_and_unload()
-    check = compare_logits(reference, _logits(merged, tokenizer, CHECK_PROMPTS), tolerance)
-    if not check.ok:
-        raise LoraKitError(
-            f"The merged model disagrees with base+adapter (max relative difference {check.max_rel_diff:.2e}, same "
-            f"argmax: {check.same_argmax}); nothing was saved to {out_dir}. Was the adapter trained on this base?"
-        )
+    merged, tokenizer, check = merged_model(adapter_dir, base=base, precision=precision, tolerance=tolerance)
+    info = dict(card or {})
+    info.setdefault("base_model", _adapter_base_name(adapter_dir))
+    info.setdefault("lora", _lora_settings_of(adapter_dir))
+    info["kind"] = f"merged model (LoRA adapter merged into the {base} base weights)"
+    info["merge_check"] = check.as_dict()
     with atomic_folder(out_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        if card is not None:
-            write_model_card(tmp, {**card, "kind": f"merged model (adapter merged into the {base} base)",
-                                   "merge_check": check.as_dict()})
-    free_memory(merged, model)
+        if not (tmp / "generation_config.json").is_file():
+            merged.generation_config.save_pretrained(tmp)
+        write_model_card(tmp, info)
+        _check_export(tmp)
+    free_memory(merged)
+    del merged
+    gc.collect()
     return check
 
 
+# --- Which base to merge into: measured -------------------------------------------------------
+
+
+@dataclass
+class MergeComparison:
+    """Exact match and perplexity of each way to use a QLoRA adapter (a small table)."""
+
+    rows: list[dict] = field(default_factory=list)
+    n_eval: int = 0
+
+    def as_dicts(self) -> list[dict]:
+        return [dict(r) for r in self.rows]
+
+    def row(self, name: str) -> dict:
+        for r in self.rows:
+            if r["model"] == name:
+                return r
+        raise KeyError(name)
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows).set_index("model")
+
+    def __str__(self) -> str:
+        head = f"{'model':<44} {'exact match':>11} {'perplexity':>10} {'same answers as adapter':>24}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            agree = "" if r["same_answers_as_adapter"] is None else f"{r['same_answers_as_adapter']:.3f}"
+            lines.append(f"{r['model']:<44} {r['exact_match']:>11.3f} {r['perplexity']:>10.3f} {agree:>24}")
+        lines.append(f"({self.n_eval} held-out examples; greedy decoding)")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        cells = "".join(
+            f"<tr><td>{r['model']}</td><td>{r['exact_match']:.3f}</td><td>{r['perplexity']:.3f}</td>"
+            f"<td>{'' if r['same_answers_as_adapter'] is None else format(r['same_answers_as_adapter'], '.3f')}</td></tr>"
+            for r in self.rows)
+        return ("<table><tr><th>model</th><th>exact match</th><th>perplexity</th><th>same answers as adapter</th></tr>"
+                f"{cells}</table><p>{self.n_eval} held-out examples; greedy decoding</p>")
+
+
+ADAPTER_ROW = "adapter on the NF4 base (as trained)"
+ORIGINAL_ROW = "merged into the original weights"
+DEQUANTIZED_ROW = "merged into the dequantized NF4 weights"
+
+
+def compare_merge_bases(adapter_dir, eval_ds, tokenizer=None, *, adapter_model=None, settings=None,
+                        batch_size: int = 40, precision: str = "auto", include_base: bool = False) -> MergeComparison:
+    """Measure a QLoRA adapter three ways on ``eval_ds`` (a ``messages`` dataset):
+
+    * the adapter on its NF4 base (how it was trained; pass the in-memory model as
+      ``adapter_model`` to skip reloading it),
+    * merged into the original 16-bit weights (``merge_adapter(..., base="original")``),
+    * merged into the NF4 weights dequantized (``merge_adapter(..., base="dequantized")``).
+
+    Returns a table: exact match, perplexity, and the share of answers identical to the
+    adapter's. The dequantized merge reproduces the adapter; the original one gives the adapter's
+    update a base it never saw, which on a small model (large NF4 error) changes the answers.
+    ``include_base`` adds the NF4 base without the adapter (the "before").
+    """
+    from .evaluate import GenerationSettings, adapter_disabled, perplexity, task_score
+
+    settings = settings or GenerationSettings(max_new_tokens=48)
+    adapter_dir = Path(adapter_dir)
+    quantization = _adapter_quantization(adapter_dir)
+    table = MergeComparison(n_eval=len(eval_ds))
+
+    def measure(name, model, tok, reference=None):
+        score = task_score(model, tok, eval_ds, settings=settings, batch_size=batch_size)
+        ppl = perplexity(model, eval_ds, tok)
+        same = None if reference is None else sum(a == b for a, b in zip(score.predictions, reference)) / max(len(reference), 1)
+        table.rows.append({"model": name, "exact_match": score.score, "perplexity": ppl, "same_answers_as_adapter": same})
+        return score.predictions
+
+    if adapter_model is None:
+        from peft import PeftModel
+
+        from .models import load_model
+
+        base_model, base_tok = load_model(_adapter_base_name(adapter_dir), quantization, precision=precision)
+        adapter_model = PeftModel.from_pretrained(base_model, adapter_dir)
+        tok = tokenizer or _adapter_tokenizer(adapter_dir, base_tok)
+        owned = True
+    else:
+        tok = tokenizer or _adapter_tokenizer(adapter_dir, None)
+        if tok is None:
+            raise LoraKitError("compare_merge_bases: pass tokenizer=... (the adapter folder has none).")
+        owned = False
+    name = ADAPTER_ROW if quantization == "nf4" else f"adapter on the {quantization} base (as trained)"
+    reference = measure(name, adapter_model, tok)
+    if include_base:
+        with adapter_disabled(adapter_model):
+            measure(f"{quantization} base without the adapter", adapter_model, tok, reference)
+    if owned:
+        free_memory(adapter_model)
+        del adapter_model
+    for base, row in (("original", ORIGINAL_ROW), ("dequantized", DEQUANTIZED_ROW)):
+        merged, _, check = merged_model(adapter_dir, base=base, precision=precision)
+        measure(row, merged, tok, reference)
+        table.rows[-1]["merge_max_rel_diff"] = check.max_rel_diff
+        free_memory(merged)
+        del merged
+    return table
+
+
+# --- Model card -------------------------------------------------------------------------------
+
+
+def _hub_base_id(base_model) -> str | None:
+    from .models import EMBEDDED_NAMES
+
+    name = str(base_model)
+    if name.lower() in EMBEDDED_NAMES or name.rstrip("/").endswith("lora_kit/SmolLM2-135M-Instruct"):
+        return EMBEDDED_HUB_ID
+    if name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/")):
+        return name
+    return None
+
+
+def _format(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
 def write_model_card(folder, info: dict) -> None:
-    """A README.md model card: base model, method, LoRA settings, data, steps, metrics."""
-    lines = [f"# {info.get('title', 'Fine-tuned with lora_kit')}", "", f"A {info.get('kind', 'model')} made with lora_kit.", ""]
-    for key in ("base_model", "method", "lora", "data", "steps", "metrics", "merge_check"):
+    """A README.md model card: base model, method, LoRA settings, data, steps, metrics.
+
+    ``info`` keys used: title, kind, base_model, method, lora (dict), data, steps, metrics
+    (dict, e.g. before_/after_exact_match), merge_check; other keys are listed under "details".
+    The YAML header lets the Hugging Face Hub link the base model.
+    """
+    folder = Path(folder)
+    is_adapter = (folder / "adapter_config.json").is_file() or "adapter" in str(info.get("kind", "")).split(" (")[0]
+    hub_base = _hub_base_id(info.get("base_model", ""))
+    header = ["---", f"library_name: {'peft' if is_adapter else 'transformers'}"]
+    if hub_base:
+        header.append(f"base_model: {hub_base}")
+    header += ["pipeline_tag: text-generation", "tags:", "- lora_kit", "- lora"]
+    if str(info.get("method", "")).lower() == "qlora":
+        header.append("- qlora")
+    header.append("---")
+    lines = header + ["", f"# {info.get('title', 'Fine-tuned with lora_kit')}", "",
+                      f"A {info.get('kind', 'model')} made with lora_kit.", ""]
+    labels = {"base_model": "base model", "method": "method", "lora": "LoRA settings", "data": "data",
+              "steps": "training steps", "merge_check": "merge check (merged vs base+adapter logits)"}
+    for key, label in labels.items():
         if key in info:
-            value = info[key]
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items())
-            lines.append(f"- **{key.replace('_', ' ')}**: {value}")
-    lines += ["", "Use the same chat template as in training (saved with the tokenizer in this folder)."]
-    Path(folder, "README.md").write_text("\n".join(lines) + "\n")
+            lines.append(f"- **{label}**: {_format(info[key])}")
+    extra = {k: v for k, v in info.items() if k not in labels and k not in ("title", "kind", "metrics")}
+    for key, value in extra.items():
+        lines.append(f"- **{key.replace('_', ' ')}**: {_format(value)}")
+    metrics = info.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Evaluation (held out)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {_format(v)} |" for k, v in metrics.items()]
+    usage = (
+        ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+         "model = AutoPeftModelForCausalLM.from_pretrained(FOLDER)  # loads the base, then the adapter"]
+        if is_adapter else
+        ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+         "model = AutoModelForCausalLM.from_pretrained(FOLDER)"]
+    )
+    usage += ["tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
+              "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"...\"}], add_generation_prompt=True, return_tensors=\"pt\")",
+              "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))"]
+    lines += ["", "## Use", "", "```python", *usage, "```", "",
+              "Use the same chat template as in training: it is saved with the tokenizer in this folder "
+              "(chat_template.jinja). Serving with vLLM, TGI, llama.cpp or Ollama: see lora_kit's docs/deploy.md."]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# --- The Hub ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    pushed: bool
+    message: str
+    url: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.pushed
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_token(token: str | None) -> str | None:
+    if token:
+        return token
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - no stored login is the common case, whatever the reason
+        return None
+
+
+def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = True,
+                commit_message: str = "Upload with lora_kit") -> PushResult:
+    """Upload a finished adapter or merged folder to the Hugging Face Hub as one commit.
+
+    The token comes from ``token``, else HF_TOKEN, else huggingface_hub's stored login
+    (``huggingface_hub.login()``; in Colab the Secrets panel). Offline (HF_HUB_OFFLINE=1) or
+    without a token, nothing is sent and the returned ``PushResult`` (falsy) says what to do.
+    The upload is a single commit, so the Hub never shows half of a folder; a failed upload is
+    reported the same way, never raised, so a notebook can run on.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoraKitError(f"push_to_hub: {folder} is not a folder. Pass the folder written by save_adapter or merge_adapter.")
+    if ".partial-" in folder.name or not any((folder / f).is_file() for f in ("adapter_config.json", "config.json")):
+        raise LoraKitError(
+            f"push_to_hub: {folder} is not a finished adapter or model folder (no adapter_config.json or config.json). "
+            "Pass the folder written by save_adapter or merge_adapter."
+        )
+    if "/" not in repo_id:
+        raise LoraKitError(f"push_to_hub: repo_id={repo_id!r} should look like 'your-username/model-name'.")
+
+    def refuse(message: str) -> PushResult:
+        message = f"Not pushed to the Hub: {message} Nothing was uploaded; the local folder {folder} is complete."
+        print(f"[lora_kit] {message}")
+        return PushResult(False, message)
+
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        return refuse("huggingface_hub is not installed (pip install huggingface_hub).")
+    token = _hub_token(token)
+    if _env_flag("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
+        return refuse("offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine with internet and call push_to_hub again.")
+    if not token:
+        return refuse(
+            "no Hugging Face token found. Pass token=..., set HF_TOKEN (in Colab: the Secrets panel), or run "
+            "huggingface_hub.login(); use a token with write access."
+        )
+    try:
+        api = huggingface_hub.HfApi(token=token)
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                          ignore_patterns=[".*", "**/.*"])
+    except Exception as err:  # noqa: BLE001 - network, auth and permission errors all end the same way
+        first = str(err).splitlines()[0] if str(err) else ""
+        return refuse(f"the upload failed ({type(err).__name__}: {first}). Check the token's write access, the repo "
+                      "name and your connection.")
+    message = f"Pushed {folder} to {url}"
+    print(f"[lora_kit] {message}")
+    return PushResult(True, message, str(url))

@@ -1,0 +1,392 @@
+"""Tests for lora_kit.merge on the embedded model after a short real QLoRA run.
+
+One module-scoped QLoRA run (NF4 base, a few steps) feeds every test: the adapter must load
+with peft alone, the merged folder with transformers alone (checked in subprocesses that never
+import lora_kit), the merged logits must match base+adapter, merging into 4-bit must be refused,
+a killed merge must leave no finished-looking folder, and push_to_hub must send nothing without
+a token or offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_kit
+from lora_kit import merge
+from lora_kit.errors import LoraKitError
+
+REPO = Path(__file__).resolve().parents[1]
+N_PROMPTS = 2
+
+# Greedy answers, one prompt at a time (no padding), exactly as a user of plain transformers
+# would write it. Executed here and, as text, in the subprocesses.
+GREEDY = textwrap.dedent(
+    """
+    import torch
+    def greedy(model, tok, conversations, n=40):
+        out = []
+        model.eval()
+        for messages in conversations:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                gen = model.generate(**ids, max_new_tokens=n, do_sample=False)
+            out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        return out
+    """
+)
+_ns: dict = {}
+exec(GREEDY, _ns)
+greedy = _ns["greedy"]
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(extra)
+    return env
+
+
+def _run_plain(code: str, tmp_path: Path, timeout: int = 240, **env) -> dict:
+    """Run ``code`` in a fresh interpreter, outside the repo, and assert it never imported lora_kit."""
+    script = GREEDY + textwrap.dedent(code) + textwrap.dedent(
+        """
+        import json, sys
+        assert not any(m == "lora_kit" or m.startswith("lora_kit.") for m in sys.modules), "lora_kit was imported"
+        print("RESULT " + json.dumps(result))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A short QLoRA run on the NF4 base; the adapter saved with a model card."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("merge")
+    train_ds, eval_ds = lora_kit.demo_task(48, 8, seed=0)
+    model, tok = lora_kit.load_model("embedded", quantization="nf4")
+    lora = lora_kit.LoraSettings(r=8, alpha=16, dropout=0.0)
+    model = lora_kit.add_lora(model, lora)
+    prompts = [m[:-1] for m in eval_ds["messages"][:N_PROMPTS]]  # system + user, no answer
+    with lora_kit.adapter_disabled(model):
+        base_answers = greedy(model, tok, prompts)
+    trainer = lora_kit.build_trainer(model, tok, train_ds, lora=lora, train=lora_kit.TrainSettings(
+        max_steps=6, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+        gradient_checkpointing=False, report_to="none", output_dir=str(root / "trainer"), fast=False, save_steps=10**6))
+    trainer.train()
+    model = trainer.model
+    adapter_answers = greedy(model, tok, prompts)
+    card = {"base_model": "embedded", "method": "qlora", "steps": 6, "data": "lora_kit demo task (48 train / 8 held out)",
+            "lora": {"r": 8, "alpha": 16}, "metrics": {"before_exact_match": 0.0, "after_exact_match": 0.5}}
+    adapter_dir = merge.save_adapter(model, tok, root / "adapter", card)
+    return dict(root=root, model=model, tok=tok, eval_ds=eval_ds, prompts=prompts, card=card,
+                adapter_dir=adapter_dir, base_answers=base_answers, adapter_answers=adapter_answers)
+
+
+@pytest.fixture(scope="module")
+def merged_original(run):
+    out = run["root"] / "merged"
+    check = merge.merge_adapter(run["adapter_dir"], out, card=run["card"], max_shard_size="200MB")
+    return out, check
+
+
+def test_adapter_folder_has_tokenizer_chat_template_and_card(run):
+    folder = run["adapter_dir"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "README.md",
+                 merge.ADAPTER_META):
+        assert (folder / name).is_file(), name
+    assert (folder / "chat_template.jinja").read_text() == run["tok"].chat_template
+    assert json.loads((folder / merge.ADAPTER_META).read_text())["base_quantization"] == "nf4"
+    card = (folder / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "library_name: peft" in card
+    assert "qlora" in card and "r=8" in card and "after exact match" in card
+    assert not list(folder.parent.glob(".adapter.partial-*"))
+
+
+def test_training_changed_the_answers(run):
+    # Otherwise the "same answers" checks below could pass with an adapter that does nothing.
+    assert run["adapter_answers"] != run["base_answers"]
+
+
+def test_merge_into_nf4_weights_is_refused_with_the_reason(run):
+    with pytest.raises(LoraKitError, match="rounded away") as err:
+        merge.merge_in_place(run["model"])
+    assert "merge_adapter" in str(err.value)
+
+
+def test_merged_logits_match_base_plus_adapter(merged_original):
+    _, check = merged_original
+    assert check.ok and check.same_argmax and check.max_rel_diff < 0.01
+    assert check.as_dict()["base"] == "original"
+
+
+def test_merged_export_files(run, merged_original):
+    out, _ = merged_original
+    assert len(list(out.glob("model-*.safetensors"))) >= 2  # 540 MB in fp32, sharded at 200MB
+    assert (out / "model.safetensors.index.json").is_file()
+    assert (out / "chat_template.jinja").read_text() == run["tok"].chat_template
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] in (run["tok"].eos_token_id, [run["tok"].eos_token_id]) or \
+        run["tok"].eos_token_id in gen["eos_token_id"]
+    assert gen["pad_token_id"] == run["tok"].pad_token_id != run["tok"].eos_token_id
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    card = (out / "README.md").read_text()
+    for needle in ("base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: transformers", "qlora",
+                   "r=8", "training steps**: 6", "before exact match", "after exact match", "merge check", "original"):
+        assert needle in card, needle
+    assert not [p for p in out.parent.iterdir() if ".merged.partial-" in p.name]
+
+
+def test_adapter_and_merged_folder_load_without_lora_kit(run, merged_original, tmp_path):
+    """Plain peft / transformers, in a fresh interpreter: same greedy answers everywhere."""
+    out, _ = merged_original
+    result = _run_plain(
+        f"""
+        from peft import AutoPeftModelForCausalLM, PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        prompts = {run["prompts"]!r}
+        adapter, merged = {str(run["adapter_dir"])!r}, {str(out)!r}
+        tok = AutoTokenizer.from_pretrained(adapter)
+        auto = AutoPeftModelForCausalLM.from_pretrained(adapter)
+        result = {{"auto_peft": greedy(auto, tok, prompts)}}
+        base_path = auto.peft_config["default"].base_model_name_or_path
+        del auto
+        base = AutoModelForCausalLM.from_pretrained(base_path)
+        result["base"] = greedy(base, tok, prompts)
+        peft_model = PeftModel.from_pretrained(base, adapter)
+        result["peft_model"] = greedy(peft_model, tok, prompts)
+        del peft_model, base
+        mtok = AutoTokenizer.from_pretrained(merged)
+        model = AutoModelForCausalLM.from_pretrained(merged)
+        result["merged"] = greedy(model, mtok, prompts)
+        result["merged_dtype"] = str(model.dtype)
+        """,
+        tmp_path,
+    )
+    assert result["merged"] == result["auto_peft"] == result["peft_model"]
+    assert result["merged"] != result["base"]  # the fine-tuned answers, not the base's
+    assert result["merged_dtype"] == "torch.float32"
+
+
+def test_dequantize_flattens_blocks_for_odd_shapes():
+    """A 64 x 96 NF4 layer (96 is not a multiple of the blocksize 64): our dequantize matches
+    bitsandbytes' round trip of the flat tensor, the case bnb 0.50.2 gets wrong in 2-D."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 64, bias=False)
+    layer = bnb.nn.Linear4bit(96, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to("cpu")
+    packed, state = F.quantize_4bit(dense.weight.data.reshape(-1), quant_type="nf4", compress_statistics=True)
+    expected = F.dequantize_4bit(packed, state).reshape(64, 96)
+    ours = merge.dequantize_4bit_weight(layer.weight)
+    assert ours.shape == (64, 96)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    rel = ((ours - dense.weight).norm() / dense.weight.norm()).item()
+    assert rel < 0.15
+    wrapper = torch.nn.Sequential(layer)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        merge.dequantize_model(wrapper)
+        assert type(wrapper[0]) is torch.nn.Linear
+        assert torch.allclose(wrapper(x), x @ expected.T, atol=1e-5)
+
+
+def test_dequantize_8bit_layer_matches_its_own_forward():
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 64)
+    layer = bnb.nn.Linear8bitLt(96, 64, has_fp16_weights=False)
+    layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = torch.nn.Parameter(dense.bias.data.clone())
+    wrapper = torch.nn.Sequential(layer.to("cpu"))
+    assert wrapper[0].weight.dtype == torch.int8
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        y8 = wrapper(x)
+        merge.dequantize_model(wrapper)
+        assert type(wrapper[0]) is torch.nn.Linear
+        assert torch.allclose(wrapper(x), y8, atol=1e-5)
+        assert (wrapper[0].weight - dense.weight).abs().max() < 0.01  # int8 rounding, not garbage
+
+
+def test_dequantized_merge_reproduces_the_adapter_on_its_nf4_base(run, tmp_path):
+    out = tmp_path / "merged-dq"
+    check = merge.merge_adapter(run["adapter_dir"], out, base="dequantized", card=run["card"])
+    assert check.ok and check.base == "dequantized"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("4bit" in type(m).__name__ for m in model.modules())
+    assert greedy(model, AutoTokenizer.from_pretrained(out), run["prompts"]) == run["adapter_answers"]
+
+
+def test_compare_merge_bases_table(run):
+    table = merge.compare_merge_bases(run["adapter_dir"], run["eval_ds"], run["tok"], adapter_model=run["model"],
+                                      batch_size=8)
+    print("\n" + str(table))
+    names = [r["model"] for r in table.rows]
+    assert names == [merge.ADAPTER_ROW, merge.ORIGINAL_ROW, merge.DEQUANTIZED_ROW]
+    adapter, original, dq = (table.row(n) for n in names)
+    for r in table.rows:
+        assert 0.0 <= r["exact_match"] <= 1.0 and 1.0 < r["perplexity"] < 1e4
+    # The dequantized merge is the adapter on its NF4 base, up to float rounding...
+    assert abs(dq["perplexity"] - adapter["perplexity"]) < 1e-3 * adapter["perplexity"]
+    assert dq["same_answers_as_adapter"] >= 0.875
+    # ...while the original weights differ from NF4 by ~10%, which moves the perplexity visibly.
+    assert abs(original["perplexity"] - adapter["perplexity"]) > 10 * abs(dq["perplexity"] - adapter["perplexity"])
+    text = str(table)
+    assert "exact match" in text and merge.DEQUANTIZED_ROW in text and "<table>" in table._repr_html_()
+
+
+KILL_SCRIPT = """
+import sys, time, transformers
+from lora_kit import merge
+save = transformers.PreTrainedModel.save_pretrained
+def slow_save(self, *args, **kwargs):
+    save(self, *args, **kwargs)          # the weights are on disk in the temporary folder...
+    print("WEIGHTS_WRITTEN", flush=True)
+    time.sleep(300)                      # ...and the kill comes before the tokenizer, the card, the rename
+transformers.PreTrainedModel.save_pretrained = slow_save
+merge.merge_adapter(sys.argv[1], sys.argv[2])
+print("FINISHED", flush=True)
+"""
+
+
+def test_killed_merge_leaves_no_finished_looking_folder(run, tmp_path):
+    target = tmp_path / "merged"
+    env = _clean_env(PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(run["adapter_dir"]), str(target)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 240
+        line = ""
+        while time.time() < deadline and "WEIGHTS_WRITTEN" not in line:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert "WEIGHTS_WRITTEN" in line, "the merge subprocess never reached the save"
+        partials = list(tmp_path.glob(".merged.partial-*"))
+        assert len(partials) == 1 and list(partials[0].glob("*.safetensors"))  # mid-save, weights written
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [partials[0].name]  # only the hidden temporary folder
+    # The next save to the same target removes the leftovers of the killed one.
+    with merge.atomic_folder(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_atomic_folder_keeps_a_live_writers_partial_and_cleans_on_error(tmp_path):
+    target = tmp_path / "out"
+    live = tmp_path / f".out.partial-{merge._host_tag()}-1-abc"  # pid 1 is alive: another writer's folder
+    live.mkdir()
+    with pytest.raises(RuntimeError):
+        with merge.atomic_folder(target) as tmp:
+            (tmp / "x").write_text("x")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
+@pytest.fixture
+def small_folder(tmp_path):
+    """A finished-looking adapter folder (push_to_hub does not read the weights)."""
+    folder = tmp_path / "adapter"
+    with merge.atomic_folder(folder) as tmp:
+        (tmp / "adapter_config.json").write_text('{"base_model_name_or_path": "x/y", "r": 8}')
+        (tmp / "adapter_model.safetensors").write_bytes(b"0" * 1024)
+        merge.write_model_card(tmp, {"base_model": "x/y", "method": "lora", "kind": "LoRA adapter"})
+    return folder
+
+
+PUSH_SCRIPT = """
+import json, sys
+from pathlib import Path
+from lora_kit.merge import push_to_hub
+folder = Path(sys.argv[1])
+before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+token = sys.argv[2] or None
+result = push_to_hub(folder, "someone/lora-kit-test", token=token)
+after = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
+print("RESULT " + json.dumps({"pushed": result.pushed, "message": result.message, "unchanged": before == after}))
+"""
+
+
+@pytest.mark.parametrize(
+    "case, token, env, expect",
+    [
+        ("no token", "", {}, "no Hugging Face token"),
+        ("offline", "hf_not_a_real_token", {"HF_HUB_OFFLINE": "1"}, "offline mode"),
+        ("unreachable", "hf_not_a_real_token", {"HF_ENDPOINT": "http://127.0.0.1:9"}, "the upload failed"),
+    ],
+)
+def test_push_to_hub_sends_nothing_without_token_or_network(small_folder, tmp_path, case, token, env, expect):
+    # A fresh HF_HOME: no stored login. The environment is read at import, so each case is a new process.
+    env = {**{k: v for k, v in _clean_env().items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")},
+           "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf_home"), **env}
+    proc = subprocess.run([sys.executable, "-c", PUSH_SCRIPT, str(small_folder), token], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
+    assert result["pushed"] is False and result["unchanged"]
+    assert expect in result["message"] and "Nothing was uploaded" in result["message"]
+
+
+def test_push_to_hub_refuses_an_unfinished_folder(tmp_path):
+    partial = tmp_path / ".merged.partial-abc"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"")
+    with pytest.raises(LoraKitError, match="not a finished"):
+        merge.push_to_hub(partial, "someone/model")
+
+
+def test_push_to_hub_uploads_the_folder_in_one_commit_when_a_token_is_given(small_folder, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+            calls.append(("upload_folder", repo_id, folder_path))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    result = merge.push_to_hub(small_folder, "someone/model", token="hf_x")
+    assert result.pushed and result.url == "https://huggingface.co/someone/model"
+    assert calls == [("token", "hf_x"), ("create_repo", "someone/model", True, True),
+                     ("upload_folder", "someone/model", str(small_folder))]
