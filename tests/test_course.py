@@ -1,0 +1,222 @@
+"""lora_kit.course: the notebooks' knobs per environment and their small views of results."""
+from dataclasses import fields
+
+import pytest
+import torch
+
+from lora_kit import course
+from lora_kit.errors import LoraKitError
+from lora_kit.hardware import Hardware
+from lora_kit.train import LoraSettings, TrainSettings
+
+CPU = Hardware(device="cpu", name="CPU", compute_capability=None, vram_gib=None, gpu_count=0)
+T4 = Hardware(device="cuda", name="Tesla T4", compute_capability=(7, 5), vram_gib=14.7, gpu_count=1)
+H100 = Hardware(device="cuda", name="H100", compute_capability=(9, 0), vram_gib=79.1, gpu_count=1)
+KNOBS = [f.name for f in fields(course.CourseSettings) if f.name != "reasons"]
+
+
+@pytest.fixture(autouse=True)
+def no_smoke_env(monkeypatch):
+    monkeypatch.delenv(course.SMOKE_ENV, raising=False)
+
+
+def test_gpu_qlora_is_the_seeds_recipe():
+    cfg = course.course_settings("qlora", hardware=T4)
+    assert cfg.profile == "gpu"
+    assert (cfg.model, cfg.dataset) == ("NousResearch/Llama-2-7b-chat-hf", "mlabonne/guanaco-llama2-1k")
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.quantization, cfg.optim) == (64, 16, 0.1, "nf4", "paged_adamw_32bit")
+    assert cfg.gradient_checkpointing and cfg.max_steps == -1 and cfg.num_epochs == 1.0
+
+
+def test_gpu_lora_fits_a_t4_and_lora8_is_the_7b_in_8bit():
+    lora = course.course_settings("lora", hardware=T4)
+    assert lora.quantization == "none" and lora.model == course.T4_LORA_MODEL
+    assert (lora.r, lora.alpha) == (16, 32)
+    lora8 = course.course_settings("lora8", hardware=T4)
+    assert lora8.quantization == "8bit" and lora8.model == course.SEED_QLORA_MODEL
+
+
+def test_big_gpu_gets_bigger_batches_than_a_t4():
+    t4, h100 = course.course_settings("qlora", hardware=T4), course.course_settings("qlora", hardware=H100)
+    assert t4.micro_batch_size * t4.max_length < h100.micro_batch_size * h100.max_length
+
+
+def test_no_gpu_means_the_embedded_model_and_demo_task():
+    cfg = course.course_settings("qlora", hardware=CPU)
+    assert (cfg.profile, cfg.model, cfg.dataset, cfg.quantization) == ("cpu", "embedded", "demo", "nf4")
+    assert not cfg.gradient_checkpointing
+
+
+@pytest.mark.parametrize("hardware", [CPU, T4])
+def test_smoke_env_shrinks_the_run_everywhere(monkeypatch, hardware):
+    monkeypatch.setenv(course.SMOKE_ENV, "1")
+    cfg = course.course_settings("lora", hardware=hardware)
+    full = course.course_settings("lora", smoke=False, hardware=CPU)
+    assert cfg.profile == "smoke" and cfg.model == "embedded"
+    assert cfg.max_steps < full.max_steps and cfg.eval_samples <= 20 and not cfg.resume
+    assert course.course_settings("lora", smoke=False, hardware=T4).profile == "gpu"  # the argument wins
+
+
+@pytest.mark.parametrize("method", course.METHODS)
+@pytest.mark.parametrize("hardware", [CPU, T4, H100])
+def test_every_knob_has_a_reason(method, hardware):
+    cfg = course.course_settings(method, hardware=hardware)
+    assert set(cfg.reasons) == set(KNOBS)
+    assert all(len(cfg.reasons[k]) > 5 for k in KNOBS)
+    text = str(cfg)
+    for knob in KNOBS:
+        assert knob in text and cfg.reasons[knob] in text
+
+
+def test_overrides_replace_a_knob_and_say_so():
+    cfg = course.course_settings("lora", hardware=CPU, r=8, max_steps=3)
+    assert (cfg.r, cfg.max_steps, cfg.lora.r, cfg.train.max_steps) == (8, 3, 8, 3)
+    assert cfg.reasons["r"] == "set by you in the knobs cell"
+    with pytest.raises(LoraKitError, match="rank"):
+        course.course_settings("lora", hardware=CPU, rank=8)
+    with pytest.raises(LoraKitError, match="qlora"):
+        course.course_settings("dora", hardware=CPU)
+
+
+def test_settings_become_lora_kit_settings():
+    cfg = course.course_settings("qlora", hardware=T4)
+    assert isinstance(cfg.lora, LoraSettings) and isinstance(cfg.train, TrainSettings)
+    assert cfg.lora.scale == 16 / 64
+    assert cfg.train.optim == "paged_adamw_32bit" and cfg.train.output_dir.startswith(cfg.output_dir)
+    assert cfg.memory_method == "qlora" and cfg.adapter_dir.name == "adapter"
+
+
+def test_drive_is_only_used_in_colab():
+    cfg = course.course_settings("lora", hardware=CPU, use_drive=True)
+    assert not cfg.use_drive and "Colab" in cfg.reasons["use_drive"]
+    assert not cfg.output_dir.startswith("/content")
+    assert "not mounted" in course.mount_drive(cfg)
+
+
+def test_optimizer_report_says_paged_needs_cuda():
+    cfg = course.course_settings("qlora", hardware=CPU)
+    report = course.optimizer_report(cfg)
+    if not torch.cuda.is_available():
+        assert "adamw_torch" in report and "CUDA" in report
+
+
+def test_memory_views_and_claims():
+    from lora_kit.memory import llama2_7b_config
+
+    est = course.memory_estimates(llama2_7b_config(), r=16)
+    totals = [b.total_gib for b in est.values()]
+    assert len(est) == 4 and totals == sorted(totals, reverse=True)  # full > LoRA 16 > LoRA 8 > QLoRA
+    assert "100.0% of full" in course.memory_summary(est)
+    claims = course.claims_table()
+    assert {"claim", "computed", "verdict"} <= set(claims.columns) and len(claims) >= 8
+    bits = course.bits_table(llama2_7b_config())
+    assert list(bits["bits per parameter"]) == [16.0, 4.5, 4.127]
+
+
+def test_quantization_table_nf4_beats_int4_and_fp4_on_a_normal_weight():
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    table = course.quantization_table(weight)
+    assert list(table["format"])[0] == "NF4"
+    assert table["relative RMS error"].is_monotonic_increasing
+
+
+def test_token_f1_and_scorer_choice():
+    assert course.token_f1("the cat sat", "the cat sat") == 1.0
+    assert course.token_f1("", "x") == 0.0 and 0 < course.token_f1("a cat", "the cat") < 1
+    name, _ = course.scorer_for(course.course_settings("lora", hardware=CPU))
+    assert "exact match" in name
+    assert course.scorer_for(course.course_settings("lora", hardware=T4))[1] is course.token_f1
+
+
+def test_loss_tokens_are_the_answer(embedded_tokenizer):
+    from lora_kit import demo_task
+
+    train, _ = demo_task(2, 1)
+    messages = train[0]["messages"]
+    text = course.show_loss_tokens(embedded_tokenizer, messages)
+    inside = text.split("[[", 1)[1].split("]]", 1)[0]
+    assert inside.startswith(messages[-1]["content"]) and "<|im_end|>" in inside
+    assert messages[1]["content"] not in inside and "carry loss" in text
+
+
+def test_show_rows_and_model_card():
+    from lora_kit import demo_task
+
+    train, _ = demo_task(5, 1)
+    rows = course.show_rows(train, 3)
+    assert list(rows.columns) == ["system", "user", "assistant"] and len(rows) == 3
+    card = course.model_card(course.course_settings("lora", hardware=CPU))
+    assert card["lora"]["r"] == 16 and card["method"] == "lora"
+
+
+def test_hub_token_absent_says_how_to_set_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    token, why = course.hub_token()
+    assert token is None and "HF_TOKEN" in why
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    assert course.hub_token() == ("hf_dummy", "the HF_TOKEN environment variable")
+
+
+@pytest.fixture(scope="module")
+def tiny_lora():
+    """A two-layer Llama with the embedded tokenizer's vocabulary, wrapped with LoRA r=4."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_kit import add_lora, load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4)
+    base = LlamaForCausalLM(config)
+    table = course.rank_table(base, ranks=(4, 8))
+    model = add_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0))
+    return model, tok, table
+
+
+def test_rank_table_matches_peft_count(tiny_lora):
+    model, _, table = tiny_lora
+    trainable = model.get_nb_trainable_parameters()[0]
+    assert int(table.loc[table.r == 4, "trainable (LoRA)"].iloc[0]) == trainable
+    assert int(table.loc[table.r == 8, "trainable (LoRA)"].iloc[0]) == 2 * trainable
+    assert (table["adapted layers"] == 14).all()  # 7 projections x 2 layers
+
+
+def test_zero_init_then_update_formula(tiny_lora):
+    model, tok, _ = tiny_lora
+    report = course.zero_init_check(model, tok)
+    assert "all zeros: True" in report and "max |difference| = 0.0e+00" in report
+    _, layer = course.first_lora_layer(model)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.1)
+    update = course.update_report(model)
+    assert "rank of the update: 4 <= r = 4" in update
+    rel = float(update.rsplit("difference ", 1)[1])
+    assert rel < 1e-5
+    with torch.no_grad():
+        layer.lora_B["default"].weight.zero_()
+
+
+def test_guard_is_a_no_op_without_4bit_layers(tiny_lora):
+    model, _, _ = tiny_lora
+    assert "nothing to do" in course.guard_cpu_nf4(model)
+
+
+def test_guard_keeps_nf4_gradients_right_after_evaluation():
+    """bitsandbytes 0.50 repacks NF4 weights for CPU inference; its backward is then wrong. The guard stops it."""
+    from lora_kit import add_lora, demo_task, load_model
+    from lora_kit.data import tokenize_conversation
+
+    model, tok = load_model("embedded", "nf4")
+    assert "4-bit layers" in course.guard_cpu_nf4(model)
+    model = add_lora(model, LoraSettings(r=4, dropout=0.0))
+    ex = tokenize_conversation(tok, demo_task(1, 1)[0][0]["messages"])
+    ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+    layer = course.first_lora_layer(model)[1].base_layer
+    shape = tuple(layer.weight.shape)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # an evaluation, as before training in the notebooks
+    assert tuple(layer.weight.shape) == shape  # not repacked
