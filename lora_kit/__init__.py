@@ -13,7 +13,8 @@ from .errors import DataFormatError, LoraKitError
 from .evaluate import GenerationSettings, adapter_disabled, compare_answers, generate, perplexity, task_score
 from .formats import load_data
 from .hardware import describe, detect_hardware
-from .merge import merge_adapter, merge_in_place, save_adapter
+from .chat import ChatSession, chat_box
+from .merge import compare_merge_bases, merge_adapter, merge_in_place, push_to_hub, save_adapter
 from .models import embedded_model_path, load_model, load_tokenizer
 from .train import LoraSettings, Recipe, TrainSettings, add_lora, build_trainer, find_target_modules, preset
 
@@ -23,5 +24,6 @@ __all__ = [
     "tokenize_conversations", "json_exact_match", "LoraSettings", "TrainSettings", "Recipe", "preset",
     "find_target_modules", "add_lora", "build_trainer", "perplexity", "generate", "task_score", "compare_answers",
     "GenerationSettings", "adapter_disabled", "save_adapter", "merge_adapter", "merge_in_place", "describe",
+    "compare_merge_bases", "push_to_hub", "chat_box", "ChatSession",
     "detect_hardware", "LoraKitError", "DataFormatError",
 ]

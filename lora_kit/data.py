@@ -156,7 +156,7 @@ def _demo_example(rng: random.Random) -> dict:
         "messages": [
             {"role": "system", "content": DEMO_SYSTEM},
             {"role": "user", "content": sentence},
-            {"role": "assistant", "content": json.dumps(answer)},
+            {"role": "assistant", "content": json.dumps(answer, separators=(",", ":"))},
         ]
     }
 

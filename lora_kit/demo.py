@@ -25,12 +25,12 @@ class DemoSettings:
     method: str = "lora"
     model: str = "embedded"
     steps: int = 30
-    """Enough for the LoRA run to go from ~0.3 to >0.9 exact match on the held-out sentences."""
+    """Enough for the LoRA run to go from 0 to >0.9 exact match on the held-out sentences."""
     batch_size: int = 4
     """Rows per step. With the fast path each row packs several samples into max_length=256 tokens."""
     learning_rate: float | None = None
-    """None: 5e-4 for LoRA, 1e-3 for QLoRA. Higher than the presets' 1e-4 / 2e-4, which suit 7B
-    models over thousands of steps; a 135M model and 30 steps want a bolder rate."""
+    """None: 1e-3. Ten times the presets' 1e-4 / 2e-4, which suit 7B models over thousands of
+    steps; a 135M model and 30 steps want a bolder rate (5e-4 reached 0.85 exact match, 1e-3 0.925)."""
     r: int | None = None
     n_train: int = 240
     n_eval: int = 40
@@ -46,7 +46,7 @@ def _recipe(s: DemoSettings):
     from .train import preset, replace
 
     recipe = preset(s.method)
-    lr = s.learning_rate or (1e-3 if s.method == "qlora" else 5e-4)
+    lr = s.learning_rate or 1e-3
     lora = replace(recipe.lora, r=s.r or 16, alpha=2 * (s.r or 16), dropout=0.0)
     train = replace(
         recipe.train, learning_rate=lr, max_steps=s.steps, micro_batch_size=s.batch_size, gradient_accumulation_steps=1,
