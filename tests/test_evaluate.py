@@ -75,7 +75,7 @@ def test_finetuned_model_stops_at_eos(trained):
 def test_streaming_joins_to_the_greedy_answer(trained):
     prompt = list(trained["eval"]["messages"])[0]
     pieces = list(evaluate.stream_generate(trained["model"], trained["tok"], prompt, max_new_tokens=MAX_NEW))
-    assert len(pieces) > 3 and all(pieces)
+    assert len(pieces) > 1 and all(pieces)  # the streamer emits whole words, so a compact JSON answer is few pieces
     answer = evaluate.generate(trained["model"], trained["tok"], [prompt], max_new_tokens=MAX_NEW)[0]
     assert "".join(pieces).strip() == answer
 
