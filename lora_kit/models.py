@@ -194,6 +194,20 @@ def _check_quantization(quantization, load_in_8bit, load_in_4bit) -> str:
     return quantization
 
 
+def _keep_cpu_4bit_trainable(model) -> int:
+    """Stop bitsandbytes (0.50) repacking 4-bit weights for fast CPU inference.
+
+    On a CPU with AVX512-BF16, the first no-grad eval forward of a ``Linear4bit`` rewrites its
+    weight in place into a CPU-only layout. The forward stays right but the backward through it
+    is wrong (LoRA gradients at cosine ~0.05 against the unpacked model), so training after an
+    evaluation goes astray. A no-op on a GPU and for 16-bit or 8-bit models.
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_model(
     name: str = "embedded",
     quantization: str = "none",
@@ -241,5 +255,6 @@ def load_model(
     if bnb is not None:
         # Gradient checkpointing is switched on later by the trainer, with the settings it is given.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_cpu_4bit_trainable(model)
     model.lora_kit_quantization = quantization  # read by merge/export to refuse merging into 4-bit weights
     return model, tokenizer

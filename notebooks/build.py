@@ -222,7 +222,6 @@ CELLS = [
     from lora_kit import load_model
 
     model, tok = load_model(cfg.model, quantization=cfg.quantization)
-    print(course.guard_cpu_nf4(model))  # bitsandbytes 0.50 on a CPU: keep 4-bit weights trainable after evaluation
     print(course.model_report(model, cfg))
     """),
     md("""

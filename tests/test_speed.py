@@ -33,9 +33,10 @@ def samples(lengths=(5, 17, 9, 31, 2), seed=1):
 
 
 # ---- which levers, where --------------------------------------------------------------------------------------
-def test_cpu_gets_packing_only():
+def test_cpu_gets_no_packing():
+    # measured slower on the 2-core CPU (96 vs 108 tokens/s), see speed.py
     s = speed.fast_path_settings(None, "fp32", "qlora")
-    assert s == {"packing": True, "packing_strategy": "bfd"}
+    assert s == {}
     assert speed.attention_implementation(None, "fp32") == "sdpa"
 
 
@@ -82,7 +83,7 @@ def test_settings_are_valid_sft_config_kwargs(tmp_path):
     from trl import SFTConfig
 
     cfg = SFTConfig(output_dir=str(tmp_path), max_length=64, use_cpu=True, report_to="none",
-                    **speed.fast_path_settings(None, "fp32", "qlora"))
+                    **speed.fast_path_settings((7, 5), "fp32", "qlora"))
     assert cfg.packing and cfg.packing_strategy == "bfd"
 
 
@@ -154,7 +155,7 @@ def test_sfttrainer_fast_path_loss_equals_stock_loss(tmp_path):
     ex = samples(lengths=(5, 17, 9, 31, 2, 12, 40, 7), seed=3)
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in ex]})
     totals = {}
-    for name, extra in [("stock", {}), ("fast", speed.fast_path_settings(None, "fp32", "qlora"))]:
+    for name, extra in [("stock", {}), ("fast", speed.fast_path_settings((7, 5), "fp32", "qlora"))]:
         model = tiny_llama("sdpa")
         mb, ga = speed.batch_shape(3, 1, extra)
         cfg = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=mb, gradient_accumulation_steps=ga,
