@@ -27,7 +27,7 @@ class DemoSettings:
     steps: int = 30
     """Measured on the 2-core CPU: 30 steps reach 0.90 held-out exact match (40 steps: also 0.90)."""
     batch_size: int = 4
-    """Rows per step. With the fast path each row packs several samples into max_length=256 tokens."""
+    """Samples per step (on a GPU the fast path packs rows of max_length=256 tokens instead)."""
     learning_rate: float | None = None
     """None: 1e-3. Ten times the presets' 1e-4 / 2e-4, which suit 7B models over thousands of
     steps; a 135M model and 30 steps want a bolder rate (in 30 steps 5e-4 reached 0.85 exact match, 1e-3 0.90)."""
@@ -37,7 +37,7 @@ class DemoSettings:
     output_dir: str = "outputs/demo"
     seed: int = 0
     fast: bool = True
-    """lora_kit's speed levers (packing on CPU too); False runs the stock TRL path."""
+    """lora_kit's speed levers where they help (GPU only; on CPU they change nothing); False: stock TRL."""
     max_new_tokens: int = 48
     """A demo answer is ~30 tokens; the base model rambles, so cap what it may write."""
 

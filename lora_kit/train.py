@@ -172,9 +172,9 @@ def add_lora(model, lora: LoraSettings):
 def _adapters_to_fp32(model) -> None:
     # fp16 trainable weights make the grad scaler fail ("Attempting to unscale FP16 gradients");
     # bf16 ones made QLoRA diverge on CPU. fp32 adapters cost little: they are ~1% of the model.
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+    from .speed import upcast_trainable_params
+
+    upcast_trainable_params(model)
 
 
 class LossWatchdog:
@@ -229,7 +229,8 @@ def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=2,
-        eval_strategy="no",
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.save_steps if has_eval else None,
         report_to=[train.report_to] if train.report_to and train.report_to != "none" else [],
         seed=train.seed,
         dataloader_pin_memory=hardware.device == "cuda",
@@ -267,6 +268,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         capability = detect_hardware().compute_capability
         fast_kwargs = speed.fast_path_settings(capability, precision, method)
         micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, fast_kwargs)
+        if accum != train.gradient_accumulation_steps:
+            print(f"Packing: each of the {micro} rows per step holds several samples of up to max_length tokens, so "
+                  f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 (TrainSettings(fast=False) keeps it).")
         train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
         model = speed.prepare_model(model, capability, precision)
     trainer = SFTTrainer(

@@ -368,8 +368,9 @@ CELLS = [
 
     `build_trainer` returns an ordinary TRL `SFTTrainer` with this run's settings. It tokenizes the
     conversations with the template and the loss mask of section 6 and prints how many were cut at
-    `max_length`. It also packs several short conversations into each row of `max_length` tokens (a block
-    mask keeps them from seeing each other), so no compute is spent on padding. `train` resumes from the
+    `max_length`. On a GPU it also packs several short conversations into each row of `max_length` tokens (a
+    block mask keeps them from seeing each other), so no compute is spent on padding; on a CPU padding was
+    measured faster, so it pads there. `train` resumes from the
     last checkpoint in the output folder when there is one, which is what you want after a Colab
     disconnect.
     """),
@@ -459,7 +460,7 @@ CELLS = [
     code("""
     from lora_kit.chat import chat_box
 
-    chat_box(model, tok, system=course.system_prompt(cfg), script=course.chat_script(cfg))
+    chat_box(model, tok, system=course.system_prompt(cfg), script=course.chat_script(cfg));
     """),
     # ------------------------------------------------------------------------------------------ 10 export
     md("""
@@ -492,8 +493,10 @@ CELLS = [
     code("""
     from lora_kit.merge import compare_merge_bases
 
+    fits, why = course.merge_comparison_fits()  # two 16-bit copies of the base must fit beside the training model
+    print(why)
     sample = eval_ds.select(range(min(cfg.eval_samples // 2, len(eval_ds))))  # half: three models to score
-    compare_merge_bases(cfg.adapter_dir, sample, tok, adapter_model=model)
+    compare_merge_bases(cfg.adapter_dir, sample, tok, adapter_model=model) if fits else None
     """, only="qlora"),
     md("""
     Now free the training model: on a T4 there is no room for a second copy. Then reload the adapter the way
