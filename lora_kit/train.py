@@ -10,7 +10,6 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import nn
 
 from .errors import LoraKitError
