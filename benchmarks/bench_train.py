@@ -79,7 +79,17 @@ RECIPES = {
     "padfree_mb4x_liger": {"padding_free": True, "mb_mult": 4, "liger": True},
     "padfree_mb4x_flex": {"padding_free": True, "mb_mult": 4, "attn": "flex_attention"},
     "compile_liger": {"compile": True, "liger": True},
+    # torch.compile of each decoder layer's attention and MLP blocks (gradient checkpointing kept, outside them)
+    "compile_layers": {"compile_layers": True},
+    "compile_layers_liger": {"compile_layers": True, "liger": True},
+    # the adapters cast back to fp32 after the trainer is built (TRL casts a quantized model's adapters to bf16)
+    "fp32_adapters": {"fp32_adapters": True},
     "lora_kit": {"fast": True},
+    # lora_kit with one of its post-build levers switched off, to see what each gives inside the whole path
+    "lora_kit_nocompile": {"fast": True, "skip": ["compile"]},
+    "lora_kit_nosync": {"fast": True, "skip": ["nosync"]},
+    # the stock recipe + only the one-sync-per-step optimizer
+    "onesync": {"onesync": True},
 }
 
 
@@ -107,6 +117,8 @@ def parse_args(argv=None):
                    help="run recipes in this process (default on CPU; on CUDA each recipe gets a subprocess)")
     p.add_argument("--recipe-timeout", type=int, default=900, help="seconds per recipe subprocess")
     p.add_argument("--json-out", default=None, help="also write the JSON result here")
+    p.add_argument("--profile-dir", default=None,
+                   help="profile 2 optimizer steps after the warm-up (torch.profiler) and write a table per recipe here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--emulate-capability", default=None,
                    help="compute capability lora_kit.speed decides for, e.g. 7.5 for the T4 proxy on a big GPU")
@@ -248,14 +260,10 @@ def recipe_settings(args, shape, recipe, info, precision):
     ga = args.grad_accum if shape == "fixed" else args.mixed_grad_accum
     kw = {}
     if levers.pop("fast", False):
-        from lora_kit import speed
-
-        cap = fast_capability(args, info)
-        fast = speed.fast_path_settings(cap, precision, args.method)
-        kw["_prepare_cap"] = cap  # speed.prepare_model picks the attention kernel after loading, as build_trainer
-        mb, ga = speed.batch_shape(mb, ga, fast)
-        kw.update(fast)
-        levers = {"fast": sorted(fast), "capability_seen": cap}
+        # lora_kit's own entry point decides everything (lora_kit.train.build_trainer with TrainSettings(fast=True))
+        kw["_via_lora_kit"] = levers.pop("skip", [])
+        levers = {"fast": "lora_kit.train.build_trainer", "capability_seen": fast_capability(args, info),
+                  "levers_switched_off": kw["_via_lora_kit"]}
     if levers.get("liger"):
         kw["use_liger_kernel"] = True
     if levers.get("padding_free"):
@@ -279,6 +287,12 @@ def recipe_settings(args, shape, recipe, info, precision):
         kw["activation_offloading"] = True
     if levers.get("compile"):
         kw["torch_compile"] = True
+    if levers.get("compile_layers"):
+        kw["_compile_layers"] = True
+    if levers.get("fp32_adapters"):
+        kw["_fp32_adapters"] = True
+    if levers.get("onesync"):
+        kw["_onesync"] = True
     return kw, mb, ga, levers
 
 
@@ -302,13 +316,18 @@ def run_recipe(args, shape, recipe, ckpt):
     cfg_kw, mb, ga, levers = recipe_settings(args, shape, recipe, info, precision)
     attn = cfg_kw.pop("_attn", "sdpa")
     prepare_cap = cfg_kw.pop("_prepare_cap", "no")
+    compile_layers = cfg_kw.pop("_compile_layers", False)
+    fp32_adapters = cfg_kw.pop("_fp32_adapters", False)
+    onesync = cfg_kw.pop("_onesync", False)
+    via_lora_kit = cfg_kw.pop("_via_lora_kit", None)
     result.update({"levers": levers, "micro_batch": mb, "grad_accum": ga, "attn": attn,
                    "sft_kwargs": {k: v for k, v in cfg_kw.items()}})
-    total_steps = args.warmup + args.steps
+    # Profiled steps (if any) come after the timed ones and are not timed: the profiler slows them down.
+    total_steps = args.warmup + args.steps + (PROFILE_STEPS if args.profile_dir else 0)
     packing = cfg_kw.get("packing", False)
     padding_free = cfg_kw.get("padding_free", False) or packing
     # Enough samples for every step; packing folds several samples into one bin, so give it more to draw from.
-    n_samples = total_steps * mb * ga * (12 if packing and shape == "mixed" else 1) + 8
+    n_samples = total_steps * mb * ga * (12 if (packing or via_lora_kit is not None) and shape == "mixed" else 1) + 8
 
     t_load = time.time()
     tok = build_tokenizer(MODEL_SIZES[args.model_size]["vocab_size"])
@@ -340,17 +359,23 @@ def run_recipe(args, shape, recipe, ckpt):
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.t0, self.prof = [], None, None
 
         def on_step_begin(self, a, state, control, **kw):
             if on_cuda:
                 torch.cuda.synchronize()
+            if args.profile_dir and state.global_step == args.warmup + args.steps and self.prof is None:
+                self.prof = start_profiler(on_cuda)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             if on_cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
+            if self.prof is not None and state.global_step == args.warmup + args.steps + PROFILE_STEPS:
+                write_profile(self.prof, args.profile_dir, f"{shape}_{recipe}",
+                              sum(self.times[-PROFILE_STEPS:]), PROFILE_STEPS)
+                self.prof = None
             step_tokens.append(micro_tokens[:])
             micro_tokens.clear()
 
@@ -367,14 +392,39 @@ def run_recipe(args, shape, recipe, ckpt):
 
     timer = Timer()
     t_build = time.time()
-    trainer = CountingSFTTrainer(model=model, args=sft_args, train_dataset=ds, processing_class=tok,
-                                 peft_config=peft_config, callbacks=[timer])
+    if via_lora_kit is not None:
+        trainer = build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, via_lora_kit)
+        trainer.add_callback(timer)
+        count_tokens = trainer.training_step
+
+        def counting_step(model, inputs, *a, **k):
+            micro_tokens.append(int(inputs["attention_mask"].sum()) if "attention_mask" in inputs
+                                else int(inputs["input_ids"].numel()))
+            return count_tokens(model, inputs, *a, **k)
+
+        trainer.training_step = counting_step
+        result.update(micro_batch=trainer.args.per_device_train_batch_size,
+                      grad_accum=trainer.args.gradient_accumulation_steps,
+                      attn=trainer.model.get_base_model().config._attn_implementation,
+                      adapter_dtypes=sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
+                      sft_kwargs={k: getattr(trainer.args, k) for k in ("packing", "padding_free", "use_liger_kernel")})
+    else:
+        trainer = CountingSFTTrainer(model=model, args=sft_args, train_dataset=ds, processing_class=tok,
+                                     peft_config=peft_config, callbacks=[timer])
     # TRL casts a quantized model's trainable adapter weights to bf16 while the trainer is built; fp16 mixed precision
     # then dies in the grad scaler at the first step, and fp32 base LoRA must stay fp32. Cast back after the build.
-    if precision in ("fp16", "fp32"):
+    if via_lora_kit is None and (precision in ("fp16", "fp32") or fp32_adapters):
         from lora_kit.speed import upcast_trainable_params
 
         result["upcast_params"] = upcast_trainable_params(trainer.model)
+    if compile_layers:
+        from lora_kit import speed
+
+        result["compiled_blocks"] = speed.compile_layers(trainer.model)
+    if onesync:
+        from lora_kit import speed
+
+        trainer.add_callback(speed._SkipOptimizerSyncs())
     result["build_s"] = round(time.time() - t_build, 1)
     if on_cuda:
         torch.cuda.synchronize()
@@ -384,8 +434,8 @@ def run_recipe(args, shape, recipe, ckpt):
     trainer.train()
     result["train_s"] = round(time.time() - t_train, 1)
 
-    times = timer.times[args.warmup:]
-    toks = [sum(t) for t in step_tokens[args.warmup:]]
+    times = timer.times[args.warmup:args.warmup + args.steps]
+    toks = [sum(t) for t in step_tokens[args.warmup:args.warmup + args.steps]]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result.update({
         "status": "ok",
@@ -401,6 +451,60 @@ def run_recipe(args, shape, recipe, ckpt):
     if on_cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
     return result
+
+
+def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, switched_off):
+    """The trainer a lora_kit user gets (build_trainer, TrainSettings(fast=True)), with the stock recipe's settings."""
+    from lora_kit import hardware, speed
+    from lora_kit import train as lk_train
+
+    if args.emulate_capability:  # T4 proxy: lora_kit decides as for the emulated chip
+        real = lk_train.detect_hardware()
+        lk_train.detect_hardware = lambda: hardware.Hardware(
+            device=real.device, name=real.name, compute_capability=fast_capability(args, info),
+            vram_gib=real.vram_gib, gpu_count=real.gpu_count)
+    if "compile" in switched_off:
+        speed.compile_layers = lambda model: 0
+    if "nosync" in switched_off:
+        speed.skip_optimizer_syncs = lambda optimizer: False
+    lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
+    settings = lk_train.TrainSettings(
+        learning_rate=2e-4, micro_batch_size=mb, gradient_accumulation_steps=ga, max_steps=total_steps,
+        max_length=args.seq_len, optim="paged_adamw_32bit", lr_scheduler_type="constant", warmup_ratio=0.0,
+        max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=True, logging_steps=1, save_steps=10**9,
+        output_dir=tempfile.mkdtemp(prefix="bench_lk_"), seed=args.seed, fast=True, report_to="none")
+    return lk_train.build_trainer(model, tok, ds, lora=lora, train=settings, precision=precision)
+
+
+# ---- profiling ---------------------------------------------------------------------------------------------------
+PROFILE_STEPS = 2
+
+
+def start_profiler(on_cuda):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    prof = profile(activities=acts, record_shapes=False)
+    prof.__enter__()
+    return prof
+
+
+def write_profile(prof, out_dir, name, wall_s, steps):
+    """Top ops by GPU time and by CPU time, plus the GPU-busy share of the wall time: is the step GPU-bound?"""
+    prof.__exit__(None, None, None)
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item"
+             or e.key == "aten::_local_scalar_dense"}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / f"profile_{name}.txt", "w") as fh:
+        fh.write(f"{steps} steps, wall {wall_s:.3f} s, GPU kernel time {gpu_us / 1e6:.3f} s "
+                 f"({100 * gpu_us / 1e6 / wall_s:.0f}% busy)\nsync/copy calls: {json.dumps(syncs)}\n\n")
+        fh.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
+        fh.write("\n\n")
+        fh.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    print(f"# profile {name}: wall {wall_s:.3f} s for {steps} steps, GPU busy {gpu_us / 1e6:.3f} s", flush=True)
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
@@ -425,7 +529,17 @@ def run_in_subprocess(args, shape, recipe, argv):
 def summarize(results):
     """lora_kit / stock ratios per shape (and every other recipe against stock)."""
     ratios = {}
-    by = {(r["shape"], r["recipe"]): r for r in results if r.get("status") == "ok"}
+    # A recipe named more than once (stock,lora_kit,stock,lora_kit: interleaved repeats against drift on a shared
+    # machine) is compared through the mean of its repeats' tokens/s and the highest of their peaks.
+    groups = {}
+    for r in results:
+        if r.get("status") == "ok":
+            groups.setdefault((r["shape"], r["recipe"]), []).append(r)
+    by = {}
+    for key, runs in groups.items():
+        tps = [x["tokens_per_s"] for x in runs if x.get("tokens_per_s")]
+        peaks = [x["peak_gib"] for x in runs if x.get("peak_gib")]
+        by[key] = {"tokens_per_s": sum(tps) / len(tps) if tps else None, "peak_gib": max(peaks) if peaks else None}
     for (shape, recipe), r in by.items():
         st = by.get((shape, "stock"))
         if not st or recipe == "stock":

@@ -1,25 +1,26 @@
 """lora_kit's faster default training path, as plain functions (issue 7).
 
-How `train.build_trainer(..., fast=True)` uses it (three calls, all cheap, all no-ops where a lever is off)::
+How `train.build_trainer(..., fast=True)` uses it (four calls, all cheap, all no-ops where a lever is off)::
 
     from lora_kit import speed
 
     cap = hardware.compute_capability                  # (9, 0) on an H100, (7, 5) on a T4, None on CPU
-    extra = speed.fast_path_settings(cap, precision, method)      # dict of extra trl.SFTConfig kwargs
+    extra = speed.fast_path_settings(cap, precision, method, lengths, max_length)  # extra trl.SFTConfig kwargs
     micro_batch, grad_accum = speed.batch_shape(micro_batch, grad_accum, extra)
-    model = speed.prepare_model(model, cap, precision)  # attention kernel; before SFTTrainer(...)
+    model = speed.prepare_model(model, cap, precision, packing=extra.get("packing", False))  # attention kernel
     trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(..., **extra), ...)
-    speed.upcast_trainable_params(trainer.model)         # fp16/fp32 only, AFTER the trainer is built
+    speed.after_trainer_built(trainer, cap, precision, method)  # adapter dtype, compiled blocks, optimizer syncs
 
     hardware_capability: a (major, minor) tuple, None for CPU, or any object with a `compute_capability`
                          attribute (lora_kit.hardware.Hardware is accepted as is).
     precision:           "bf16" | "fp16" | "fp32" (what the run computes in; a T4 is fp16).
-    method:              "lora" | "qlora" | None (the levers below do not depend on it today; other objects
-                         are ignored).
+    method:              "lora" | "qlora" | None (only the adapter dtype depends on it).
+    lengths, max_length: the training samples' token counts and the cut-off (packing is on only where it pays).
 
 With fast=False the caller skips this module and the stock recipe is what remains. Every lever was measured alone
 on an H100 with a Llama-2-7B-shaped QLoRA run (benchmarks/README.md has the table, including the ones that did not
-help and stay off: activation offloading, skipping gradient checkpointing, torch.compile, selective checkpointing).
+help and stay off: activation offloading, skipping gradient checkpointing, whole-model torch.compile, selective
+checkpointing).
 Each lever switches itself off where it is not correct or not supported, and says why beside it.
 """
 
@@ -36,8 +37,13 @@ VALID_PRECISIONS = ("bf16", "fp16", "fp32")
 VALID_METHODS = ("lora", "qlora", None)
 
 
-def fast_path_settings(hardware_capability, precision: str, method: str | None = None) -> dict[str, Any]:
-    """Extra `trl.SFTConfig` keyword arguments for the fast path on this machine (a new dict each call)."""
+def fast_path_settings(hardware_capability, precision: str, method: str | None = None,
+                       lengths=None, max_length: int | None = None) -> dict[str, Any]:
+    """Extra `trl.SFTConfig` keyword arguments for the fast path on this machine (a new dict each call).
+
+    lengths / max_length: the training samples' token counts and the length they are cut to. When given, packing is
+    switched on only where it removes padding (see packing_pays); without them it is assumed to (chat data).
+    """
     cap = _capability(hardware_capability)
     if precision not in VALID_PRECISIONS:
         raise ValueError(f"precision must be one of {VALID_PRECISIONS}, got {precision!r}")
@@ -63,7 +69,9 @@ def fast_path_settings(hardware_capability, precision: str, method: str | None =
     #    CPU: off. Measured on the 2-core CPU (embedded 135M model, demo task, 4 steps each, quiet machine):
     #    4 packed rows of 256 tokens ran 96 tokens/s, 8 padded samples 108 tokens/s. The CPU has no fixed per-step
     #    cost to amortise, and one long flattened row makes attention (with an explicit block mask) dearer.
-    if cap is not None:
+    #    Data that already fill max_length (fixed 2048-token samples) have no padding to remove: packing them only
+    #    costs (0.89x on the H100), so packing_pays() keeps it off there.
+    if cap is not None and (lengths is None or packing_pays(lengths, max_length)):
         settings["packing"] = True
         settings["packing_strategy"] = "bfd"
 
@@ -77,7 +85,25 @@ def fast_path_settings(hardware_capability, precision: str, method: str | None =
     return settings
 
 
-def attention_implementation(hardware_capability, precision: str) -> str:
+# Below this mean fill of max_length, packing removes enough padding (and fills micro-batches enough) to pay.
+PACKING_MIN_SAVING = 0.10
+
+
+def packing_pays(lengths, max_length: int | None) -> bool:
+    """True when the samples, cut to max_length, fill less than 90% of it on average (so packing removes padding).
+
+    Chat data (median ~250 tokens, max_length 2048) fill ~20%: packing pays 2.7-4.4x. Samples that all reach
+    max_length fill 100%: there is nothing to pack, and the flattened rows are ~11% slower than plain padded ones.
+    """
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        return False
+    cap = max_length or max(lengths)
+    fill = sum(min(n, cap) for n in lengths) / (len(lengths) * cap)
+    return fill < 1.0 - PACKING_MIN_SAVING
+
+
+def attention_implementation(hardware_capability, precision: str, packing: bool = True) -> str:
     """The attention kernel for the fast path: "flex_attention" on CUDA sm_80+, else "sdpa" (the stock one).
 
     With packing, sdpa gets a dense block-diagonal mask and falls back to the memory-efficient kernel, which computes
@@ -85,11 +111,12 @@ def attention_implementation(hardware_capability, precision: str) -> str:
     turns the same mask into a block-sparse BlockMask and skips them: 7,186 vs 4,543 real tokens/s on chat-like data
     (H100, 7B QLoRA). It compiles its kernel once per run (about a minute), and on plain fixed-length data it is ~13%
     slower than sdpa's flash kernel. Triton-generated, so off below sm_80 and on CPU (slow to compile there).
+    Without packing there is no block mask to exploit: sdpa stays.
     """
     cap = _capability(hardware_capability)
     if precision not in VALID_PRECISIONS:
         raise ValueError(f"precision must be one of {VALID_PRECISIONS}, got {precision!r}")
-    if cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
+    if packing and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
         try:
             from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
         except Exception:  # noqa: BLE001 - an old torch without FlexAttention: keep sdpa
@@ -98,12 +125,12 @@ def attention_implementation(hardware_capability, precision: str) -> str:
     return "sdpa"
 
 
-def prepare_model(model, hardware_capability, precision: str):
+def prepare_model(model, hardware_capability, precision: str, packing: bool = True):
     """Switch `model` (a PreTrainedModel, or a PeftModel around one) to attention_implementation(); returns it.
 
     Call before SFTTrainer is built. A no-op where the answer is the model's current implementation.
     """
-    wanted = attention_implementation(hardware_capability, precision)
+    wanted = attention_implementation(hardware_capability, precision, packing)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) != wanted and hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(wanted)
@@ -127,6 +154,86 @@ def batch_shape(micro_batch: int, grad_accum: int, settings: dict[str, Any]) -> 
     return micro_batch, grad_accum
 
 
+def after_trainer_built(trainer, hardware_capability, precision: str, method: str | None = None) -> list[str]:
+    """The levers that act on a built trainer; returns one line per lever saying what it did (for the log).
+
+    * adapter dtype: fp32 for fp16 and fp32 runs (upcast_trainable_params). On bf16 a QLoRA model keeps the bf16
+      adapters TRL gives it, as in the QLoRA paper's own code (0.3 GiB less for a 7B at r=64, same speed; fp32 ones
+      measured 1.05x the peak memory); a 16-bit LoRA model keeps PEFT's fp32 adapters.
+    * compile_layers: sm_80+ CUDA in bf16/fp16, when not packing (H100 7B QLoRA at 2048 tokens, quiet machine:
+      1.21x, 0.98x memory with Liger). Packed rows change length every step: each new length recompiles the blocks
+      (1.4-1.5 s steps in the middle of a run), and the packed run was no faster overall, so compile stays off there.
+    * skip_optimizer_syncs: any CUDA run with a bitsandbytes optimizer (paged AdamW).
+    """
+    cap = _capability(hardware_capability)
+    done = []
+    if precision in ("fp16", "fp32") or method != "qlora":
+        n = upcast_trainable_params(trainer.model)
+        if n:
+            done.append(f"adapters: {n} tensors cast to fp32")
+    packing = bool(getattr(trainer.args, "packing", False))
+    if not packing and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
+        done.append(f"torch.compile: {compile_layers(trainer.model)} attention/MLP blocks (first step compiles them)")
+    if cap is not None:
+        trainer.add_callback(_SkipOptimizerSyncs())
+        done.append("bitsandbytes optimizer: one synchronisation per step instead of one per tensor")
+    return done
+
+
+def skip_optimizer_syncs(optimizer) -> bool:
+    """Make a bitsandbytes optimizer synchronise the GPU once per step instead of after every tensor.
+
+    bitsandbytes 0.50's Optimizer8bit.step (every paged/8-bit/32-bit AdamW) calls torch.cuda.synchronize() after
+    each parameter's update: 448 times per step for a 7B with adapters on all 7 projections, each a round trip that
+    leaves the GPU idle (~45 ms of a ~0.5 s step on the H100). The updates are issued on one stream in order, and the
+    paged state prefetches are asynchronous hints on that same order, so the result does not depend on those
+    waits (benchmarks/check_optimizer_syncs.py compares the parameters bit for bit). The last wait of the step stays.
+    Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    try:
+        from bitsandbytes.optim import optimizer as bnb_optimizer
+    except Exception:  # noqa: BLE001 - no bitsandbytes: nothing to do
+        return False
+    if not isinstance(inner, bnb_optimizer.Optimizer8bit) or getattr(inner, "_lora_kit_one_sync", False):
+        return False
+    original_step = inner.step  # may already be wrapped by an LR scheduler: keep that wrapper in the chain
+    per_tensor_sync = bnb_optimizer.sync_gpu
+
+    def step(*args, **kwargs):
+        bnb_optimizer.sync_gpu = _no_sync
+        try:
+            result = original_step(*args, **kwargs)
+        finally:
+            bnb_optimizer.sync_gpu = per_tensor_sync
+        first = next((p for group in inner.param_groups for p in group["params"]), None)
+        if first is not None:
+            per_tensor_sync(first)  # one wait for the whole step (a no-op on CPU)
+        return result
+
+    inner.step = step
+    inner._lora_kit_one_sync = True
+    return True
+
+
+def _no_sync(tensor) -> None:
+    return None
+
+
+class _SkipOptimizerSyncs:
+    """A transformers TrainerCallback that applies skip_optimizer_syncs once the optimizer exists."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class SkipOptimizerSyncs(TrainerCallback):
+            def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+                if optimizer is not None:
+                    skip_optimizer_syncs(optimizer)
+
+        return SkipOptimizerSyncs()
+
+
 def upcast_trainable_params(model) -> int:
     """Cast every trainable parameter (the LoRA adapters) to fp32 in place; returns how many were cast.
 
@@ -142,6 +249,36 @@ def upcast_trainable_params(model) -> int:
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
             n += 1
+    return n
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer's attention and MLP block in place; returns how many blocks were compiled.
+
+    Regional compilation: the blocks are compiled, not the whole model, so gradient checkpointing (which wraps each
+    layer's forward) stays outside the compiled code and keeps its memory savings, and the 32 identical layers of a
+    7B share one compiled graph per block type instead of one whole-model graph. Inductor fuses what sits between
+    the matrix products (the LoRA scale-and-add, RMSNorm, RoPE, SwiGLU, dtype casts). Call it after the trainer is
+    built (PEFT has wrapped the projections by then). The first step pays the compilation (tens of seconds).
+    """
+    import torch
+
+    config = torch._dynamo.config
+    # Each layer's block is a different module object; dynamo may specialise on some of them, so allow a recompile
+    # per layer rather than falling back to eager after the default 8.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            for child in ("self_attn", "mlp"):
+                block = getattr(module, child, None)
+                if isinstance(block, torch.nn.Module):
+                    block.compile()
+                    n += 1
     return n
 
 

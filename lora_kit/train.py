@@ -265,13 +265,14 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
 
         method = "qlora" if _quantization_of(model) == "nf4" else "lora"
         capability = detect_hardware().compute_capability
-        fast_kwargs = speed.fast_path_settings(capability, precision, method)
+        lengths = [len(ids) for ids in train_dataset["input_ids"]]
+        fast_kwargs = speed.fast_path_settings(capability, precision, method, lengths, train.max_length)
         micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, fast_kwargs)
         if accum != train.gradient_accumulation_steps:
             print(f"Packing: each of the {micro} rows per step holds several samples of up to max_length tokens, so "
                   f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 (TrainSettings(fast=False) keeps it).")
         train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
-        model = speed.prepare_model(model, capability, precision)
+        model = speed.prepare_model(model, capability, precision, packing=bool(fast_kwargs.get("packing")))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(train, precision, eval_dataset is not None, fast_kwargs),
@@ -280,9 +281,14 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         processing_class=tokenizer,
         callbacks=[LossWatchdog()],
     )
-    # SFTTrainer casts a quantized model's adapters to bf16 while it is built; under fp16 the first
-    # optimizer step then dies in the grad scaler, and on CPU QLoRA diverged. Undo it here, after.
-    _adapters_to_fp32(trainer.model)
+    if train.fast:
+        # Adapter dtype (fp32 wherever fp16/fp32 needs it), compiled blocks, one optimizer sync per step.
+        for line in speed.after_trainer_built(trainer, capability, precision, method):
+            print(f"Fast path: {line}")
+    else:
+        # SFTTrainer casts a quantized model's adapters to bf16 while it is built; under fp16 the first
+        # optimizer step then dies in the grad scaler, and on CPU QLoRA diverged. Undo it here, after.
+        _adapters_to_fp32(trainer.model)
     return trainer
 
 
