@@ -287,12 +287,9 @@ def recipe_settings(args, shape, recipe, info, precision):
         kw["activation_offloading"] = True
     if levers.get("compile"):
         kw["torch_compile"] = True
-    if levers.get("compile_layers"):
-        kw["_compile_layers"] = True
-    if levers.get("fp32_adapters"):
-        kw["_fp32_adapters"] = True
-    if levers.get("onesync"):
-        kw["_onesync"] = True
+    for applied_after_build in ("compile_layers", "fp32_adapters", "onesync"):  # not SFTConfig fields: run_recipe
+        if levers.get(applied_after_build):
+            kw["_" + applied_after_build] = True
     return kw, mb, ga, levers
 
 

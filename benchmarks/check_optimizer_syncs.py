@@ -56,7 +56,7 @@ def main(argv=None):
         opt_fast.step()
     torch.cuda.synchronize()
     equal = all(torch.equal(a, b) for a, b in zip(stock, fast))
-    moved = max(float((a.float() - t.float()).abs().max()) for a, t in zip(stock, base))
+    moved = max(float((a.detach().float() - t.float()).abs().max()) for a, t in zip(stock, base))
 
     def timed(opt):
         times = []

@@ -283,7 +283,7 @@ def test_compiled_blocks_keep_the_loss_curve_of_the_embedded_model(tmp_path):
         grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.requires_grad])
         trainer.model.zero_grad(set_to_none=True)
         trainer.train()
-        runs[name] = (float(loss), grads, [h["loss"] for h in trainer.state.log_history if "loss" in h])
+        runs[name] = (float(loss.detach()), grads, [h["loss"] for h in trainer.state.log_history if "loss" in h])
     (loss_e, grad_e, curve_e), (loss_c, grad_c, curve_c) = runs["eager"], runs["compiled"]
     # same weights, same batch: the compiled blocks compute the same loss and gradients (up to fp32 rounding)
     assert loss_c == pytest.approx(loss_e, rel=1e-5)
