@@ -160,7 +160,7 @@ def after_trainer_built(trainer, hardware_capability, precision: str, method: st
     * adapter dtype: fp32 for fp16 and fp32 runs (upcast_trainable_params). On bf16 a QLoRA model keeps the bf16
       adapters TRL gives it, as in the QLoRA paper's own code (0.3 GiB less for a 7B at r=64, same speed; fp32 ones
       measured 1.05x the peak memory); a 16-bit LoRA model keeps PEFT's fp32 adapters.
-    * compile_layers: sm_80+ CUDA in bf16/fp16, when not packing (H100 7B QLoRA at 2048 tokens, quiet machine:
+    * compile_layers: sm_80+ CUDA in bf16/fp16, when not packing and not on an 8-bit base (H100 7B QLoRA at 2048 tokens, quiet machine:
       1.21x, 0.98x memory with Liger). Packed rows change length every step: each new length recompiles the blocks
       (1.4-1.5 s steps in the middle of a run), and the packed run was no faster overall, so compile stays off there.
     * skip_optimizer_syncs: any CUDA run with a bitsandbytes optimizer (paged AdamW).
@@ -172,7 +172,9 @@ def after_trainer_built(trainer, hardware_capability, precision: str, method: st
         if n:
             done.append(f"adapters: {n} tensors cast to fp32")
     packing = bool(getattr(trainer.args, "packing", False))
-    if not packing and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
+    # 8-bit bases (bitsandbytes' Linear8bitLt and its Python matmul state) were never run compiled: left eager.
+    int8 = any(type(m).__name__ == "Linear8bitLt" for m in trainer.model.modules())
+    if not (packing or int8) and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
         done.append(f"torch.compile: {compile_layers(trainer.model)} attention/MLP blocks (first step compiles them)")
     if cap is not None:
         trainer.add_callback(_SkipOptimizerSyncs())
