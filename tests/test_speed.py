@@ -6,7 +6,6 @@ block-diagonal causal mask from the position_ids. If a transformers upgrade brea
 attend across their boundaries and these tests fail.
 """
 
-import os
 
 import pytest
 import torch
@@ -130,7 +129,6 @@ def test_padding_free_batch_has_the_padded_loss(attn):
     assert (wrong - a).abs().max() > 1e-3
 
 
-@pytest.mark.skipif(not os.environ.get("LORA_KIT_SLOW"), reason="compiles FlexAttention on CPU (slow); LORA_KIT_SLOW=1")
 def test_padding_free_batch_has_the_padded_loss_flex():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
