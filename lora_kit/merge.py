@@ -656,11 +656,9 @@ def _env_flag(name: str) -> bool:
 
 
 def _hub_token(token: str | None) -> str | None:
+    """`token`, else what huggingface_hub finds: HF_TOKEN, a saved login, or Colab's Secrets panel."""
     if token:
         return token
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if os.environ.get(var):
-            return os.environ[var]
     try:
         from huggingface_hub import get_token
 
