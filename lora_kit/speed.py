@@ -162,7 +162,7 @@ def after_trainer_built(trainer, hardware_capability, precision: str, method: st
       measured 1.05x the peak memory); a 16-bit LoRA model keeps PEFT's fp32 adapters.
     * compile_layers: sm_80+ CUDA in bf16/fp16, when not packing and not on an 8-bit base (H100 7B QLoRA at 2048 tokens, quiet machine:
       1.21x, 0.98x memory with Liger). Packed rows change length every step: each new length recompiles the blocks
-      (1.4-1.5 s steps in the middle of a run), and the packed run was no faster overall, so compile stays off there.
+      (steps of 1.36 and 1.49 s in the middle of a run), and the packed run was no faster overall, so compile stays off there.
     * skip_optimizer_syncs: any CUDA run with a bitsandbytes optimizer (paged AdamW).
     """
     cap = _capability(hardware_capability)
