@@ -64,6 +64,10 @@ MODEL_SIZES = {
 # to CPU), compile (Trainer torch_compile), fast (take every setting from lora_kit.speed).
 RECIPES = {
     "stock": {},
+    # stock with the unquantized modules (embeddings, lm_head, norms) in fp32: what from_pretrained gives when no dtype
+    # is passed (seed 000's code) and the checkpoint was saved in fp32 (LlamaForCausalLM(config) builds fp32), or on
+    # transformers 4.x whatever the checkpoint. Compute stays bf16/fp16 (bnb_4bit_compute_dtype + autocast).
+    "stock_fp32base": {"base_dtype": "fp32"},
     "liger": {"liger": True},
     "padfree": {"padding_free": True},
     "padfree_mb4x": {"padding_free": True, "mb_mult": 4},
@@ -88,8 +92,11 @@ RECIPES = {
     # lora_kit with one of its post-build levers switched off, to see what each gives inside the whole path
     "lora_kit_nocompile": {"fast": True, "skip": ["compile"]},
     "lora_kit_nosync": {"fast": True, "skip": ["nosync"]},
+    "lora_kit_nolean": {"fast": True, "skip": ["nolean"]},
     # the stock recipe + only the one-sync-per-step optimizer
     "onesync": {"onesync": True},
+    # ... + the bnb update op called straight from the parameter group (speed.lean_update_step)
+    "onesync_lean": {"onesync": True, "lean": True},
 }
 
 
@@ -119,6 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--json-out", default=None, help="also write the JSON result here")
     p.add_argument("--profile-dir", default=None,
                    help="profile 2 optimizer steps after the warm-up (torch.profiler) and write a table per recipe here")
+    p.add_argument("--memory-report", action="store_true",
+                   help="record every CUDA allocation while training (slows the steps: not for timing) and report what "
+                        "was alive at the peak, grouped by the code that allocated it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--emulate-capability", default=None,
                    help="compute capability lora_kit.speed decides for, e.g. 7.5 for the T4 proxy on a big GPU")
@@ -208,12 +218,13 @@ def ensure_checkpoint(args, dtype_name):
     return ckpt, time.time() - t0
 
 
-def load_model(args, ckpt, precision, on_cuda, attn="sdpa"):
+def load_model(args, ckpt, precision, on_cuda, attn="sdpa", base_dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    kwargs = dict(dtype=dtype, attn_implementation=attn, device_map={"": 0} if on_cuda else {"": "cpu"})
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[precision]
+    kwargs = dict(dtype=dtypes[base_dtype or precision], attn_implementation=attn, device_map={"": 0} if on_cuda else {"": "cpu"})
     if args.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -275,6 +286,8 @@ def recipe_settings(args, shape, recipe, info, precision):
         ga = levers["ga"]
     if levers.get("attn"):
         kw["_attn"] = levers["attn"]
+    if levers.get("base_dtype"):
+        kw["_base_dtype"] = levers["base_dtype"]
     if levers.get("mb_mult"):
         m = levers["mb_mult"]
         mb, ga = mb * m, max(1, ga // m)
@@ -287,14 +300,31 @@ def recipe_settings(args, shape, recipe, info, precision):
         kw["activation_offloading"] = True
     if levers.get("compile"):
         kw["torch_compile"] = True
-    for applied_after_build in ("compile_layers", "fp32_adapters", "onesync"):  # not SFTConfig fields: run_recipe
+    for applied_after_build in ("compile_layers", "fp32_adapters", "onesync", "lean"):  # not SFTConfig fields: run_recipe
         if levers.get(applied_after_build):
             kw["_" + applied_after_build] = True
     return kw, mb, ga, levers
 
 
 def run_recipe(args, shape, recipe, ckpt):
-    """Train one recipe for warmup+steps optimizer steps; return a result dict."""
+    """Train one recipe for warmup+steps optimizer steps; return a result dict.
+
+    Recipes switch lora_kit levers off by replacing module functions; they are put back afterwards, so recipes run
+    one after another in one process (CPU, --in-process) do not leak into each other."""
+    from lora_kit import speed
+    from lora_kit import train as lk_train
+
+    saved = [(speed, name, getattr(speed, name)) for name in ("compile_layers", "skip_optimizer_syncs",
+                                                               "lean_update_step")]
+    saved.append((lk_train, "detect_hardware", lk_train.detect_hardware))
+    try:
+        return _run_recipe(args, shape, recipe, ckpt)
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def _run_recipe(args, shape, recipe, ckpt):
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -312,10 +342,12 @@ def run_recipe(args, shape, recipe, ckpt):
 
     cfg_kw, mb, ga, levers = recipe_settings(args, shape, recipe, info, precision)
     attn = cfg_kw.pop("_attn", "sdpa")
+    base_dtype = cfg_kw.pop("_base_dtype", None)
     prepare_cap = cfg_kw.pop("_prepare_cap", "no")
     compile_layers = cfg_kw.pop("_compile_layers", False)
     fp32_adapters = cfg_kw.pop("_fp32_adapters", False)
     onesync = cfg_kw.pop("_onesync", False)
+    lean = cfg_kw.pop("_lean", False)
     via_lora_kit = cfg_kw.pop("_via_lora_kit", None)
     result.update({"levers": levers, "micro_batch": mb, "grad_accum": ga, "attn": attn,
                    "sft_kwargs": {k: v for k, v in cfg_kw.items()}})
@@ -328,7 +360,8 @@ def run_recipe(args, shape, recipe, ckpt):
 
     t_load = time.time()
     tok = build_tokenizer(MODEL_SIZES[args.model_size]["vocab_size"])
-    model = load_model(args, ckpt, precision, on_cuda, attn)
+    model = load_model(args, ckpt, precision, on_cuda, attn, base_dtype)
+    result["base_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.dtype.is_floating_point})
     if prepare_cap != "no":
         from lora_kit import speed
 
@@ -421,15 +454,23 @@ def run_recipe(args, shape, recipe, ckpt):
     if onesync:
         from lora_kit import speed
 
+        if not lean:
+            speed.lean_update_step = lambda optimizer: False  # this subprocess only: the one-sync lever alone
         trainer.add_callback(speed._SkipOptimizerSyncs())
     result["build_s"] = round(time.time() - t_build, 1)
     if on_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         result["pre_train_alloc_gib"] = round(torch.cuda.memory_allocated() / GIB, 3)
+    if on_cuda and args.memory_report:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        before_recording = torch.cuda.memory_allocated()
     t_train = time.time()
     trainer.train()
     result["train_s"] = round(time.time() - t_train, 1)
+    if on_cuda and args.memory_report:
+        result["peak_breakdown"] = peak_breakdown(torch.cuda.memory._snapshot(), before_recording)
+        torch.cuda.memory._record_memory_history(enabled=None)
 
     times = timer.times[args.warmup:args.warmup + args.steps]
     toks = [sum(t) for t in step_tokens[args.warmup:args.warmup + args.steps]]
@@ -464,6 +505,8 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
         speed.compile_layers = lambda model: 0
     if "nosync" in switched_off:
         speed.skip_optimizer_syncs = lambda optimizer: False
+    if "nolean" in switched_off:
+        speed.lean_update_step = lambda optimizer: False
     lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
     settings = lk_train.TrainSettings(
         learning_rate=2e-4, micro_batch_size=mb, gradient_accumulation_steps=ga, max_steps=total_steps,
@@ -475,6 +518,43 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
 
 # ---- profiling ---------------------------------------------------------------------------------------------------
 PROFILE_STEPS = 2
+
+
+def peak_breakdown(snapshot, before_recording, top=14):
+    """Replay a memory-history snapshot: what was alive at the peak, grouped by the innermost allocating frame that is
+    not torch's own code (bitsandbytes, peft, transformers, liger, trl, ...). Sizes in GiB."""
+    trace = snapshot["device_traces"][0]
+    live, cur, peak, peak_at = {}, before_recording, before_recording, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            cur += e["size"]
+            if cur > peak:
+                peak, peak_at = cur, i
+        elif e["action"] == "free_completed":
+            cur -= live.pop(e["addr"], e["size"])
+    live, groups = {}, {}
+    for e in trace[:peak_at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+
+    def label(frames):
+        for f in frames:
+            name = f.get("filename", "")
+            if "/torch/" not in name and "<" not in name and not name.endswith("bench_train.py"):
+                return f"{name.split('site-packages/')[-1]}:{f.get('line')} {f.get('name')}"
+        return f"{frames[0]['filename'].split('site-packages/')[-1]}:{frames[0].get('line')}" if frames else "?"
+
+    for e in live.values():
+        key = label(e.get("frames", []))
+        size, n = groups.get(key, (0, 0))
+        groups[key] = (size + e["size"], n + 1)
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_gib": round(peak / GIB, 3), "before_training_gib": round(before_recording / GIB, 3),
+            "allocated_during_training_alive_at_peak": [
+                {"gib": round(size / GIB, 3), "tensors": n, "where": key} for key, (size, n) in rows]}
 
 
 def start_profiler(on_cuda):

@@ -222,8 +222,77 @@ def _no_sync(tensor) -> None:
     return None
 
 
+def lean_update_step(optimizer) -> bool:
+    """Run a bitsandbytes 32-bit-state optimizer's per-tensor update without the Python around its kernel.
+
+    For each tensor bnb 0.50's Optimizer2State.update_step re-assigns p.data and p.grad to contiguous copies (a no-op
+    for adapters, but the .data setter is not free), builds an 11-key config dict (get_config), checks devices
+    (is_on_gpu) and only then calls its update op, torch.ops.bitsandbytes.optimizer_update_32bit. With 448 adapter
+    tensors that Python, not the ~8 us kernels, is most of the optimizer's time while the GPU waits. This calls the
+    same op with the same arguments straight from the parameter group, so the update is bit for bit bnb's
+    (tests/test_speed.py on CPU, benchmarks/check_optimizer_syncs.py on the GPU). Anything the short path does not
+    cover goes through bnb's own update_step: 8-bit states, one-state optimizers, max_unorm, per-parameter overrides
+    (GlobalOptimManager), non-contiguous tensors. bnb's step() still creates the states; paged states are prefetched
+    only when the GPU has come near full (see prefetch_state below).
+    Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
+    """
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    try:
+        from bitsandbytes.optim import optimizer as bnb_optimizer
+    except Exception:  # noqa: BLE001 - no bitsandbytes: nothing to do
+        return False
+    if not isinstance(inner, bnb_optimizer.Optimizer2State) or getattr(inner, "_lora_kit_lean_update", False):
+        return False
+    update = torch.ops.bitsandbytes.optimizer_update_32bit
+    bnb_update_step = inner.update_step  # the bound method of the class: the fallback
+    name, args, mng = inner.optimizer_name, inner.args, inner.mng
+
+    def update_step(group, p, gindex, pindex):
+        state, grad = inner.state[p], p.grad
+        if (args.max_unorm > 0.0 or state["state1"].dtype != torch.float32 or state.get("state2") is None
+                or not (p.is_contiguous() and grad.is_contiguous())
+                or (gindex, pindex) in mng.index2config or id(p) in mng.pid2config):
+            return bnb_update_step(group, p, gindex, pindex)
+        state["step"] += 1
+        betas = group["betas"]
+        update(name, grad, p, state["state1"], state["state2"], None, 0.0, 0.0, betas[0], betas[1],
+               betas[2] if len(betas) >= 3 else 0.0, group.get("alpha", 0.0), group["eps"], group["weight_decay"],
+               state["step"], group["lr"], 1.0, args.skip_zeros)
+
+    bnb_prefetch_state, bnb_step = inner.prefetch_state, inner.step
+    decided = {"prefetch": True, "paged_tensors": -1, "paged_bytes": 0}
+
+    def step(*a, **k):
+        # Paged states are filled on the GPU and stay there until the driver evicts them, which it only does when the
+        # GPU runs out of room. Prefetching resident pages is a driver call per state for nothing (12 of the 28 ms of
+        # a 448-tensor step on the H100, benchmarks/check_optimizer_syncs.py). So, once per step: prefetch as bnb
+        # does only once this process's peak reservation plus the paged states came within 10% of the card.
+        first = next((p for g in inner.param_groups for p in g["params"]), None)
+        if first is not None and first.is_cuda:
+            paged = inner.page_mng.paged_tensors
+            if len(paged) != decided["paged_tensors"]:
+                decided["paged_tensors"], decided["paged_bytes"] = len(paged), sum(t.nbytes for t in paged)
+            total = torch.cuda.get_device_properties(first.device).total_memory
+            decided["prefetch"] = torch.cuda.max_memory_reserved(first.device) + decided["paged_bytes"] > 0.9 * total
+        else:
+            decided["prefetch"] = True  # CPU: bnb's prefetch_state does nothing there anyway
+        return bnb_step(*a, **k)
+
+    def prefetch_state(p):
+        if decided["prefetch"]:
+            bnb_prefetch_state(p)
+
+    inner.update_step = update_step
+    inner.prefetch_state = prefetch_state
+    inner.step = step  # may wrap skip_optimizer_syncs' step or an LR scheduler's wrapper: both stay in the chain
+    inner._lora_kit_lean_update = True
+    return True
+
+
 class _SkipOptimizerSyncs:
-    """A transformers TrainerCallback that applies skip_optimizer_syncs once the optimizer exists."""
+    """A transformers TrainerCallback that applies skip_optimizer_syncs and lean_update_step once the optimizer exists."""
 
     def __new__(cls):
         from transformers import TrainerCallback
@@ -232,6 +301,7 @@ class _SkipOptimizerSyncs:
             def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
                 if optimizer is not None:
                     skip_optimizer_syncs(optimizer)
+                    lean_update_step(optimizer)
 
         return SkipOptimizerSyncs()
 

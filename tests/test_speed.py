@@ -215,6 +215,51 @@ def test_skip_optimizer_syncs_keeps_the_update_and_waits_once(monkeypatch):
     assert speed.skip_optimizer_syncs(torch.optim.AdamW(stock)) is False  # other optimizers: untouched
 
 
+def _two_optimizers(cls, n=5, **kw):
+    torch.manual_seed(0)
+    stock = [torch.nn.Parameter(torch.randn(8, 64)) for _ in range(n)]
+    fast = [torch.nn.Parameter(p.detach().clone()) for p in stock]
+    return stock, fast, cls(stock, **kw), cls(fast, **kw)
+
+
+def _step_both(stock, fast, opt_stock, opt_fast, steps=3):
+    for _ in range(steps):
+        for a, b in zip(stock, fast):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_stock.step()
+        opt_fast.step()
+
+
+def test_lean_update_step_is_bitsandbytes_update_bit_for_bit(monkeypatch):
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as F
+
+    calls = []
+    bnb_update = F.optimizer_update_32bit
+    monkeypatch.setattr(F, "optimizer_update_32bit", lambda *a, **k: calls.append(1) or bnb_update(*a, **k))
+    stock, fast, opt_stock, opt_fast = _two_optimizers(bnb.optim.PagedAdamW32bit, lr=1e-2, weight_decay=0.1)
+    assert speed.lean_update_step(opt_fast) is True
+    assert speed.lean_update_step(opt_fast) is False  # already done
+    _step_both(stock, fast, opt_stock, opt_fast)
+    assert len(calls) == 3 * 5  # only the stock optimizer went through bnb's Python update: the lean path ran
+    assert all(torch.equal(a, b) for a, b in zip(stock, fast))
+    assert all(opt_fast.state[p]["step"] == 3 for p in fast)
+    assert not torch.equal(stock[0], fast[0] * 0)
+    assert speed.lean_update_step(torch.optim.AdamW(stock)) is False  # other optimizers: untouched
+
+
+def test_lean_update_step_leaves_8bit_states_to_bitsandbytes(monkeypatch):
+    import bitsandbytes as bnb
+
+    # 8-bit states are bnb's blockwise path: the lean step hands them back to bnb's own update_step
+    stock, fast, opt_stock, opt_fast = _two_optimizers(bnb.optim.AdamW8bit, lr=1e-2, min_8bit_size=16)
+    assert speed.lean_update_step(opt_fast) is True
+    _step_both(stock, fast, opt_stock, opt_fast)
+    assert opt_fast.state[fast[0]]["state1"].dtype == torch.uint8
+    assert all(torch.equal(a, b) for a, b in zip(stock, fast))
+
+
 def _peft_trainer(tmp_path, model, precision):
     from datasets import Dataset
     from peft import LoraConfig
