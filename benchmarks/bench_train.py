@@ -617,16 +617,19 @@ def summarize(results):
         tps = [x["tokens_per_s"] for x in runs if x.get("tokens_per_s")]
         peaks = [x["peak_gib"] for x in runs if x.get("peak_gib")]
         by[key] = {"tokens_per_s": sum(tps) / len(tps) if tps else None, "peak_gib": max(peaks) if peaks else None}
-    for (shape, recipe), r in by.items():
-        st = by.get((shape, "stock"))
-        if not st or recipe == "stock":
-            continue
-        entry = {}
-        if r.get("tokens_per_s") and st.get("tokens_per_s"):
-            entry["tokens_per_s"] = round(r["tokens_per_s"] / st["tokens_per_s"], 3)
-        if r.get("peak_gib") and st.get("peak_gib"):
-            entry["peak"] = round(r["peak_gib"] / st["peak_gib"], 3)
-        ratios[f"{shape}/{recipe}"] = entry
+    # Two baselines: "stock" (16-bit unquantized modules) and, when it ran, "stock_fp32base" (seed 000's loading,
+    # which reproduces the issue's stock figures); keys "fixed/lora_kit" and "fixed/lora_kit vs stock_fp32base".
+    for baseline, suffix in (("stock", ""), ("stock_fp32base", " vs stock_fp32base")):
+        for (shape, recipe), r in by.items():
+            st = by.get((shape, baseline))
+            if not st or recipe == baseline:
+                continue
+            entry = {}
+            if r.get("tokens_per_s") and st.get("tokens_per_s"):
+                entry["tokens_per_s"] = round(r["tokens_per_s"] / st["tokens_per_s"], 3)
+            if r.get("peak_gib") and st.get("peak_gib"):
+                entry["peak"] = round(r["peak_gib"] / st["peak_gib"], 3)
+            ratios[f"{shape}/{recipe}{suffix}"] = entry
     return ratios
 
 
@@ -646,6 +649,9 @@ def print_table(results, ratios):
               f"{r['tokens_per_s']:9.1f} {rt.get('tokens_per_s', 1.0) if r['recipe'] != 'stock' else 1.0:7.2f} "
               f"{r['median_step_s']:7.3f} {peak:>8} {rt.get('peak', '-') if r['recipe'] != 'stock' else 1.0!s:>7} "
               f"{losses[0]:8.3f}->{losses[-1]:8.3f}")
+    for key, entry in ratios.items():
+        if key.endswith(" vs stock_fp32base"):
+            print(f"{key}: tokens/s x{entry.get('tokens_per_s', '-')}, peak x{entry.get('peak', '-')}")
 
 
 def main(argv=None):
