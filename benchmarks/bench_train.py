@@ -116,7 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
     p.add_argument("--warmup", type=int, default=4, help="untimed optimizer steps first")
     p.add_argument("--shapes", default="fixed,mixed")
-    p.add_argument("--recipes", default="stock,lora_kit", help=f"comma list from {sorted(RECIPES)}")
+    p.add_argument("--recipes", default="stock_fp32base,stock,lora_kit", help=f"comma list from {sorted(RECIPES)}")
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--ckpt-dir", default=None, help="where the random checkpoint is saved (reused if present)")
