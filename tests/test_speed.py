@@ -260,7 +260,7 @@ def test_lean_update_step_leaves_8bit_states_to_bitsandbytes(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(stock, fast))
 
 
-def _peft_trainer(tmp_path, model, precision):
+def _peft_trainer(tmp_path, model, precision, **config):
     from datasets import Dataset
     from peft import LoraConfig
     from tokenizers import Tokenizer, models
@@ -271,10 +271,39 @@ def _peft_trainer(tmp_path, model, precision):
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                   unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in samples()]})
-    cfg = SFTConfig(output_dir=str(tmp_path), max_length=64, use_cpu=True, report_to="none", max_steps=2,
-                    per_device_train_batch_size=2)
+    cfg = SFTConfig(**{**dict(output_dir=str(tmp_path), max_length=64, use_cpu=True, report_to="none", max_steps=2,
+                              per_device_train_batch_size=2), **config})
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+
+
+def test_optimizer_levers_inside_a_trainer_train_as_bitsandbytes_does(tmp_path, monkeypatch):
+    # The callback lora_kit adds on GPUs, in a real SFTTrainer run (accelerate's optimizer wrapper, a decaying LR
+    # schedule wrapping step(), gradient clipping): the same adapters after 3 steps as bnb's own paged AdamW, and
+    # bnb's Python update path is not taken.
+    from bitsandbytes import functional as F
+
+    def trained(with_levers, out):
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        trainer = _peft_trainer(out, tiny_llama(), "fp32", optim="paged_adamw_32bit", max_steps=3,
+                                learning_rate=5e-3, lr_scheduler_type="linear", weight_decay=0.01)
+        if with_levers:
+            trainer.add_callback(speed._SkipOptimizerSyncs())
+        calls.clear()
+        trainer.train()
+        assert getattr(trainer.optimizer.optimizer, "_lora_kit_lean_update", False) is with_levers
+        return [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad], len(calls)
+
+    calls = []
+    bnb_update = F.optimizer_update_32bit
+    monkeypatch.setattr(F, "optimizer_update_32bit", lambda *a, **k: calls.append(1) or bnb_update(*a, **k))
+    stock, stock_calls = trained(False, tmp_path / "stock")
+    lean, lean_calls = trained(True, tmp_path / "lean")
+    assert stock_calls == 3 * len(stock) and lean_calls == 0
+    assert all(torch.equal(a, b) for a, b in zip(stock, lean))
+    torch.manual_seed(0)
+    untrained = [p for p in _peft_trainer(tmp_path / "init", tiny_llama(), "fp32").model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(stock, untrained))  # training moved the adapters
 
 
 def test_after_trainer_built_chooses_per_machine(tmp_path):
