@@ -116,6 +116,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     settings = DemoSettings(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.lr, r=args.r, n_eval=args.n_eval, output_dir=args.output_dir, fast=args.fast)
+    from .course import quiet_known_noise
+
+    quiet_known_noise()
     try:
         result = run_demo(settings)
     except LoraKitError as err:

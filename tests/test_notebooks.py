@@ -98,6 +98,7 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(path, tmp_path, monkeypatch):
     elapsed = time.time() - start
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Traceback" not in outputs
+    assert "Failed to load CPU gemm_4bit_forward" not in outputs  # harmless bitsandbytes log: notebook_defaults mutes it
     assert "Skipping the upload" in outputs  # the Hub step skipped by its real condition, with the reason
     assert (tmp_path / "outputs").is_dir()
     print(f"{path.name}: {elapsed:.0f} s")
