@@ -201,7 +201,7 @@ def skip_optimizer_syncs(optimizer) -> bool:
     original_step = inner.step  # may already be wrapped by an LR scheduler: keep that wrapper in the chain
     per_tensor_sync = bnb_optimizer.sync_gpu
 
-    def step(*args, **kwargs):
+    def step(_inner, *args, **kwargs):
         bnb_optimizer.sync_gpu = _no_sync
         try:
             result = original_step(*args, **kwargs)
@@ -212,9 +212,28 @@ def skip_optimizer_syncs(optimizer) -> bool:
             per_tensor_sync(first)  # one wait for the whole step (a no-op on CPU)
         return result
 
-    inner.step = step
+    _install_step(optimizer, inner, step)
     inner._lora_kit_one_sync = True
     return True
+
+
+def _install_step(optimizer, inner, step) -> None:
+    """Make `step(inner, *args, **kwargs)` the bitsandbytes optimizer's step; `step` calls the one it replaces.
+
+    Bound, because torch's LR schedulers wrap `optimizer.step.__func__`; marked as the scheduler's if the step it
+    replaces was (it still runs inside, so the scheduler's step counting holds). And accelerate's fp16 wrapper (a
+    GradScaler: every T4 run) swaps in, on every step, the step it saw when it was built: tell it about this one.
+    """
+    import types
+
+    if getattr(inner.step, "_wrapped_by_lr_sched", False):
+        step._wrapped_by_lr_sched = True
+    inner.step = types.MethodType(step, inner)
+    if getattr(optimizer, "scaler", None) is not None and hasattr(optimizer, "_optimizer_original_step_method"):
+        from accelerate.optimizer import patch_optimizer_step
+
+        optimizer._optimizer_original_step_method = inner.step
+        optimizer._optimizer_patched_step_method = patch_optimizer_step(optimizer, inner.step)
 
 
 def _no_sync(tensor) -> None:
@@ -244,14 +263,15 @@ def lean_update_step(optimizer) -> bool:
     same op with the same arguments straight from the parameter group, so the update is bit for bit bnb's
     (tests/test_speed.py on CPU, benchmarks/check_optimizer_syncs.py on the GPU). Anything the short path does not
     cover goes through bnb's own update_step: 8-bit states, one-state optimizers, max_unorm, per-parameter overrides
-    (GlobalOptimManager), non-contiguous tensors. bnb's step() still creates the states; paged states are prefetched
+    (GlobalOptimManager), non-contiguous tensors; optimizers with their own update_step (AdEMAMix) are left alone. bnb's step() still creates the states; paged states are prefetched
     only when the GPU has come near full (see prefetch_state below).
     Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
     """
     import torch
 
-    inner, _ = _untouched_bnb_optimizer(optimizer, "Optimizer2State", "_lora_kit_lean_update")
-    if inner is None:
+    inner, bnb_optimizer = _untouched_bnb_optimizer(optimizer, "Optimizer2State", "_lora_kit_lean_update")
+    # Subclasses with their own update_step (AdEMAMix schedules alpha and beta3 per step) keep bnb's.
+    if inner is None or type(inner).update_step is not bnb_optimizer.Optimizer2State.update_step:
         return False
     update = torch.ops.bitsandbytes.optimizer_update_32bit
     bnb_update_step = inner.update_step  # the bound method of the class: the fallback
@@ -272,7 +292,7 @@ def lean_update_step(optimizer) -> bool:
     bnb_prefetch_state, bnb_step = inner.prefetch_state, inner.step
     decided = {"prefetch": True, "paged_tensors": -1, "paged_bytes": 0}
 
-    def step(*a, **k):
+    def step(_inner, *a, **k):
         # Paged states are filled on the GPU and stay there until the driver evicts them, which it only does when the
         # GPU runs out of room. Prefetching resident pages is a driver call per state for nothing (12 of the 28 ms of
         # a 448-tensor step on the H100, benchmarks/check_optimizer_syncs.py). So, once per step: prefetch as bnb
@@ -294,7 +314,7 @@ def lean_update_step(optimizer) -> bool:
 
     inner.update_step = update_step
     inner.prefetch_state = prefetch_state
-    inner.step = step  # may wrap skip_optimizer_syncs' step or an LR scheduler's wrapper: both stay in the chain
+    _install_step(optimizer, inner, step)  # skip_optimizer_syncs' step or a scheduler's wrapper stays in the chain
     inner._lora_kit_lean_update = True
     return True
 

@@ -260,6 +260,60 @@ def test_lean_update_step_leaves_8bit_states_to_bitsandbytes(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(stock, fast))
 
 
+def test_optimizer_levers_leave_ademamix_alone():
+    import bitsandbytes as bnb
+
+    # AdEMAMix has its own update_step (alpha and beta3 follow a schedule): the lean update would drop it
+    params = [torch.nn.Parameter(torch.randn(8, 8))]
+    assert speed.lean_update_step(bnb.optim.AdEMAMix(params, t_alpha=100, t_beta3=100)) is False
+
+
+def test_optimizer_levers_keep_lr_schedulers_and_the_fp16_scaler_working(monkeypatch):
+    import warnings
+
+    import bitsandbytes as bnb
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from bitsandbytes.optim import optimizer as bnb_optimizer
+
+    waits = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", lambda t: waits.append(1))
+
+    def make(n=4):
+        return [torch.nn.Parameter(torch.randn(8, 32)) for _ in range(n)]
+
+    # a scheduler built before the levers: its step counting still sees the optimizer step, no "overridden" warning
+    opt = bnb.optim.PagedAdamW32bit(make(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 ** i)
+    assert speed.skip_optimizer_syncs(opt) and speed.lean_update_step(opt)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*overridden after learning rate scheduler.*")
+        warnings.filterwarnings("error", message=".*lr_scheduler.step.. before .optimizer.step.*")
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 5e-3
+    # a scheduler built after them (torch wraps optimizer.step.__func__)
+    opt = bnb.optim.PagedAdamW32bit(make(), lr=1e-2)
+    assert speed.skip_optimizer_syncs(opt) and speed.lean_update_step(opt)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    # accelerate's fp16 wrapper (a GradScaler: every T4 run) swaps in the step it saw when built, on every step
+    Accelerator(cpu=True)
+    wrapped = AcceleratedOptimizer(bnb.optim.PagedAdamW32bit(make(), lr=1e-2),
+                                   scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    assert speed.skip_optimizer_syncs(wrapped) and speed.lean_update_step(wrapped)
+    for _ in range(2):
+        for p in wrapped.optimizer.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        wrapped.scaler.scale(torch.ones(()))  # what backward through the scaled loss does first
+        waits.clear()
+        wrapped.step()
+        assert len(waits) == 1  # the one-sync step ran, not bnb's own (4 + 1 waits)
+    assert not wrapped.step_was_skipped
+    assert wrapped.optimizer.step.__func__ is not bnb_optimizer.Optimizer8bit.step  # ours again after the step
+
+
 def _peft_trainer(tmp_path, model, precision, **config):
     from datasets import Dataset
     from peft import LoraConfig
