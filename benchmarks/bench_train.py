@@ -224,7 +224,8 @@ def load_model(args, ckpt, precision, on_cuda, attn="sdpa", base_dtype=None):
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[precision]
-    kwargs = dict(dtype=dtypes[base_dtype or precision], attn_implementation=attn, device_map={"": 0} if on_cuda else {"": "cpu"})
+    kwargs = dict(dtype=dtypes[base_dtype or precision], attn_implementation=attn,
+                  device_map={"": 0} if on_cuda else {"": "cpu"})
     if args.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -343,7 +344,6 @@ def _run_recipe(args, shape, recipe, ckpt):
     cfg_kw, mb, ga, levers = recipe_settings(args, shape, recipe, info, precision)
     attn = cfg_kw.pop("_attn", "sdpa")
     base_dtype = cfg_kw.pop("_base_dtype", None)
-    prepare_cap = cfg_kw.pop("_prepare_cap", "no")
     compile_layers = cfg_kw.pop("_compile_layers", False)
     fp32_adapters = cfg_kw.pop("_fp32_adapters", False)
     onesync = cfg_kw.pop("_onesync", False)
@@ -362,10 +362,6 @@ def _run_recipe(args, shape, recipe, ckpt):
     tok = build_tokenizer(MODEL_SIZES[args.model_size]["vocab_size"])
     model = load_model(args, ckpt, precision, on_cuda, attn, base_dtype)
     result["base_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.dtype.is_floating_point})
-    if prepare_cap != "no":
-        from lora_kit import speed
-
-        speed.prepare_model(model, prepare_cap, precision)
     result["attn"] = model.config._attn_implementation
     result["load_s"] = round(time.time() - t_load, 1)
     if on_cuda:
@@ -414,10 +410,7 @@ def _run_recipe(args, shape, recipe, ckpt):
     class CountingSFTTrainer(SFTTrainer):
         # Counts the real (non-padding) input tokens of each micro-batch; otherwise the stock trainer.
         def training_step(self, model, inputs, *a, **k):
-            if "attention_mask" in inputs:
-                micro_tokens.append(int(inputs["attention_mask"].sum()))
-            else:  # padding-free: one flat row, no pad tokens (pad_to_multiple_of is unset)
-                micro_tokens.append(int(inputs["input_ids"].numel()))
+            micro_tokens.append(real_tokens(inputs))
             return super().training_step(model, inputs, *a, **k)
 
     timer = Timer()
@@ -428,8 +421,7 @@ def _run_recipe(args, shape, recipe, ckpt):
         count_tokens = trainer.training_step
 
         def counting_step(model, inputs, *a, **k):
-            micro_tokens.append(int(inputs["attention_mask"].sum()) if "attention_mask" in inputs
-                                else int(inputs["input_ids"].numel()))
+            micro_tokens.append(real_tokens(inputs))
             return count_tokens(model, inputs, *a, **k)
 
         trainer.training_step = counting_step
@@ -456,7 +448,7 @@ def _run_recipe(args, shape, recipe, ckpt):
 
         if not lean:
             speed.lean_update_step = lambda optimizer: False  # this subprocess only: the one-sync lever alone
-        trainer.add_callback(speed._SkipOptimizerSyncs())
+        trainer.add_callback(speed._OptimizerLevers())
     result["build_s"] = round(time.time() - t_build, 1)
     if on_cuda:
         torch.cuda.synchronize()
@@ -489,6 +481,13 @@ def _run_recipe(args, shape, recipe, ckpt):
     if on_cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
     return result
+
+
+def real_tokens(inputs) -> int:
+    """Real (non-padding) input tokens of one micro-batch."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())  # padding-free: one flat row, no pad tokens (pad_to_multiple_of unset)
 
 
 def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, switched_off):
@@ -558,7 +557,6 @@ def peak_breakdown(snapshot, before_recording, top=14):
 
 
 def start_profiler(on_cuda):
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])

@@ -179,7 +179,7 @@ def after_trainer_built(trainer, hardware_capability, precision: str, method: st
     if not (packing or int8) and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
         done.append(f"torch.compile: {compile_layers(trainer.model)} attention/MLP blocks (first step compiles them)")
     if cap is not None:
-        trainer.add_callback(_SkipOptimizerSyncs())
+        trainer.add_callback(_OptimizerLevers())
         done.append("bitsandbytes optimizer: one synchronisation per step instead of one per tensor, "
                     "update kernels called without bnb's per-tensor Python")
     return done
@@ -207,7 +207,7 @@ def skip_optimizer_syncs(optimizer) -> bool:
             result = original_step(*args, **kwargs)
         finally:
             bnb_optimizer.sync_gpu = per_tensor_sync
-        first = next((p for group in inner.param_groups for p in group["params"]), None)
+        first = _first_param(inner)
         if first is not None:
             per_tensor_sync(first)  # one wait for the whole step (a no-op on CPU)
         return result
@@ -240,6 +240,10 @@ def _no_sync(tensor) -> None:
     return None
 
 
+def _first_param(optimizer):
+    return next((p for group in optimizer.param_groups for p in group["params"]), None)
+
+
 def _untouched_bnb_optimizer(optimizer, class_name: str, done_flag: str):
     """(the bitsandbytes optimizer inside `optimizer`, bnb's optimizer module), or (None, None) when it is not a
     bnb `class_name`, bitsandbytes is missing, or `done_flag` says this lever was applied already."""
@@ -263,8 +267,9 @@ def lean_update_step(optimizer) -> bool:
     same op with the same arguments straight from the parameter group, so the update is bit for bit bnb's
     (tests/test_speed.py on CPU, benchmarks/check_optimizer_syncs.py on the GPU). Anything the short path does not
     cover goes through bnb's own update_step: 8-bit states, one-state optimizers, max_unorm, per-parameter overrides
-    (GlobalOptimManager), non-contiguous tensors; optimizers with their own update_step (AdEMAMix) are left alone. bnb's step() still creates the states; paged states are prefetched
-    only when the GPU has come near full (see prefetch_state below).
+    (GlobalOptimManager), non-contiguous tensors; optimizers with their own update_step (AdEMAMix) are left alone.
+    bnb's step() still creates the states; paged states are prefetched only when the GPU has come near full (see
+    step below).
     Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
     """
     import torch
@@ -297,7 +302,7 @@ def lean_update_step(optimizer) -> bool:
         # GPU runs out of room. Prefetching resident pages is a driver call per state for nothing (12 of the 28 ms of
         # a 448-tensor step on the H100, benchmarks/check_optimizer_syncs.py). So, once per step: prefetch as bnb
         # does only once this process's peak reservation plus the paged states came within 10% of the card.
-        first = next((p for g in inner.param_groups for p in g["params"]), None)
+        first = _first_param(inner)
         if first is not None and first.is_cuda:
             paged = inner.page_mng.paged_tensors
             if len(paged) != decided["paged_tensors"]:
@@ -319,19 +324,19 @@ def lean_update_step(optimizer) -> bool:
     return True
 
 
-class _SkipOptimizerSyncs:
+class _OptimizerLevers:
     """A transformers TrainerCallback that applies skip_optimizer_syncs and lean_update_step once the optimizer exists."""
 
     def __new__(cls):
         from transformers import TrainerCallback
 
-        class SkipOptimizerSyncs(TrainerCallback):
+        class OptimizerLevers(TrainerCallback):
             def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
                 if optimizer is not None:
                     skip_optimizer_syncs(optimizer)
                     lean_update_step(optimizer)
 
-        return SkipOptimizerSyncs()
+        return OptimizerLevers()
 
 
 def upcast_trainable_params(model) -> int:

@@ -342,7 +342,7 @@ def test_optimizer_levers_inside_a_trainer_train_as_bitsandbytes_does(tmp_path, 
         trainer = _peft_trainer(out, tiny_llama(), "fp32", optim="paged_adamw_32bit", max_steps=3,
                                 learning_rate=5e-3, lr_scheduler_type="linear", weight_decay=0.01)
         if with_levers:
-            trainer.add_callback(speed._SkipOptimizerSyncs())
+            trainer.add_callback(speed._OptimizerLevers())
         calls.clear()
         trainer.train()
         assert getattr(trainer.optimizer.optimizer, "_lora_kit_lean_update", False) is with_levers
