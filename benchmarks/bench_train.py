@@ -93,6 +93,12 @@ RECIPES = {
     "lora_kit_nocompile": {"fast": True, "skip": ["compile"]},
     "lora_kit_nosync": {"fast": True, "skip": ["nosync"]},
     "lora_kit_nolean": {"fast": True, "skip": ["nolean"]},
+    # experiments: whole decoder layers compiled (norms and residual adds inside the compiled code, one compiled region
+    # per layer instead of two), with and without Liger's kernels
+    "lora_kit_layers": {"fast": True, "skip": ["layers"]},
+    "lora_kit_layers_noliger": {"fast": True, "skip": ["layers", "liger"]},
+    # lora_kit with Inductor's pointwise autotuning back on (torch's default; speed.COMPILE_OPTIONS turns it off)
+    "lora_kit_pwautotune": {"fast": True, "skip": ["pwautotune"]},
     # the stock recipe + only the one-sync-per-step optimizer
     "onesync": {"onesync": True},
     # ... + the bnb update op called straight from the parameter group (speed.lean_update_step)
@@ -122,6 +128,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-dir", default=None, help="where the random checkpoint is saved (reused if present)")
     p.add_argument("--in-process", action="store_true",
                    help="run recipes in this process (default on CPU; on CUDA each recipe gets a subprocess)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="give each recipe subprocess empty Inductor and Triton caches, as on a fresh machine (a new "
+                        "Colab runtime): compilation and kernel autotuning then happen inside the timed run")
     p.add_argument("--recipe-timeout", type=int, default=900, help="seconds per recipe subprocess")
     p.add_argument("--json-out", default=None, help="also write the JSON result here")
     p.add_argument("--profile-dir", default=None,
@@ -316,7 +325,8 @@ def run_recipe(args, shape, recipe, ckpt):
     from lora_kit import train as lk_train
 
     saved = [(speed, name, getattr(speed, name)) for name in ("compile_layers", "skip_optimizer_syncs",
-                                                               "lean_update_step")]
+                                                               "lean_update_step", "COMPILE_OPTIONS",
+                                                               "fast_path_settings")]
     saved.append((lk_train, "detect_hardware", lk_train.detect_hardware))
     try:
         return _run_recipe(args, shape, recipe, ckpt)
@@ -506,6 +516,13 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
         speed.skip_optimizer_syncs = lambda optimizer: False
     if "nolean" in switched_off:
         speed.lean_update_step = lambda optimizer: False
+    if "layers" in switched_off:
+        speed.compile_layers = compile_whole_layers
+    if "liger" in switched_off:
+        decide = speed.fast_path_settings
+        speed.fast_path_settings = lambda *a, **k: {n: v for n, v in decide(*a, **k).items() if n != "use_liger_kernel"}
+    if "pwautotune" in switched_off:
+        speed.COMPILE_OPTIONS = {}
     lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
     settings = lk_train.TrainSettings(
         learning_rate=2e-4, micro_batch_size=mb, gradient_accumulation_steps=ga, max_steps=total_steps,
@@ -513,6 +530,19 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
         max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=True, logging_steps=1, save_steps=10**9,
         output_dir=tempfile.mkdtemp(prefix="bench_lk_"), seed=args.seed, fast=True, report_to="none")
     return lk_train.build_trainer(model, tok, ds, lora=lora, train=settings, precision=precision)
+
+
+def compile_whole_layers(model) -> int:
+    """Experiment: torch.compile each decoder layer whole (inside gradient checkpointing, like speed.compile_layers)."""
+    from lora_kit import speed
+
+    speed._allow_a_recompile_per_layer()
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(options=dict(speed.COMPILE_OPTIONS))
+            n += 1
+    return n
 
 
 # ---- profiling ---------------------------------------------------------------------------------------------------
@@ -585,9 +615,13 @@ def write_profile(prof, out_dir, name, wall_s, steps):
 # ---- driver ------------------------------------------------------------------------------------------------------
 def run_in_subprocess(args, shape, recipe, argv):
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", shape, recipe]
+    env = dict(os.environ)
+    if args.cold_compile:
+        cache = tempfile.mkdtemp(prefix="bench_cold_")
+        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), TRITON_CACHE_DIR=os.path.join(cache, "triton"))
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.recipe_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.recipe_timeout, env=env)
     except subprocess.TimeoutExpired as e:
         return {"shape": shape, "recipe": recipe, "status": "error", "error": f"timeout after {args.recipe_timeout}s",
                 "log_tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else ""}

@@ -357,6 +357,15 @@ def upcast_trainable_params(model) -> int:
     return n
 
 
+# Inductor's defaults, except one. Pointwise autotuning times each new elementwise kernel in two launch configurations
+# the first time it runs, and to time it fairly it first allocates a buffer the size of the GPU's L2 cache (50 MiB on
+# an H100) to flush the cache. The first backward runs those kernels at the training peak (the last layer being
+# recomputed), so on a fresh machine (every Colab runtime) the autotuning buffer lands on top of the peak. The two
+# configurations differ by how many elements a warp handles; for the LoRA scale-and-add, SwiGLU and RoPE kernels here
+# the choice is worth little (benchmarks/README.md has the measurement).
+COMPILE_OPTIONS = {"triton.autotune_pointwise": False}
+
+
 def compile_layers(model) -> int:
     """torch.compile each decoder layer's attention and MLP block in place; returns how many blocks were compiled.
 
@@ -368,6 +377,21 @@ def compile_layers(model) -> int:
     """
     import torch
 
+    _allow_a_recompile_per_layer()
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            for child in ("self_attn", "mlp"):
+                block = getattr(module, child, None)
+                if isinstance(block, torch.nn.Module):
+                    block.compile(options=dict(COMPILE_OPTIONS))
+                    n += 1
+    return n
+
+
+def _allow_a_recompile_per_layer() -> None:
+    import torch
+
     config = torch._dynamo.config
     # Each layer's block is a different module object; dynamo may specialise on some of them, so allow a recompile
     # per layer rather than falling back to eager after the default 8.
@@ -376,15 +400,6 @@ def compile_layers(model) -> int:
             setattr(config, name, max(getattr(config, name), 256))
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
-    n = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            for child in ("self_attn", "mlp"):
-                block = getattr(module, child, None)
-                if isinstance(block, torch.nn.Module):
-                    block.compile()
-                    n += 1
-    return n
 
 
 def _capability(hardware_capability) -> tuple[int, int] | None:
