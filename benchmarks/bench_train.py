@@ -97,6 +97,8 @@ RECIPES = {
     # per layer instead of two), with and without Liger's kernels
     "lora_kit_layers": {"fast": True, "skip": ["layers"]},
     "lora_kit_layers_noliger": {"fast": True, "skip": ["layers", "liger"]},
+    # lora_kit with Liger's RoPE kernel back inside the compiled attention blocks (session 4's lever switched off)
+    "lora_kit_ligerrope": {"fast": True, "skip": ["ligerrope"]},
     # lora_kit with Inductor's pointwise autotuning back on (torch's default; speed.COMPILE_OPTIONS turns it off)
     "lora_kit_pwautotune": {"fast": True, "skip": ["pwautotune"]},
     # the stock recipe + only the one-sync-per-step optimizer
@@ -519,8 +521,9 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
     if "layers" in switched_off:
         speed.compile_layers = compile_whole_layers
     if "liger" in switched_off:
-        decide = speed.fast_path_settings
-        speed.fast_path_settings = lambda *a, **k: {n: v for n, v in decide(*a, **k).items() if n != "use_liger_kernel"}
+        _drop_fast_settings("use_liger_kernel", "liger_kernel_config")
+    if "ligerrope" in switched_off:
+        _drop_fast_settings("liger_kernel_config")
     if "pwautotune" in switched_off:
         speed.COMPILE_OPTIONS = {}
     lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
@@ -530,6 +533,14 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
         max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=True, logging_steps=1, save_steps=10**9,
         output_dir=tempfile.mkdtemp(prefix="bench_lk_"), seed=args.seed, fast=True, report_to="none")
     return lk_train.build_trainer(model, tok, ds, lora=lora, train=settings, precision=precision)
+
+
+def _drop_fast_settings(*names):
+    """Switch SFTConfig settings that lora_kit.speed.fast_path_settings decides back off (run_recipe restores it)."""
+    from lora_kit import speed
+
+    decide = speed.fast_path_settings
+    speed.fast_path_settings = lambda *a, **k: {n: v for n, v in decide(*a, **k).items() if n not in names}
 
 
 def compile_whole_layers(model) -> int:
