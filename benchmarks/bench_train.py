@@ -347,7 +347,9 @@ def _run_recipe(args, shape, recipe, ckpt):
     on_cuda = info["device"] == "cuda"
     precision = resolve_precision(args, info)
     result = {"shape": shape, "recipe": recipe, "precision": precision, "method": args.method,
-              "model_size": args.model_size, "seq_len": args.seq_len}
+              "model_size": args.model_size, "seq_len": args.seq_len,
+              # where this recipe's compiled kernels are cached: a fresh folder per recipe under --cold-compile
+              "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     if on_cuda and args.max_memory_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total))

@@ -51,3 +51,24 @@ def test_peak_breakdown_replays_the_allocation_trace():
     alive = {row["where"]: row for row in report["allocated_during_training_alive_at_peak"]}
     assert alive == {"peft/b.py:7 forward": {"gib": round(300 / 1024, 3), "tensors": 1, "where": "peft/b.py:7 forward"},
                      "peft/a.py:7 forward": {"gib": round(100 / 1024, 3), "tensors": 1, "where": "peft/a.py:7 forward"}}
+
+
+def test_cold_compile_gives_each_recipe_subprocess_empty_compiler_caches(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared_cache"))
+    monkeypatch.setattr(bench_train.tempfile, "tempdir", str(tmp_path))  # the fresh caches go under tmp_path
+    argv = ["--model-size", "tiny", "--steps", "1", "--warmup", "1", "--ckpt-dir", str(tmp_path / "ckpt")]
+    for cold in (False, True):
+        args = bench_train.parse_args(argv + (["--cold-compile"] if cold else []))
+        bench_train.ensure_checkpoint(args, "fp32")
+        runs = [bench_train.run_in_subprocess(args, "fixed", recipe, argv) for recipe in ("stock", "stock")]
+        assert all(r["status"] == "ok" for r in runs), runs
+        caches = [r["inductor_cache_dir"] for r in runs]
+        if cold:  # a new folder per recipe, none of them the caller's
+            assert len(set(caches)) == 2 and str(tmp_path / "shared_cache") not in caches
+            assert all(Path(c).parent.parent == tmp_path for c in caches)
+        else:  # without the flag the recipes inherit the caller's cache
+            assert caches == [str(tmp_path / "shared_cache")] * 2
