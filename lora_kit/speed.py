@@ -84,8 +84,9 @@ def fast_path_settings(hardware_capability, precision: str, method: str | None =
         # Where after_trainer_built compiles the attention blocks, Liger's RoPE is left out: it is wrapped in
         # torch.compiler.disable, so inside a compiled block it splits the graph in two (a second compiled region and
         # guard check per layer and pass, RoPE in its own kernels). Without it Inductor computes RoPE inside the
-        # block's graph. H100, 7B QLoRA, 2048-token samples, same run: 1.70x the stock tokens/s instead of 1.45x, the
-        # same peak memory (benchmarks/README.md, lora_kit_norope).
+        # block's graph. H100, 7B QLoRA, 2048-token samples, two runs: 1.70x and 1.58x the stock tokens/s instead of
+        # 1.45x and 1.35x, the same peak memory (benchmarks/README.md: lora_kit against lora_kit_ligerrope). An 8-bit
+        # base is not compiled (after_trainer_built); there RoPE then runs as plain torch ops.
         if compiles_blocks(cap, precision, bool(settings.get("packing"))):
             settings["liger_kernel_config"] = {"rope": False}
 
