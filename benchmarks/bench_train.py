@@ -132,7 +132,8 @@ def parse_args(argv=None):
                    help="run recipes in this process (default on CPU; on CUDA each recipe gets a subprocess)")
     p.add_argument("--cold-compile", action="store_true",
                    help="give each recipe subprocess empty Inductor and Triton caches, as on a fresh machine (a new "
-                        "Colab runtime): compilation and kernel autotuning then happen inside the timed run")
+                        "Colab runtime): compilation and kernel autotuning then happen inside the timed run. Applies to "
+                        "recipe subprocesses (the CUDA default), not to --in-process runs")
     p.add_argument("--recipe-timeout", type=int, default=900, help="seconds per recipe subprocess")
     p.add_argument("--json-out", default=None, help="also write the JSON result here")
     p.add_argument("--profile-dir", default=None,
