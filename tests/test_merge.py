@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lora_kit
-from lora_kit import merge
+from lora_kit import files, merge
 from lora_kit.errors import LoraKitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,17 +299,17 @@ def test_killed_merge_leaves_no_finished_looking_folder(run, tmp_path):
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == [partials[0].name]  # only the hidden temporary folder
     # The next save to the same target removes the leftovers of the killed one.
-    with merge.atomic_folder(target) as tmp:
+    with files.atomic_folder(target) as tmp:
         (tmp / "config.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_atomic_folder_keeps_a_live_writers_partial_and_cleans_on_error(tmp_path):
     target = tmp_path / "out"
-    live = tmp_path / f".out.partial-{merge._host_tag()}-1-abc"  # pid 1 is alive: another writer's folder
+    live = tmp_path / f".out.partial-{files._host_tag()}-1-abc"  # pid 1 is alive: another writer's folder
     live.mkdir()
     with pytest.raises(RuntimeError):
-        with merge.atomic_folder(target) as tmp:
+        with files.atomic_folder(target) as tmp:
             (tmp / "x").write_text("x")
             raise RuntimeError("boom")
     assert not target.exists()
@@ -320,7 +320,7 @@ def test_atomic_folder_keeps_a_live_writers_partial_and_cleans_on_error(tmp_path
 def small_folder(tmp_path):
     """A finished-looking adapter folder (push_to_hub does not read the weights)."""
     folder = tmp_path / "adapter"
-    with merge.atomic_folder(folder) as tmp:
+    with files.atomic_folder(folder) as tmp:
         (tmp / "adapter_config.json").write_text('{"base_model_name_or_path": "x/y", "r": 8}')
         (tmp / "adapter_model.safetensors").write_bytes(b"0" * 1024)
         merge.write_model_card(tmp, {"base_model": "x/y", "method": "lora", "kind": "LoRA adapter"})
