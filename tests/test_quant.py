@@ -101,3 +101,54 @@ def test_plot_nf4_levels_has_labelled_axes():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("NF4" in s for s in labels) and any("int4" in s for s in labels)
     assert len(ax.lines[1].get_ydata()) == 16
+
+
+def _int8_layer(weight):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    layer.train()
+    layer(torch.randn(2, weight.shape[1]))  # the first call quantizes the weight
+    return layer
+
+
+def test_lean_int8_backward_keeps_gradients_and_lets_go_of_inputs():
+    import gc
+    import weakref
+
+    from lora_kit.quant import lean_int8_backward
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64) * 0.05
+    stock, lean = _int8_layer(weight), _int8_layer(weight)
+    assert lean_int8_backward(torch.nn.Sequential(lean)) == 1
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    grad = torch.randn(3, 5, 96)
+    grads = []
+    for layer in (stock, lean):
+        y = layer(x)
+        y.backward(grad)
+        grads.append((y.detach(), x.grad.clone()))
+        x.grad = None
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    # The input of a layer inside the graph: bitsandbytes keeps it alive, the lean path does not.
+    alive = []
+    for layer in (stock, lean):
+        h = x * 2
+        ref = weakref.ref(h)
+        out = layer(h)
+        del h
+        gc.collect()
+        alive.append(ref() is not None)
+        del out
+    assert alive == [True, False]
+
+
+def test_load_model_8bit_uses_the_lean_backward():
+    from lora_kit import load_model
+
+    model, _ = load_model("embedded", quantization="8bit")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+    assert layers and all(getattr(m.forward, "__name__", "") == "forward" and not hasattr(m.forward, "__self__")
+                          for m in layers)
