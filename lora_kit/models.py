@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .errors import LoraKitError
+from .files import atomic_folder, clean_stale_partials
 from .hardware import Hardware, detect_hardware, resolve_precision, torch_dtype
 from .quant import lean_int8_backward
 
@@ -77,14 +76,14 @@ def embedded_model_path() -> Path:
 
     A model loaded from GGUF refuses ``save_pretrained`` (transformers marks it quantized), so we
     build a fresh model from its config without ``quantization_config``, copy the dequantized
-    weights in and save that. The folder is written under a temporary name and renamed when
-    complete, so an interrupted conversion is never mistaken for a finished one.
+    weights in and save that. The folder is written with ``files.atomic_folder``, so an interrupted
+    conversion is never mistaken for a finished one, and the next call removes what it left.
     """
     target = cache_dir() / "SmolLM2-135M-Instruct"
+    clean_stale_partials(target)  # what a killed conversion left: half a folder, or the previous one moved aside
     if (target / "config.json").is_file():
         return target
     gguf = _embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
@@ -93,16 +92,9 @@ def embedded_model_path() -> Path:
     plain = transformers.LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():  # another process may have won the race
-            raise
     return target
 
 
