@@ -78,11 +78,12 @@ class TokenizeReport:
     dropped: int  # nothing left to learn after truncation
     max_length: int | None
     longest: int
+    unit: str = "conversations"
 
     def __str__(self) -> str:
         return (
-            f"{self.samples} conversations tokenized; {self.truncated} longer than max_length={self.max_length} "
-            f"were truncated, {self.dropped} dropped (no answer token left); longest kept: {self.longest} tokens."
+            f"{self.samples} {self.unit} tokenized; {self.truncated} longer than max_length={self.max_length} "
+            f"were truncated, {self.dropped} dropped (nothing left to learn); longest kept: {self.longest} tokens."
         )
 
 
@@ -93,6 +94,8 @@ def tokenize_conversations(dataset: Dataset, tokenizer, max_length: int | None =
             f"tokenize_conversations needs a 'messages' column; the dataset has {dataset.column_names}. "
             "Load files with lora_kit.load_data, which converts alpaca, ShareGPT, prompt/completion... to messages."
         )
+    if len(dataset) == 0:
+        raise LoraKitError("The dataset holds no conversations (0 rows). Load some with lora_kit.load_data.")
     rows = [tokenize_conversation(tokenizer, m, max_length) for m in dataset["messages"]]
     kept = [r for r in rows if any(t != -100 for t in r["labels"])]
     report = TokenizeReport(
@@ -103,9 +106,31 @@ def tokenize_conversations(dataset: Dataset, tokenizer, max_length: int | None =
         longest=max((len(r["input_ids"]) for r in kept), default=0),
     )
     if not kept:
-        raise LoraKitError(f"No conversation has an assistant answer left to learn from ({report}). Raise max_length.")
+        cut = sum(r["truncated"] for r in rows)
+        fix = ("Raise max_length: the answers were cut off." if cut == len(rows) else
+               "Every conversation needs an assistant turn with some text (role 'assistant').")
+        raise LoraKitError(f"No conversation has an assistant answer left to learn from ({report}). {fix}")
     out = Dataset.from_dict({"input_ids": [r["input_ids"] for r in kept], "labels": [r["labels"] for r in kept]})
     return out, report
+
+
+def tokenize_texts(dataset: Dataset, tokenizer, max_length: int | None = 2048) -> tuple[Dataset, TokenizeReport]:
+    """Tokenize a ``text`` dataset (raw documents, chunked by ``load_data``) for continued pre-training.
+
+    The loss is on every token: the model learns to continue the documents, not to answer.
+    """
+    if "text" not in dataset.column_names or len(dataset) == 0:
+        raise LoraKitError(
+            f"tokenize_texts needs a non-empty 'text' column; the dataset has {dataset.column_names} and "
+            f"{len(dataset)} rows. Load a folder of .txt/.md files with lora_kit.load_data.")
+    ids = [tokenizer(text)["input_ids"] for text in dataset["text"]]
+    kept = [i[:max_length] if max_length else i for i in ids if i]
+    report = TokenizeReport(samples=len(ids), truncated=sum(max_length is not None and len(i) > max_length for i in ids),
+                            dropped=len(ids) - len(kept), max_length=max_length,
+                            longest=max(map(len, kept), default=0), unit="text chunks")
+    if not kept:
+        raise LoraKitError(f"Every text chunk is empty ({report}). Add some text to the files.")
+    return Dataset.from_dict({"input_ids": kept, "labels": [list(i) for i in kept]}), report
 
 
 def split_train_eval(dataset: Dataset, eval_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:

@@ -6,8 +6,10 @@ that break learners' runs (adapter dtype under fp16, NaN/zero losses that go unn
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 from torch import nn
@@ -90,6 +92,48 @@ class TrainSettings:
     """Use lora_kit's speed levers where they are correct on this hardware (lora_kit.speed)."""
     report_to: str = "tensorboard"
 
+    def __post_init__(self):
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        def need(ok, name, allowed):
+            if not ok:
+                raise LoraKitError(f"TrainSettings.{name}={getattr(self, name)!r}: {allowed}")
+
+        def whole(name, low):
+            value = getattr(self, name)
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        def number(name):
+            value = getattr(self, name)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        need(number("learning_rate") and self.learning_rate > 0, "learning_rate",
+             "must be a positive number; adapters train well at 1e-4 to 5e-4.")
+        need(whole("micro_batch_size", 1), "micro_batch_size", "must be a whole number >= 1 (samples per forward pass).")
+        need(whole("gradient_accumulation_steps", 1), "gradient_accumulation_steps",
+             "must be a whole number >= 1 (1 means one micro-batch per optimizer step).")
+        need(whole("max_steps", -1) and self.max_steps != 0, "max_steps",
+             "must be a positive number of optimizer steps, or -1 to run num_epochs over the data.")
+        need(number("num_epochs") and (self.num_epochs > 0 or self.max_steps > 0), "num_epochs",
+             "must be positive when max_steps is -1, or nothing would be trained. Give num_epochs (e.g. 1) or max_steps.")
+        need(whole("max_length", 1), "max_length",
+             "must be a whole number of tokens >= 1; samples longer than that are cut (e.g. 512 or 2048).")
+        need(self.optim in {o.value for o in OptimizerNames}, "optim",
+             "is not an optimizer transformers knows. Use 'adamw_torch', or 'paged_adamw_32bit' for QLoRA on a GPU.")
+        need(self.lr_scheduler_type in {t.value for t in SchedulerType}, "lr_scheduler_type",
+             "is not a scheduler transformers knows. Use 'constant_with_warmup', 'cosine' or 'linear'.")
+        need(number("warmup_ratio") and 0 <= self.warmup_ratio < 1, "warmup_ratio",
+             "is the fraction of steps spent warming up and must be in [0, 1), e.g. 0.03.")
+        need(number("max_grad_norm") and self.max_grad_norm >= 0, "max_grad_norm",
+             "must be >= 0 (0 turns clipping off; 0.3 is the QLoRA paper's value).")
+        need(number("weight_decay") and self.weight_decay >= 0, "weight_decay", "must be >= 0 (0 is usual for adapters).")
+        need(whole("logging_steps", 1), "logging_steps", "must be a whole number of steps >= 1.")
+        need(whole("save_steps", 1), "save_steps", "must be a whole number of steps >= 1 (checkpoint every N steps).")
+        need(isinstance(self.output_dir, (str, os.PathLike)) and os.fspath(self.output_dir) != "", "output_dir",
+             "must name a folder for checkpoints, e.g. 'outputs/run' (on Colab, a folder on Drive survives a disconnect).")
+        need(whole("seed", 0) and self.seed < 2**32, "seed", "must be a whole number from 0 to 2**32 - 1.")
+
 
 @dataclass
 class Recipe:
@@ -152,7 +196,10 @@ def find_target_modules(model, which: str | list[str] = "all-linear") -> list[st
 
 
 def add_lora(model, lora: LoraSettings):
-    """Wrap a model with fresh LoRA adapters (B = 0, so the output is unchanged at first)."""
+    """Wrap a model with fresh LoRA adapters (B = 0, so the output is unchanged at first).
+
+    A is drawn from torch's global generator; ``build_trainer`` draws it again from the run's seed.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -166,6 +213,25 @@ def add_lora(model, lora: LoraSettings):
     peft_model = get_peft_model(model, config)
     _adapters_to_fp32(peft_model)
     return peft_model
+
+
+def seed_fresh_adapters(model, seed: int) -> bool:
+    """Draw untrained adapters' A matrices again from ``seed``; return whether they were redrawn.
+
+    PEFT draws A when the adapter is added, before the Trainer seeds anything, so without this
+    two runs with the same seed start from different adapters. Trained adapters (B != 0) are kept.
+    """
+    from peft.tuners.lora import LoraLayer
+    from transformers import set_seed
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or any(bool(b.weight.any()) for m in layers for b in m.lora_B.values()):
+        return False
+    set_seed(seed)
+    for m in layers:
+        for name in m.lora_A:
+            m.reset_lora_parameters(name, init_lora_weights=True)
+    return True
 
 
 def _adapters_to_fp32(model) -> None:
@@ -195,6 +261,25 @@ class LossWatchdog:
                     )
 
         return _Watchdog()
+
+
+class SeedAtStart:
+    """Seeds every generator from ``args.seed`` when a fresh run starts (dropout, then anything else).
+
+    The Trainer seeds once when it is built; whatever runs between that and ``train()`` (an
+    evaluation, a sampled generation) would otherwise change the dropout masks. A resumed run
+    gets its generators back from the checkpoint instead.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback, set_seed
+
+        class _SeedAtStart(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if state.global_step == 0:
+                    set_seed(args.seed)
+
+        return _SeedAtStart()
 
 
 def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs: dict | None = None):
@@ -232,6 +317,7 @@ def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs
         eval_steps=train.save_steps if has_eval else None,
         report_to=[train.report_to] if train.report_to and train.report_to != "none" else [],
         seed=train.seed,
+        data_seed=train.seed,  # the data order, independent of what else drew from torch's generator
         dataloader_pin_memory=hardware.device == "cuda",
     )
     kwargs.update(fast_kwargs or {})
@@ -241,23 +327,24 @@ def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs
 def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=None, train=None, precision="auto"):
     """A ``trl.SFTTrainer`` for ``model`` (plain or already wrapped with ``add_lora``).
 
-    ``train_dataset`` is either a ``messages`` dataset (tokenized here with the chat template and
-    assistant-only labels) or already tokenized (``input_ids`` and ``labels``).
+    ``train_dataset`` is a ``messages`` dataset (tokenized here with the chat template and
+    assistant-only labels), a ``text`` dataset (raw text from ``load_data``: continued
+    pre-training, every token learned) or already tokenized (``input_ids`` and ``labels``).
+    ``train.seed`` decides the adapters' initial values, the data order and the dropout masks.
     """
     from trl import SFTTrainer
-
-    from .data import tokenize_conversations
 
     lora = lora or LoraSettings()
     train = train or TrainSettings()
     precision = resolve_precision(precision)
-    if "messages" in train_dataset.column_names:
-        train_dataset, report = tokenize_conversations(train_dataset, tokenizer, train.max_length)
+    train_dataset, report = _tokenized(train_dataset, tokenizer, train.max_length, "train_dataset")
+    if report:
         print(report)
-    if eval_dataset is not None and "messages" in eval_dataset.column_names:
-        eval_dataset, _ = tokenize_conversations(eval_dataset, tokenizer, train.max_length)
+    if eval_dataset is not None:
+        eval_dataset, _ = _tokenized(eval_dataset, tokenizer, train.max_length, "eval_dataset")
     if not hasattr(model, "peft_config"):
         model = add_lora(model, lora)
+    seed_fresh_adapters(model, train.seed)
     fast_kwargs = {}
     if train.fast:
         from . import speed
@@ -279,7 +366,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[LossWatchdog()],
+        callbacks=[LossWatchdog(), SeedAtStart()],
     )
     if train.fast:
         # Adapter dtype (fp32 wherever fp16/fp32 needs it), compiled blocks, one optimizer sync per step.
@@ -292,18 +379,73 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     return trainer
 
 
+def _tokenized(dataset, tokenizer, max_length: int, name: str):
+    """``dataset`` as input_ids and labels, with the tokenizing report (None when it came tokenized)."""
+    from .data import tokenize_conversations, tokenize_texts
+
+    columns = dataset.column_names
+    if "messages" in columns:
+        return tokenize_conversations(dataset, tokenizer, max_length)
+    if "text" in columns:
+        return tokenize_texts(dataset, tokenizer, max_length)
+    if "input_ids" in columns:
+        return dataset, None
+    raise LoraKitError(
+        f"{name} has columns {columns}; build_trainer needs 'messages' (conversations), 'text' (raw text) or "
+        "'input_ids' (already tokenized). Load data with lora_kit.load_data, which gives one of the first two.")
+
+
+def _checkpoint_problem(folder: str) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is complete."""
+    state = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "it has no trainer_state.json, which transformers writes last: its save was interrupted"
+    try:
+        with open(state) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "its trainer_state.json is cut short: its save was interrupted"
+    weights = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", "adapter_model.bin")
+    if not any(os.path.isfile(os.path.join(folder, w)) for w in weights):
+        return "it holds no model weights"
+    return None
+
+
+def find_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint in ``output_dir`` and a note for each newer one passed over.
+
+    transformers writes ``checkpoint-N`` in place, ``trainer_state.json`` last, so a kill during
+    a save leaves the newest folder incomplete. Nothing is deleted: the next save of that step
+    writes over it, and transformers' rotation removes it later.
+    """
+    if not os.path.isdir(output_dir):
+        return None, []
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name)))
+    skipped = []
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        problem = _checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"Skipped {folder}: {problem}.")
+    return None, skipped
+
+
 def last_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint in output_dir, for resuming after a disconnect."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return find_checkpoint(output_dir)[0]
 
 
 def train(trainer, resume: bool = True):
-    """Run ``trainer.train()``, resuming from the last checkpoint in its output folder if there is one."""
-    checkpoint = last_checkpoint(trainer.args.output_dir) if resume else None
+    """Run ``trainer.train()``, resuming from the newest complete checkpoint in its output folder if there is one."""
+    checkpoint, skipped = find_checkpoint(trainer.args.output_dir) if resume else (None, [])
+    for note in skipped:
+        print(note)
     if checkpoint:
         print(f"Resuming from {checkpoint}")
+    elif skipped:
+        print("No complete checkpoint: training starts from the beginning.")
     return trainer.train(resume_from_checkpoint=checkpoint)
 
 
@@ -328,5 +470,5 @@ def plot_loss(trainer, title: str = "Training loss"):
 
 __all__ = [
     "LoraSettings", "TrainSettings", "Recipe", "preset", "find_target_modules", "add_lora", "build_trainer",
-    "train", "last_checkpoint", "loss_history", "plot_loss", "replace",
+    "seed_fresh_adapters", "train", "find_checkpoint", "last_checkpoint", "loss_history", "plot_loss", "replace",
 ]
