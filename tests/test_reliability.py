@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,15 @@ train(trainer)
 save_adapter(trainer.model, tok, out / "adapter")
 print("FINISHED", flush=True)
 '''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # As in the workers: on a shared 2-core machine, two torch threads per process mostly wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _env(**extra) -> dict:
@@ -325,9 +335,11 @@ def test_raw_text_trains_as_continued_pretraining(peft_model, tmp_path):
     data = load_data(docs, text_chunk_tokens=40, text_overlap_tokens=0)
     settings = TrainSettings(max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1, max_length=48,
                              gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path / "run"),
-                             save_steps=100)
+                             save_steps=100, fast=False)
     trainer = build_trainer(model, tok, data, train=settings)
     row = trainer.train_dataset[0]
     assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 48  # every token is learned
     trainer.train()
     assert [h["loss"] > 0 for h in trainer.state.log_history if "loss" in h] == [True, True]
+    # The fast path reads the token counts before the trainer exists; raw text once failed there.
+    assert build_trainer(model, tok, data, train=replace(settings, fast=True)).train_dataset.num_rows > 0
