@@ -24,14 +24,20 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors import torch as safetensors_torch
 
 from .errors import LoraKitError
 from .files import atomic_folder
+from .quant import round_trip
 
 ADAPTER_META = "lora_kit_adapter.json"
 """Written beside an adapter: how its base was quantized in training (for base='dequantized')."""
@@ -91,12 +97,43 @@ def save_adapter(model, tokenizer, out_dir, card: dict | None = None) -> Path:
     with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / ADAPTER_META).write_text(json.dumps({"base_quantization": quantization}, indent=2) + "\n")
+        meta = {"base_quantization": quantization, "base_fingerprint": base_fingerprint(model)}
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         if card:
             info = {**card, "kind": "LoRA adapter"}
             info.setdefault("lora", _lora_settings_of(tmp))
             write_model_card(tmp, info)
     return Path(out_dir)
+
+
+_FINGERPRINT_ROWS = (0, 1, 2, 3)
+
+
+def base_fingerprint(model) -> dict:
+    """A few values of the base's input embeddings (never quantized), to recognise the base at merge time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weight = base.get_input_embeddings().weight
+    return {"hidden_size": int(weight.shape[1]),
+            "values": [round(float(v), 6) for v in weight[list(_FINGERPRINT_ROWS), :8].detach().float().flatten()]}
+
+
+def _check_fingerprint(adapter_dir: Path, base_name: str, weight_files: dict[str, Path]) -> None:
+    """Refuse to merge into weights other than those the adapter was trained on (same name, other model)."""
+    meta_file = Path(adapter_dir) / ADAPTER_META
+    recorded = json.loads(meta_file.read_text()).get("base_fingerprint") if meta_file.is_file() else None
+    name = next((n for n in weight_files if n.endswith("embed_tokens.weight")), None)
+    if not recorded or name is None:
+        return  # an adapter from elsewhere, or an architecture with other names: nothing to compare
+    embeddings = _read_tensor(weight_files[name], name)
+    values = embeddings[list(_FINGERPRINT_ROWS), :8].float().flatten()
+    same = embeddings.shape[1] == recorded["hidden_size"] and torch.allclose(
+        values, torch.tensor(recorded["values"]), rtol=2e-2, atol=1e-4)
+    if not same:
+        raise LoraKitError(
+            f"The adapter in {adapter_dir} was trained on other weights than those of the base {base_name!r} found now "
+            f"({weight_files[name].parent}): their input embeddings differ. The name in adapter_config.json "
+            "(base_model_name_or_path) now points at another model. Pass base_model='...' with the model the adapter "
+            "was trained on; nothing was written.")
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
@@ -260,14 +297,32 @@ def load_base_for_merge(base_name: str, base: str = "original", precision: str =
 
 @dataclass
 class MergeCheck:
-    max_abs_diff: float
-    max_rel_diff: float  # max |merged - adapter| / max |adapter logits|
-    same_argmax: bool
-    ok: bool
+    """How a merge was proven: each weight as written, and the logits where the model fits memory."""
+
+    ok: bool = False
     base: str = "original"
+    tensors_merged: int = 0  # weights that received an update
+    tensors_written: int = 0  # all weights, each read back from disk and compared
+    update_kept: float = 1.0  # worst share of (alpha/r)·B·A that survived rounding to the stored dtype
+    logits_checked: bool = False
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None  # max |merged - adapter| / max |adapter logits|
+    same_argmax: bool | None = None
+    note: str = ""
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
+
+    def __str__(self) -> str:
+        text = (f"Merge into the {self.base} weights: {'ok' if self.ok else 'FAILED'}. {self.tensors_merged} weights got "
+                f"the update W + (alpha/r)·B·A, {self.tensors_written} tensors written and read back; at worst "
+                f"{self.update_kept:.1%} of an update survived rounding to the stored precision.")
+        if self.logits_checked:
+            text += (f"\nLogits on {len(CHECK_PROMPTS)} prompts, merged vs base + adapter: max relative difference "
+                     f"{self.max_rel_diff:.1e}, same most-likely token everywhere: {self.same_argmax}.")
+        elif self.note:
+            text += f"\n({self.note}.)"
+        return text
 
 
 CHECK_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "John paid $20 in Paris."]
@@ -317,23 +372,22 @@ def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto"
             f"tolerance {tolerance}; same argmax: {check.same_argmax}); nothing was saved. "
             f"Was the adapter in {adapter_dir} trained on {base_name}?"
         )
-    _set_generation_tokens(merged, tokenizer)
+    _set_generation_tokens(merged.generation_config, merged.config, tokenizer)
     return merged, tokenizer, check
 
 
-def _set_generation_tokens(model, tokenizer) -> None:
-    """generation_config with the tokenizer's EOS (stop at the end of the answer) and a pad token."""
-    gen = model.generation_config
-    eos = gen.eos_token_id
+def _set_generation_tokens(generation, config, tokenizer) -> None:
+    """The generation config stops at the tokenizer's EOS (the end of the answer) and pads with its pad token."""
+    eos = generation.eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.insert(0, tokenizer.eos_token_id)
-    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
-    gen.pad_token_id = tokenizer.pad_token_id
+    generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+    generation.pad_token_id = tokenizer.pad_token_id
     if getattr(tokenizer, "bos_token_id", None) is not None:
-        gen.bos_token_id = tokenizer.bos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
+        generation.bos_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
 
 
 EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "README.md")
@@ -356,34 +410,328 @@ def _check_export(folder: Path) -> None:
 
 
 def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: str = "auto", card: dict | None = None,
-                  tolerance: float = 0.01, max_shard_size: str = "2GB") -> MergeCheck:
-    """Reload the base in 16-bit, apply the adapter, check, merge, check again, and save atomically.
+                  tolerance: float = 0.01, max_shard_size: str = "2GB", check_logits: str | bool = "auto",
+                  base_model: str | None = None) -> MergeCheck:
+    """Write W' = W + (alpha/r)·B·A into a plain model folder, one tensor at a time.
 
-    The output folder holds safetensors weights (sharded above ``max_shard_size``), config,
-    generation config (EOS and pad set), the training tokenizer with its chat template, and a
-    README.md model card. It loads with ``transformers.AutoModelForCausalLM.from_pretrained`` alone.
+    Each weight is read from the base's safetensors files, merged in fp32 (on the GPU when there
+    is one), cast back to its stored dtype and written in shards of ``max_shard_size``; every
+    written shard is read back and compared with what was computed. At no time does a whole model
+    sit in GPU or CPU memory, so a 7B merges on a free Colab (15 GB GPU, 12.7 GB RAM).
 
-    Returns the comparison of the merged model's logits with base+adapter's; raises when they
-    disagree (same argmax everywhere and relative difference under ``tolerance`` required).
-    Free the training model first (``free_memory(trainer, model)``): the base is reloaded here.
+    ``base="original"`` merges into the base's own weights; ``"dequantized"`` first rounds every
+    quantized layer the way training saw it (NF4 or int8), so the merged model reproduces the
+    adapter on its quantized base. ``base_model`` points at the base when the name recorded in
+    the adapter no longer finds it (a moved folder).
+
+    ``check_logits``: also compare the merged model's logits with base + adapter's on a few
+    prompts (``"auto"``: when a 16-bit copy of the model fits the free memory with room to spare;
+    the two are loaded one after the other). A failed check raises and leaves no output folder.
+
+    The folder holds config, generation config (EOS and pad set), the training tokenizer with its
+    chat template and a README.md model card, and loads with ``AutoModelForCausalLM`` alone.
     """
+    from .hardware import resolve_precision, torch_dtype
+
     adapter_dir = Path(adapter_dir)
-    merged, tokenizer, check = merged_model(adapter_dir, base=base, precision=precision, tolerance=tolerance)
-    info = dict(card or {})
-    info.setdefault("base_model", _adapter_base_name(adapter_dir))
-    info.setdefault("lora", _lora_settings_of(adapter_dir))
-    info["kind"] = f"merged model (LoRA adapter merged into the {base} base weights)"
-    info["merge_check"] = check.as_dict()
+    if base not in ("original", "dequantized"):
+        raise LoraKitError(f"base={base!r} is not 'original' or 'dequantized'.")
+    config = _adapter_config(adapter_dir)
+    base_name = base_model or config["base_model_name_or_path"]
+    quantization = _adapter_quantization(adapter_dir) if base == "dequantized" else "none"
+    base_dir, weight_files = _base_weight_files(base_name, adapter_dir)
+    updates, replaced = _adapter_tensors(adapter_dir, config)
+    _check_fingerprint(adapter_dir, base_name, weight_files)
+    plan = _shard_plan(weight_files, replaced, max_shard_size)
+    needed = sum(size for shard in plan for _, size in shard)
+    _check_disk_space(Path(out_dir), needed)
+    quantized = _quantized_weight_names(base_dir) if quantization != "none" else set()
+    train_dtype = torch_dtype(resolve_precision(precision))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    tokenizer = _adapter_tokenizer(adapter_dir, None) or _base_tokenizer(base_name)
+
+    check = MergeCheck(base=base)
+    merged_names: set[str] = set()
     with atomic_folder(out_dir) as tmp:
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        if not (tmp / "generation_config.json").is_file():
-            merged.generation_config.save_pretrained(tmp)
+        index = {}
+        names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+        if len(plan) == 1:
+            names = ["model.safetensors"]
+        for shard, file_name in zip(plan, names):
+            written = {}
+            for name, _ in shard:
+                w = _read_tensor(weight_files[name], name) if name in weight_files else None
+                if name in replaced:
+                    written[name] = replaced[name].to(w.dtype if w is not None else replaced[name].dtype).contiguous()
+                    continue
+                W = w.to(device, torch.float32)
+                if name in quantized:
+                    W = round_trip(W, quantization, train_dtype)
+                update = updates.get(name)
+                if update is not None:
+                    delta = update.delta(device)
+                    out = (W + delta).to(w.dtype)
+                    kept = _update_kept(out, W, delta)
+                    check.update_kept = min(check.update_kept, kept)
+                    merged_names.add(name)
+                else:
+                    out = W.to(w.dtype) if name in quantized else w
+                if not torch.isfinite(out).all():
+                    raise LoraKitError(
+                        f"Merging {name} overflowed {w.dtype} (inf or NaN in W + (alpha/r)·B·A); nothing was saved. "
+                        "The adapter's update is far larger than the weight: check how it was trained.")
+                written[name] = out.cpu().contiguous()
+            safetensors_torch.save_file(written, str(tmp / file_name), metadata={"format": "pt"})
+            _read_back(tmp / file_name, written)
+            check.tensors_written += len(written)
+            index.update({name: file_name for name in written})
+            del written
+        missing = sorted(set(updates) - merged_names)
+        if missing:
+            raise LoraKitError(
+                f"The adapter in {adapter_dir} updates {len(missing)} weights that the base {base_name} does not have "
+                f"(first: {missing[0]}); nothing was saved. Was it trained on another model? Pass base_model=... .")
+        check.tensors_merged = len(merged_names)
+        if len(plan) > 1:
+            total = sum(size for shard in plan for _, size in shard)
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2) + "\n")
+        _write_config_files(base_dir, tmp, tokenizer, replaced)
+        info = dict(card or {})
+        info.setdefault("base_model", base_name)
+        info.setdefault("lora", _lora_settings_of(adapter_dir))
+        info["kind"] = f"merged model (LoRA adapter merged into the {base} base weights)"
+        if _logits_fit(plan, device, train_dtype) if check_logits == "auto" else bool(check_logits):
+            logits = _logits_check(adapter_dir, tmp, base_name, base, precision, quantization, tokenizer, tolerance)
+            check.logits_checked = True
+            check.max_abs_diff, check.max_rel_diff = logits.max_abs_diff, logits.max_rel_diff
+            check.same_argmax = logits.same_argmax
+            if not logits.ok:
+                raise LoraKitError(
+                    f"The merged model disagrees with base+adapter (max relative difference {logits.max_rel_diff:.2e}, "
+                    f"tolerance {tolerance}; same argmax: {logits.same_argmax}); nothing was saved. "
+                    f"Was the adapter in {adapter_dir} trained on {base_name}?")
+        else:
+            check.note = ("logits not compared: a 16-bit copy of this model does not fit the free memory with room to "
+                          "spare; every merged weight was checked as written")
+        check.ok = True
+        info["merge_check"] = check.as_dict()
         write_model_card(tmp, info)
         _check_export(tmp)
+    return check
+
+
+@dataclass
+class _Update:
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool = False
+
+    def delta(self, device) -> torch.Tensor:
+        delta = self.scale * (self.B.to(device, torch.float32) @ self.A.to(device, torch.float32))
+        return delta.T if self.fan_in_fan_out else delta
+
+
+def _adapter_tensors(adapter_dir: Path, config: dict) -> tuple[dict[str, _Update], dict[str, torch.Tensor]]:
+    """The adapter's updates keyed by the base weight they change, and the tensors it replaces outright
+    (trained biases, resized embeddings, ``modules_to_save``)."""
+    file = adapter_dir / "adapter_model.safetensors"
+    if not file.is_file():
+        raise LoraKitError(f"{adapter_dir} has no adapter_model.safetensors: pass the folder written by save_adapter.")
+    if config.get("use_dora"):
+        raise LoraKitError(f"{adapter_dir} is a DoRA adapter (use_dora=true): lora_kit merges plain LoRA adapters only. "
+                           "Merge it with peft: PeftModel.from_pretrained(base, folder).merge_and_unload().")
+    pairs: dict[str, dict] = {}
+    replaced = {}
+    for key, tensor in safetensors_torch.load_file(str(file)).items():
+        name = key.removeprefix("base_model.model.")
+        module, sep, rest = name.partition(".lora_")
+        if sep and rest[:2] in ("A.", "B."):
+            pairs.setdefault(module, {})[rest[0]] = tensor
+        elif sep:
+            raise LoraKitError(f"{file}: the tensor {key} is not a plain LoRA matrix (lora_A / lora_B); lora_kit cannot "
+                               "merge it. Merge it with peft's merge_and_unload instead.")
+        else:
+            replaced[name.replace(".modules_to_save.default", "")] = tensor
+    updates = {}
+    for module, ab in pairs.items():
+        rank = ab["A"].shape[0]
+        alpha = config.get("lora_alpha", rank)
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = value
+                break
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        updates[f"{module}.weight"] = _Update(ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
+    return updates, replaced
+
+
+def _base_weight_files(base_name: str, adapter_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """The base's folder and, for each weight, the safetensors file holding it; clear errors otherwise."""
+    from transformers.utils import cached_file
+
+    from .models import resolve_model_name
+
+    path = resolve_model_name(base_name)
+
+    def find(file_name):
+        try:
+            found = cached_file(path, file_name, _raise_exceptions_for_missing_entries=False,
+                                _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            return None
+        return Path(found) if found else None
+
+    config_file = find("config.json")
+    if config_file is None:
+        raise LoraKitError(
+            f"The adapter in {adapter_dir} was trained on {base_name!r} (adapter_config.json, base_model_name_or_path), "
+            "which is neither a local model folder nor in the Hugging Face cache, and could not be downloaded. "
+            "Pass merge_adapter(..., base_model='path/to/the/base') or go online once to download it.")
+    index_file = find("model.safetensors.index.json")
+    if index_file is not None:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        files = {shard: find(shard) for shard in sorted(set(weight_map.values()))}
+        missing = [shard for shard, found in files.items() if found is None]
+        if missing:
+            raise LoraKitError(
+                f"The base {base_name!r} is incomplete: {len(missing)} of its {len(files)} weight shards are missing "
+                f"({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}), listed in {index_file}. "
+                "Download it again (huggingface-cli download NAME) or copy the missing files; nothing was written.")
+        return config_file.parent, {name: files[shard] for name, shard in weight_map.items()}
+    single = find("model.safetensors")
+    if single is None:
+        raise LoraKitError(
+            f"The base {base_name!r} ({config_file.parent}) has no safetensors weights (model.safetensors or an index "
+            "of shards). lora_kit merges from safetensors one tensor at a time; convert the base with "
+            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...) first.")
+    with safe_open(str(single), framework="pt") as f:
+        return config_file.parent, {name: single for name in f.keys()}
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _shard_plan(weight_files: dict[str, Path], replaced: dict, max_shard_size) -> list[list[tuple[str, int]]]:
+    """Output shards as lists of (tensor name, bytes), in the base's order, each under ``max_shard_size``."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    limit = convert_file_size_to_int(max_shard_size)
+    sizes = {}
+    for file in dict.fromkeys(weight_files.values()):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                sizes[name] = math.prod(piece.get_shape()) * _DTYPE_BYTES.get(piece.get_dtype(), 4)
+    for name, tensor in replaced.items():
+        sizes[name] = tensor.numel() * tensor.element_size()
+    shards, current, filled = [], [], 0
+    for name, size in sizes.items():
+        if current and filled + size > limit:
+            shards.append(current)
+            current, filled = [], 0
+        current.append((name, size))
+        filled += size
+    return shards + ([current] if current else [])
+
+
+def _read_tensor(file: Path, name: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def _read_back(file: Path, written: dict) -> None:
+    """Every tensor of a just-written shard, read from disk, equals what was computed."""
+    with safe_open(str(file), framework="pt") as f:
+        for name, tensor in written.items():
+            if not torch.equal(f.get_tensor(name), tensor):
+                raise LoraKitError(f"{file}: {name} reads back different from what was written (disk error?); "
+                                   "nothing was moved into place. Check the disk and merge again.")
+
+
+def _update_kept(out: torch.Tensor, W: torch.Tensor, delta: torch.Tensor) -> float:
+    """Share of the update (alpha/r)·B·A that survived rounding W + update to the output dtype."""
+    size = delta.norm().item()
+    if size == 0.0:
+        return 1.0
+    return max(0.0, 1.0 - ((out.float() - W) - delta).norm().item() / size)
+
+
+def _quantized_weight_names(base_dir: Path) -> set[str]:
+    """The weights bitsandbytes quantizes when loading: every nn.Linear but the output layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    head = skeleton.get_output_embeddings()
+    return {f"{name}.weight" for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def _check_disk_space(out_dir: Path, needed: int) -> None:
+    folder = out_dir.resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed * 1.02 + 2**20 > free:
+        raise LoraKitError(
+            f"Not enough disk space for the merged model: it needs {needed / 2**30:.2f} GiB in {folder}, and "
+            f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_dir; nothing was written.")
+
+
+def _base_tokenizer(base_name):
+    from .models import load_tokenizer
+
+    return load_tokenizer(base_name)
+
+
+def _write_config_files(base_dir: Path, folder: Path, tokenizer, replaced: dict) -> None:
+    """config.json without quantization, generation_config.json with EOS and pad, and the tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(base_dir)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    embeddings = [t for name, t in replaced.items() if name.endswith("embed_tokens.weight")]
+    if embeddings and embeddings[0].shape[0] != config.vocab_size:  # the vocabulary grew in training (a pad token)
+        config.vocab_size = embeddings[0].shape[0]
+    try:
+        generation = GenerationConfig.from_pretrained(base_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    _set_generation_tokens(generation, config, tokenizer)
+    config.save_pretrained(folder)
+    generation.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _logits_fit(plan, device, dtype) -> bool:
+    """Whether a 16-bit (fp32 on CPU) copy of the model fits the free memory with room to spare."""
+    import psutil
+
+    params = sum(size for shard in plan for _, size in shard) / 2  # bytes in 16-bit, near enough
+    needed = params * torch.tensor([], dtype=dtype).element_size()
+    free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return needed < 0.5 * free
+
+
+def _logits_check(adapter_dir, merged_dir, base_name, base, precision, quantization, tokenizer, tolerance):
+    """base + adapter's logits, then the merged folder's, one model in memory at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load_base_for_merge(base_name, base, precision, quantization or "none")
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    reference = _logits(model, tokenizer, CHECK_PROMPTS)
+    dtype = next(model.parameters()).dtype
+    free_memory(model)
+    del model
+    kwargs = {"dtype": dtype, "device_map": {"": 0}} if torch.cuda.is_available() else {"dtype": dtype}
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
+    check = compare_logits(reference, _logits(merged, tokenizer, CHECK_PROMPTS), tolerance)
     free_memory(merged)
     del merged
-    gc.collect()
     return check
 
 

@@ -346,3 +346,18 @@ def _lean_forward(module):
         return _int8_forward(module, x)
 
     return forward
+
+
+def round_trip(weight: torch.Tensor, quantization: str, dtype: torch.dtype) -> torch.Tensor:
+    """What a bitsandbytes layer holds for ``weight`` once loaded in ``dtype`` and quantized, in fp32.
+
+    "nf4": NF4 with double quantization in blocks of 64 (what ``load_model(..., "nf4")`` stores);
+    "8bit": LLM.int8's int8 codes with one absmax scale per output row.
+    """
+    F = _bitsandbytes_functional()
+    if quantization == "nf4":
+        return _bnb_round_trip(weight.to(dtype), "nf4", 64, double_quant=True).float()
+    if quantization == "8bit":
+        codes, scales, _ = F.int8_vectorwise_quant(weight.to(torch.float16))
+        return F.int8_vectorwise_dequant(codes, scales).float()
+    raise LoraKitError(f"round_trip: quantization={quantization!r} is not 'nf4' or '8bit'.")

@@ -129,8 +129,36 @@ def test_merge_into_nf4_weights_is_refused_with_the_reason(run):
 
 def test_merged_logits_match_base_plus_adapter(merged_original):
     _, check = merged_original
-    assert check.ok and check.same_argmax and check.max_rel_diff < 0.01
+    assert check.ok and check.logits_checked and check.same_argmax and check.max_rel_diff < 0.01
     assert check.as_dict()["base"] == "original"
+    assert check.tensors_merged == 7 * 30  # every projection of the 30 layers
+    assert check.update_kept > 0.999  # fp32 weights: nothing of the update is rounded away
+    assert "read back" in str(check)
+
+
+def test_each_merged_weight_is_w_plus_scaled_ba(run, merged_original):
+    """Straight from the files: the merged weight equals W + (alpha/r)·B·A, untouched weights equal W."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    out, _ = merged_original
+    base_dir = lora_kit.embedded_model_path()
+    lora = load_file(str(run["adapter_dir"] / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.3.mlp.down_proj"
+    delta = (16 / 8) * (lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def read(folder, file, name):
+        with safe_open(str(folder / file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    for name, expect_change in (("model.layers.3.mlp.down_proj.weight", True), ("model.norm.weight", False)):
+        base = read(base_dir, "model.safetensors", name)
+        merged = read(out, index[name], name)
+        if expect_change:
+            assert delta.abs().max() > 0 and torch.allclose(merged, base + delta, atol=1e-6)
+        else:
+            assert torch.equal(merged, base)
 
 
 def test_merged_export_files(run, merged_original):
@@ -262,15 +290,16 @@ def test_compare_merge_bases_table(run):
 
 
 KILL_SCRIPT = """
-import sys, time, transformers
+import sys, time
+from safetensors import torch as safetensors_torch
 from lora_kit import merge
-save = transformers.PreTrainedModel.save_pretrained
-def slow_save(self, *args, **kwargs):
-    save(self, *args, **kwargs)          # the weights are on disk in the temporary folder...
+save = safetensors_torch.save_file
+def slow_save(*args, **kwargs):
+    save(*args, **kwargs)                # a shard is on disk in the temporary folder...
     print("WEIGHTS_WRITTEN", flush=True)
-    time.sleep(300)                      # ...and the kill comes before the tokenizer, the card, the rename
-transformers.PreTrainedModel.save_pretrained = slow_save
-merge.merge_adapter(sys.argv[1], sys.argv[2])
+    time.sleep(300)                      # ...and the kill comes before the rest, the card, the rename
+safetensors_torch.save_file = slow_save
+merge.merge_adapter(sys.argv[1], sys.argv[2], check_logits=False)
 print("FINISHED", flush=True)
 """
 
@@ -391,3 +420,70 @@ def test_push_to_hub_uploads_the_folder_in_one_commit_when_a_token_is_given(smal
     assert result.pushed and result.url == "https://huggingface.co/someone/model"
     assert calls == [("token", "hf_x"), ("create_repo", "someone/model", True, True),
                      ("upload_folder", "someone/model", str(small_folder))]
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory):
+    """The embedded model saved again in shards (as 7B checkpoints are), to break in the tests below."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("sharded") / "base"
+    AutoModelForCausalLM.from_pretrained(lora_kit.embedded_model_path()).save_pretrained(folder, max_shard_size="200MB")
+    return folder
+
+
+def _copy_of(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_merge_streams_from_a_sharded_base_given_by_path(run, sharded_base, tmp_path):
+    out = tmp_path / "merged"
+    check = merge.merge_adapter(run["adapter_dir"], out, base_model=str(sharded_base), check_logits=False)
+    assert check.ok and not check.logits_checked and "do not fit" not in check.note
+    assert check.tensors_merged == 7 * 30 and (out / "config.json").is_file()
+
+
+def test_merge_refuses_a_base_with_a_missing_shard(run, sharded_base, tmp_path):
+    base = _copy_of(sharded_base, tmp_path)
+    shard = sorted(base.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(LoraKitError, match="incomplete") as err:
+        merge.merge_adapter(run["adapter_dir"], tmp_path / "merged", base_model=str(base))
+    assert shard.name in str(err.value)
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+
+
+def test_merge_refuses_an_unknown_base(run, tmp_path):
+    with pytest.raises(LoraKitError, match="neither a local model folder nor in the Hugging Face cache"):
+        merge.merge_adapter(run["adapter_dir"], tmp_path / "merged", base_model=str(tmp_path / "no_such_model"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_another_base_of_the_same_shape(run, sharded_base, tmp_path):
+    """A folder with the adapter's base name now holding another model: refused, naming both."""
+    from safetensors.torch import load_file, save_file
+
+    base = _copy_of(sharded_base, tmp_path)
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = base / index["model.embed_tokens.weight"]
+    tensors = load_file(str(shard))
+    tensors["model.embed_tokens.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"]) * 0.02
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(LoraKitError, match="trained on other weights") as err:
+        merge.merge_adapter(run["adapter_dir"], tmp_path / "merged", base_model=str(base))
+    assert str(base) in str(err.value) and str(run["adapter_dir"]) in str(err.value)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_checks_the_disk_space_first(run, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(merge.shutil, "disk_usage", lambda path: usage._replace(free=100 * 2**20))
+    with pytest.raises(LoraKitError, match=r"needs 0\.\d+ GiB .* 0\.10 GiB are free"):
+        merge.merge_adapter(run["adapter_dir"], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
