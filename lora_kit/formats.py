@@ -649,6 +649,17 @@ def _records_jsonl(path: Path, name: str, text: str):
     return records
 
 
+def _holds_records(items: list) -> bool:
+    """Whether a list's first item is a whole record (a turn alone matches no format)."""
+    if not items or not isinstance(items[0], dict):
+        return False
+    try:
+        _detect(items[0])
+    except _Problem:
+        return False
+    return True
+
+
 def _records_json(path: Path, name: str, text: str, fallback: bool = True):
     try:
         data = json.loads(text)
@@ -665,8 +676,10 @@ def _records_json(path: Path, name: str, text: str, fallback: bool = True):
     start = _skip_ws(text, 0)
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
-        preferred = [k for k in ("data", "train", "examples", "rows", "records", "items")
-                     if k in lists]
+        # {"conversations": [record, ...]}: whole records, not the turns of one conversation.
+        nested = [k for k in ("conversations", "messages") if k in lists and _holds_records(data[k])]
+        preferred = nested + [k for k in ("data", "train", "examples", "rows", "records", "items")
+                              if k in lists]
         key = preferred[0] if preferred else (lists[0] if len(lists) == 1 else None)
         try:
             _detect(data)

@@ -8,6 +8,7 @@ ordinary transformers checkpoint in a cache folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from pathlib import Path
@@ -99,14 +100,101 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_name(name: str) -> str:
-    """Map the short names of the embedded model to its folder; pass anything else through."""
+    """Map the short names of the embedded model to its folder; check a local folder; pass anything else through."""
     if name.lower() in EMBEDDED_NAMES:
         return str(embedded_model_path())
+    _check_local_folder(name)
     return name
+
+
+def _check_local_folder(name: str) -> None:
+    """Say what is wrong with a local model folder before transformers takes it for a Hub id."""
+    path = Path(os.path.expanduser(name))
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:  # a path, not 'org/name'
+            raise LoraKitError(
+                f"Model folder {name!r} does not exist (relative to {os.getcwd()}). Check the path (in Colab, mount "
+                "Drive first); a Hub model is named like 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
+        return
+    if not path.is_dir():
+        raise LoraKitError(f"Model {name!r} is a file, not a folder. Pass the folder that holds config.json and the weights.")
+    entries = sorted(p.name for p in path.iterdir())
+    if (path / "adapter_config.json").is_file():
+        return  # an adapter folder: transformers loads its base and the adapter
+    held = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    if not entries:
+        raise LoraKitError(
+            f"Model folder {name!r} is empty. Pass the folder that holds config.json and the weights (*.safetensors), "
+            "such as one written by lora_kit.merge_adapter or model.save_pretrained.")
+    if not (path / "config.json").is_file():
+        raise LoraKitError(
+            f"Model folder {name!r} has no config.json (it holds {held}), so it is not a transformers model folder. "
+            "Pass the folder that holds config.json and the weights; for a file from elsewhere (e.g. GGUF), load it with "
+            "transformers first and save_pretrained it.")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise LoraKitError(
+            f"Model folder {name!r} has config.json but no weights (*.safetensors or *.bin; it holds {held}). The save "
+            "or download was probably cut short: write or download the folder again.")
+
+
+def check_adapter_fits(model, adapter_dir) -> None:
+    """Refuse, in one message, an adapter whose matrices do not fit ``model``'s layers (a base of another size).
+
+    Reads only the shapes in the adapter's safetensors header; call it before ``PeftModel.from_pretrained``,
+    which otherwise lists every mismatching matrix (hundreds of lines).
+    """
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = dict(base.named_modules())
+    wrong = []
+    with safe_open(weights, "pt") as f:
+        for key in f.keys():
+            name, _, which = key.removeprefix("base_model.model.").rpartition(".lora_")
+            layer = getattr(layers.get(name), "base_layer", layers.get(name))
+            if which not in ("A.weight", "B.weight") or not hasattr(layer, "in_features"):
+                continue
+            shape = f.get_slice(key).get_shape()
+            size, wanted = (shape[1], layer.in_features) if which == "A.weight" else (shape[0], layer.out_features)
+            if size != wanted:
+                wrong.append(f"{name} has {wanted} {'inputs' if which == 'A.weight' else 'outputs'}, the adapter {size}")
+    if wrong:
+        config = Path(adapter_dir) / "adapter_config.json"
+        trained_on = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+        raise LoraKitError(
+            f"Adapter {os.fspath(adapter_dir)!r} does not fit this base ({getattr(base, 'name_or_path', '') or type(base).__name__}): "
+            f"{len(wrong)} of its matrices have other sizes (first: {wrong[0]}). It was trained on a base of another size "
+            f"(its adapter_config.json names {trained_on!r}). Load that base, or train an adapter for this one.")
+
+
+def _causes(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def _hub_error(name: str, err: Exception) -> LoraKitError:
     text = str(err)
+    first = text.splitlines()[0] if text else ""
+    denied = next((e for e in _causes(err) if isinstance(e, PermissionError)), None)
+    if denied is not None:
+        return LoraKitError(
+            f"Could not load model {name!r}: permission denied reading {denied.filename or 'one of its files'}. The "
+            "files belong to another user (a shared cache?): ask them to run chmod -R a+rX on that folder, or set "
+            "HF_HOME (Hub models) or LORA_KIT_CACHE (the embedded model) to a folder of your own.")
+    if type(err).__name__ == "SafetensorError":
+        if name.lower() in EMBEDDED_NAMES:
+            fix = f"Delete {embedded_model_path()}: the next load_model('embedded') converts it again."
+        elif os.path.isdir(os.path.expanduser(name)):
+            fix = f"Replace {name} with a complete copy: save or download it again."
+        else:
+            fix = ("Delete that model's folder in the Hugging Face cache (HF_HOME, by default "
+                   "~/.cache/huggingface/hub) and download it again.")
+        return LoraKitError(
+            f"Could not load model {name!r}: a weights file is damaged or cut short ({first}). {fix}")
     if "401" in text or "gated" in text.lower() or "restricted" in text.lower():
         return LoraKitError(
             f"Model {name!r} is gated: the Hub refused access ({type(err).__name__}). Accept its licence on its Hub "
@@ -115,7 +203,7 @@ def _hub_error(name: str, err: Exception) -> LoraKitError:
         )
     return LoraKitError(
         f"Could not load model {name!r}: it is not a local folder and the Hugging Face Hub did not provide it "
-        f"({type(err).__name__}: {text.splitlines()[0] if text else ''}). Check the spelling and your internet "
+        f"({type(err).__name__}: {first}). Check the spelling and your internet "
         "connection, pass a local folder, or use name='embedded' for the model that ships with lora_kit."
     )
 
@@ -239,8 +327,16 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise _hub_error(name, err) from err
+    except Exception as err:
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
+            raise _hub_error(name, err) from err
+        if "mismatch" in str(err):  # the weights (or an adapter's) were made for a model of another size
+            raise LoraKitError(
+                f"Could not load model {name!r}: its weights have other sizes than the model its config describes "
+                "(the report above lists them). An adapter folder needs the base it was trained on (see "
+                "base_model_name_or_path in its adapter_config.json); a model folder needs the config.json saved with "
+                "its weights.") from None
+        raise
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

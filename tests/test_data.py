@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from datasets import Dataset
 
 from lora_kit.data import (DEMO_SYSTEM, demo_task, json_exact_match, parse_json_answer, split_train_eval,
                            tokenize_conversation, tokenize_conversations)
@@ -43,8 +44,18 @@ def test_truncation_is_reported(embedded_tokenizer):
     ds, report = tokenize_conversations(train, embedded_tokenizer, max_length=75)
     assert report.truncated == 20 and report.longest <= 75
     assert "truncated" in str(report)
-    with pytest.raises(LoraKitError, match="max_length"):
+    with pytest.raises(LoraKitError, match="Raise max_length"):
         tokenize_conversations(train, embedded_tokenizer, max_length=5)
+
+
+def test_empty_or_answerless_data_is_not_told_to_raise_max_length(embedded_tokenizer):
+    with pytest.raises(LoraKitError, match="no conversations") as err:
+        tokenize_conversations(Dataset.from_dict({"messages": []}), embedded_tokenizer)
+    assert "max_length" not in str(err.value)
+    questions = Dataset.from_list([{"messages": [{"role": "user", "content": "Hi?"}]}])
+    with pytest.raises(LoraKitError, match="needs an assistant turn") as err:
+        tokenize_conversations(questions, embedded_tokenizer)
+    assert "Raise max_length" not in str(err.value)
 
 
 def test_demo_task_is_deterministic_and_held_out():

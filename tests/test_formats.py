@@ -575,3 +575,15 @@ def test_load_data_on_arbitrary_bytes(tmp_path, payload, suffix):
             check_conversation(row["messages"])
     else:
         assert ds.column_names == ["text"] and all(ds["text"])
+
+
+@pytest.mark.parametrize("key,record", [
+    ("conversations", lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}),
+    ("messages", lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}),
+])
+def test_a_list_of_records_under_conversations_or_messages_is_many_records(tmp_path, key, record):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({key: [record("Q1?", "A1."), record("Q2?", "A2.")]}))
+    ds = load_data(path)
+    assert len(ds) == 2
+    assert ds[1]["messages"] == [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "A2."}]

@@ -73,3 +73,51 @@ def test_tokenizer_without_template_or_pad_gets_fallbacks(embedded_tokenizer):
     tok = prepare_tokenizer(tok)
     assert tok.chat_template == CHATML_TEMPLATE
     assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_local_folder_errors_say_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("hi")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    for name, match in [("empty", "'empty' is empty"), ("notes", "no config.json .*README.md"),
+                        ("no_weights", "config.json but no weights"), ("./typo_folder", "does not exist")]:
+        with pytest.raises(LoraKitError, match=match) as err:
+            load_model(name)
+        assert "Hub did not provide" not in str(err.value)
+
+
+def test_damaged_weights_are_reported_as_damaged(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in embedded_model_path().iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "model.safetensors").write_bytes((embedded_model_path() / "model.safetensors").read_bytes()[:4096])
+    with pytest.raises(LoraKitError, match="damaged or cut short.*save or download it again"):
+        load_model(str(folder))
+
+
+def test_an_adapter_for_a_base_of_another_size_is_refused_in_one_line(tmp_path):
+    import transformers
+    from safetensors.torch import save_file
+
+    from lora_kit.models import check_adapter_fits
+
+    base, _ = load_model("embedded")
+    config = transformers.AutoConfig.from_pretrained(embedded_model_path())
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "head_dim": 16, "num_hidden_layers": 2})
+    small = transformers.LlamaForCausalLM(config)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 576),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(576, 2)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}')
+    check_adapter_fits(base, adapter)
+    with pytest.raises(LoraKitError, match=r"2 of its matrices .*q_proj has 64 inputs, the adapter 576.*SmolLM2") as err:
+        check_adapter_fits(small, adapter)
+    assert len(str(err.value).splitlines()) == 1
