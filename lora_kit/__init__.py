@@ -3,7 +3,7 @@
     model, tokenizer = load_model("embedded", quantization="nf4")
     train_ds, eval_ds = demo_task()
     trainer = build_trainer(model, tokenizer, train_ds, lora=preset("qlora").lora, train=...)
-    trainer.train()
+    lora_kit.train.train(trainer)   # trainer.train(), resuming from the newest complete checkpoint
 
 Every function returns the ecosystem's own objects (PreTrainedModel, PeftModel, SFTTrainer,
 Dataset), so you can always drop down a level.
