@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import os
 import sys
+import weakref
 from collections.abc import Callable
 
 from .errors import LoraKitError
@@ -22,6 +23,30 @@ DEFAULT_SCRIPT = [
     "Now say that in five words or fewer.",
 ]
 """The scripted exchange of the headless path: two turns, the second leaning on the first."""
+
+
+_SESSIONS: "weakref.WeakSet[ChatSession]" = weakref.WeakSet()
+
+
+def release_models(objects) -> int:
+    """Make every chat session that talks to one of ``objects`` (models, or trainers holding them) let go of it.
+
+    A chat box shown in a notebook lives on in the widget registry, and with it its model: without this, freeing
+    the training model before a reload frees nothing. Returns how many sessions let go; they refuse new messages.
+    """
+    wanted = set()
+    for obj in objects:
+        for candidate in (obj, getattr(obj, "model", None)):
+            if candidate is not None:
+                wanted.add(id(candidate))
+                base = getattr(candidate, "get_base_model", None)
+                wanted.add(id(base()) if callable(base) else id(candidate))
+    released = 0
+    for session in list(_SESSIONS):
+        if session.model is not None and id(session.model) in wanted:
+            session.model = None
+            released += 1
+    return released
 
 
 class ChatSession:
@@ -37,6 +62,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, settings: GenerationSettings | None = None, system: str | None = None,
                  max_prompt_tokens: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        _SESSIONS.add(self)
         self.settings = settings or GenerationSettings()
         self.system = system
         if max_prompt_tokens is None:
@@ -66,6 +92,8 @@ class ChatSession:
         text = (text or "").strip()
         if not text:
             raise LoraKitError("ChatSession.send: the message is empty; type something to send.")
+        if self.model is None:
+            raise LoraKitError("This chat's model was freed (free_memory). Run the chat cell again with a loaded model.")
         messages = self.conversation(text)
         self.last_prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pieces = []

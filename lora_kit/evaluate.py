@@ -39,10 +39,13 @@ def adapter_disabled(model):
 
 @contextlib.contextmanager
 def _eval_mode(model):
+    from .speed import eager_inference
+
     was_training = model.training
     model.eval()
     try:
-        yield
+        with eager_inference(model):  # no training-only attention kernel or compiled blocks in inference
+            yield
     finally:
         model.train(was_training)
 

@@ -48,16 +48,34 @@ EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def free_memory(*objects) -> None:
     """Drop references and return GPU memory, e.g. the training model before reloading the base.
 
-    Python frees an object only when its last reference goes: also ``del`` your own names
-    (``del trainer, model``) after calling this.
+    Besides the objects themselves, what lora_kit and the libraries keep pointing at them lets go
+    too: chat boxes (a notebook's widget registry keeps them alive), a trainer's optimizer,
+    scheduler, callback handler and accelerator, and compiled code. Python frees an object only
+    when its last reference goes: also ``del`` your own names (``del trainer, model``) after this.
     """
+    import sys
+
+    from .chat import release_models
+
+    release_models(objects)
     for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            continue
         # A trainer holds the model, the optimizer (2 states per trainable weight) and the dataloader.
         for attr in ("model", "model_wrapped", "optimizer", "lr_scheduler"):
-            if hasattr(obj, attr) and not isinstance(obj, torch.nn.Module):
+            if hasattr(obj, attr):
                 with contextlib.suppress(Exception):
                     setattr(obj, attr, None)
-        del obj
+        handler = getattr(obj, "callback_handler", None)
+        for attr in ("model", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader"):
+            if hasattr(handler, attr):
+                setattr(handler, attr, None)
+        accelerator = getattr(obj, "accelerator", None)
+        if accelerator is not None and hasattr(accelerator, "free_memory"):
+            accelerator.free_memory()  # its lists of prepared models and optimizers
+    obj = objects = None  # the loop's own references
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()  # compiled blocks keep their modules in the compiled code's guards
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

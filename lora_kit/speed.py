@@ -26,6 +26,7 @@ Each lever switches itself off where it is not correct or not supported, and say
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 # Levers that are Triton code (Liger's kernels, FlexAttention's generated kernels) stay off below sm_80. A T4 is
@@ -191,6 +192,32 @@ def after_trainer_built(trainer, hardware_capability, precision: str, method: st
         done.append("bitsandbytes optimizer: one synchronisation per step instead of one per tensor, "
                     "update kernels called without bnb's per-tensor Python")
     return done
+
+
+@contextlib.contextmanager
+def eager_inference(model):
+    """Inside the block, training's attention kernel and compiled blocks are off: generation and evaluation run eager.
+
+    FlexAttention without a packed training batch falls back to an unfused kernel that materialises the full score
+    matrix, and compiled blocks recompile for every new generation length (and say so, once per shape). sdpa and
+    the eager blocks are what inference wants; both are put back on exit, for a later training run.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    switch = attention == "flex_attention" and hasattr(base, "set_attn_implementation")
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    if switch:
+        base.set_attn_implementation("sdpa")
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for module, impl in compiled:
+            module._compiled_call_impl = impl
+        if switch:
+            base.set_attn_implementation(attention)
 
 
 def compiles_blocks(hardware_capability, precision: str, packing: bool) -> bool:

@@ -115,3 +115,34 @@ def test_chat_box_in_widget_mode_returns_the_box(model_tok, capsys):
     assert box._hide_next_display  # shown once by chat_box; not twice as the cell's value
     with pytest.raises(LoraKitError, match="mode"):
         chat.chat_box(model, tok, mode="terminal")
+
+
+def test_free_memory_releases_a_trained_model_held_by_a_chat_session(tmp_path):
+    """A notebook's chat box keeps its session alive; after free_memory the model goes all the same."""
+    import gc
+    import weakref
+
+    import bitsandbytes  # noqa: F401 - imported first: pytest's log capture keeps the frames of a failed
+    import peft  # noqa: F401 - optional import inside bitsandbytes, and with them whatever they held
+
+    import lora_kit
+    from lora_kit.chat import ChatSession
+    from lora_kit.errors import LoraKitError
+    from lora_kit.merge import free_memory
+
+    train_ds, _ = lora_kit.demo_task(8, 2, seed=0)
+    model, tok = lora_kit.load_model("embedded")
+    alive = weakref.ref(model)
+    model = lora_kit.add_lora(model, lora_kit.LoraSettings(r=4))
+    trainer = lora_kit.build_trainer(model, tok, train_ds, train=lora_kit.TrainSettings(
+        max_steps=1, micro_batch_size=2, gradient_accumulation_steps=1, report_to="none", save_steps=10**6,
+        output_dir=str(tmp_path / "run"), gradient_checkpointing=False))
+    trainer.train()
+    model = trainer.model
+    session = ChatSession(model, tok)  # what the chat widget holds
+    free_memory(trainer, model)
+    del trainer, model
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(LoraKitError, match="freed"):
+        session.send("Hello?")

@@ -446,3 +446,29 @@ def test_compiled_blocks_keep_the_loss_curve_of_the_embedded_model(tmp_path):
     # differences in the tiniest elements show up as ~1% in the next losses (0.6% and 1.7% measured here)
     assert len(curve_e) == 3 and curve_e[-1] < curve_e[0]  # it did train
     assert curve_c == pytest.approx(curve_e, rel=3e-2)
+
+
+def test_eager_inference_switches_training_levers_off_and_back():
+    from lora_kit import load_model, speed
+    from lora_kit.evaluate import generate
+
+    model, tok = load_model("embedded")
+    model.set_attn_implementation("flex_attention")
+    block = model.model.layers[0].mlp
+    block.compile()
+    inside = []
+    original_forward = block.forward
+
+    def spy(*args, **kwargs):
+        inside.append((model.config._attn_implementation, block._compiled_call_impl is None))
+        return original_forward(*args, **kwargs)
+
+    block.forward = spy
+    with speed.eager_inference(model):
+        assert model.config._attn_implementation == "sdpa" and block._compiled_call_impl is None
+    assert model.config._attn_implementation == "flex_attention" and block._compiled_call_impl is not None
+    block._compiled_call_impl = None  # the spy below is eager: nothing to compile on a CPU test
+    block.compile()
+    generate(model, tok, ["Hi"], max_new_tokens=2)
+    assert inside and all(attn == "sdpa" and eager for attn, eager in inside)
+    assert model.config._attn_implementation == "flex_attention" and block._compiled_call_impl is not None
