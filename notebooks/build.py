@@ -450,7 +450,7 @@ CELLS = [
     code("""
     from lora_kit.evaluate import decoding_showcase
 
-    decoding_showcase(model, tok, "Write a short poem about a city at night.", seed=0, max_new_tokens=cfg.max_new_tokens)
+    decoding_showcase(model, tok, "Write a short poem about a city at night.", seed=0, max_new_tokens=64)
     """),
     md("""
     Finally, talk to it. In a live notebook the next cell shows a chat box (history is kept between turns;
@@ -518,17 +518,22 @@ CELLS = [
     """),
     md({
         "lora": """
-        To merge, lora_kit reloads the base in 16 bits (fp32 on a CPU), applies the adapter, folds it in,
-        and proves the merge: the merged model's logits on a few prompts must match base + adapter's (same
-        most-likely token everywhere, tiny relative difference), or nothing is saved. With an 8-bit base the
-        reload in 16 bits is essential: rounding W + (alpha / r) B A back to 8 bits would throw much of the
-        small update away.
+        To merge, lora_kit reads the base's weights one tensor at a time from its files, adds (alpha / r) B A
+        to each adapted weight in 32-bit arithmetic, and writes the result in the base's own 16-bit precision.
+        A second whole copy of the model never sits in memory, which is what lets a 7B merge on a free Colab
+        (15 GB GPU, 12.7 GB RAM). Each written file is read back and compared with what was computed; where a
+        16-bit copy of the model fits, the merged model's logits on a few prompts are also compared with
+        base + adapter's, and a mismatch saves nothing. With an 8-bit base, merging into the 16-bit weights is
+        essential: rounding W + (alpha / r) B A back to 8 bits would throw much of the small update away.
         """,
         "qlora": """
-        To merge, lora_kit reloads the base in 16 bits (fp32 on a CPU), never into the 4-bit weights:
-        rounding W + (alpha / r) B A back to NF4 would erase most of the small update. `MERGE_BASE` picks
-        `"original"` (the seeds' choice) or `"dequantized"` (reproduces the trained model; see the table
-        above). The merged model's logits must match base + adapter's on a few prompts, or nothing is saved.
+        To merge, lora_kit reads the base's 16-bit weights one tensor at a time from its files, adds
+        (alpha / r) B A to each adapted weight in 32-bit arithmetic, and writes the result in 16 bits, never into
+        the 4-bit weights: rounding back to NF4 would erase most of the small update. A second whole copy of the
+        model never sits in memory, which is what lets a 7B merge on a free Colab (15 GB GPU, 12.7 GB RAM).
+        `MERGE_BASE` picks `"original"` (the seeds' choice) or `"dequantized"` (each weight first rounded to NF4
+        and back, as training saw it: reproduces the trained model; see the table above). Each written file is
+        read back and compared; where a 16-bit copy fits, the merged logits are compared with base + adapter's too.
         """,
     }),
     code({
@@ -551,7 +556,9 @@ CELLS = [
     code("""
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(cfg.merged_dir, **course.merged_load_kwargs())
+    load_kwargs, why = course.merged_load_kwargs(cfg.merged_dir, cfg)
+    print(why)
+    merged = AutoModelForCausalLM.from_pretrained(cfg.merged_dir, **load_kwargs)
     merged_tok = AutoTokenizer.from_pretrained(cfg.merged_dir)
     print("merged model:", generate(merged, merged_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0])
     free_memory(merged); del merged
