@@ -100,10 +100,9 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_name(name: str) -> str:
-    """Map the short names of the embedded model to its folder; check a local folder; pass anything else through."""
+    """Map the short names of the embedded model to its folder; pass anything else through."""
     if name.lower() in EMBEDDED_NAMES:
         return str(embedded_model_path())
-    _check_local_folder(name)
     return name
 
 
@@ -211,6 +210,7 @@ def _hub_error(name: str, err: Exception) -> LoraKitError:
 def load_tokenizer(name: str, token: str | None = None):
     """The tokenizer, set up for training: right padding, a pad token that is not EOS, a chat template."""
     path = resolve_model_name(name)
+    _check_local_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, token=token)
     except (OSError, ValueError) as err:
