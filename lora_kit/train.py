@@ -282,6 +282,27 @@ class SeedAtStart:
         return _SeedAtStart()
 
 
+class CheckpointGuard:
+    """Removes ``trainer_state.json`` from an older ``checkpoint-N`` just before transformers saves over it.
+
+    transformers writes a checkpoint in place, its state last; a kill in the middle of saving over
+    an older folder (a run started again with resume=False) would leave new weights beside the old
+    state and optimizer, which looks complete. Without the state file the folder reads as unfinished.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _CheckpointGuard(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if control.should_save and args.should_save:
+                    older = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "trainer_state.json")
+                    if os.path.isfile(older):
+                        os.remove(older)
+
+        return _CheckpointGuard()
+
+
 def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs: dict | None = None):
     from trl import SFTConfig
 
@@ -366,7 +387,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[LossWatchdog(), SeedAtStart()],
+        callbacks=[LossWatchdog(), SeedAtStart(), CheckpointGuard()],
     )
     if train.fast:
         # Adapter dtype (fp32 wherever fp16/fp32 needs it), compiled blocks, one optimizer sync per step.

@@ -224,6 +224,23 @@ def test_resume_picks_the_newest_complete_checkpoint_and_deletes_nothing(tmp_pat
     assert find_checkpoint(str(tmp_path / "missing")) == (None, [])
 
 
+def test_a_checkpoint_saved_over_an_older_one_reads_as_unfinished_until_its_state_is_written(tmp_path):
+    from types import SimpleNamespace
+
+    from lora_kit.train import CheckpointGuard
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(b"0")
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    guard = CheckpointGuard()
+    guard.on_step_end(args, SimpleNamespace(global_step=2), SimpleNamespace(should_save=False))
+    assert find_checkpoint(str(tmp_path))[0] == str(folder)  # no save at this step: untouched
+    guard.on_step_end(args, SimpleNamespace(global_step=2), SimpleNamespace(should_save=True))
+    assert find_checkpoint(str(tmp_path))[0] is None and (folder / "adapter_model.safetensors").is_file()
+
+
 # --- Saving: the previous output or the new one, never neither -------------------------------------------------
 
 
