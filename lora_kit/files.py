@@ -59,7 +59,7 @@ def _within(inner: Path, outer: Path) -> bool:
 
 
 def check_target(target: str | os.PathLike, inputs: tuple = ()) -> Path:
-    """Refuse an output folder whose replacement would lose something; return it resolved.
+    """Refuse an output folder whose replacement would lose something; return its absolute path.
 
     Allowed: a folder that does not exist, an empty one, or a previous lora_kit output that
     holds only the files lora_kit wrote. ``inputs`` are folders the save reads from (the
