@@ -94,10 +94,15 @@ def build_checkpoint(folder, shape: str, tokenizer_source: str = "embedded", dev
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
+    from transformers import AutoTokenizer
+
     from lora_kit import load_tokenizer
+    from lora_kit.models import prepare_tokenizer
 
     folder = Path(folder)
-    tokenizer = load_tokenizer(tokenizer_source)
+    # A tokenizer-only folder (carried to the GPU machine) is no model folder: load it as a tokenizer.
+    tokenizer = (load_tokenizer(tokenizer_source) if tokenizer_source == "embedded"
+                 else prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source)))
     recipe = {"shape": shape, "vocab_size": len(tokenizer), "dtype": "float16", **SHAPES[shape]}
     marker = folder / "built.json"  # written last: a folder without it is an interrupted build
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
@@ -265,6 +270,14 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _anon_rss_bytes() -> int:
+    """Resident memory that no file backs (resident - shared): what a 12.7 GB Colab runs out of. Pages of
+    memory-mapped weight files count in RSS too but the kernel can drop them at any time."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
 def install_probe(shell, probe_file, t4_proxy: bool = False) -> None:
     """Register pre/post_run_cell hooks that append one JSON line per executed cell to ``probe_file``.
 
@@ -276,12 +289,13 @@ def install_probe(shell, probe_file, t4_proxy: bool = False) -> None:
     proxied = bool(t4_proxy and torch.cuda.is_available())  # no GPU (a CPU dry run): nothing to pretend
     if proxied:
         apply_t4_proxy()
-    state = {"start": 0.0, "rss_peak": 0, "running": False}
+    state = {"start": 0.0, "rss_peak": 0, "anon_peak": 0, "anon_start": 0, "running": False}
 
     def sample():
         while True:
             if state["running"]:
                 state["rss_peak"] = max(state["rss_peak"], _rss_bytes())
+                state["anon_peak"] = max(state["anon_peak"], _anon_rss_bytes())
             time.sleep(0.05)
 
     threading.Thread(target=sample, daemon=True, name="rss-probe").start()
@@ -294,6 +308,7 @@ def install_probe(shell, probe_file, t4_proxy: bool = False) -> None:
 
     def pre(info):
         state["rss_peak"] = _rss_bytes()
+        state["anon_peak"] = state["anon_start"] = _anon_rss_bytes()
         state["running"] = True
         if cuda():
             cuda().reset_peak_memory_stats()
@@ -313,6 +328,8 @@ def install_probe(shell, probe_file, t4_proxy: bool = False) -> None:
             "peak_reserved_gib": round(gpu.max_memory_reserved() / GIB, 3) if gpu else None,
             "allocated_end_gib": round(gpu.memory_allocated() / GIB, 3) if gpu else None,
             "peak_rss_gib": round(rss_peak / GIB, 3),
+            "peak_rss_anon_gib": round(max(state["anon_peak"], _anon_rss_bytes()) / GIB, 3),
+            "rss_anon_start_gib": round(state["anon_start"] / GIB, 3),
             "error": f"{type(error).__name__}: {error}"[:2000] if error else None,
         }
         with open(probe_file, "a") as f:  # one line per cell, flushed: survives a kernel that dies later
@@ -435,6 +452,8 @@ def cell_rows(nb, probe: list[dict]) -> list[dict]:
                      "wall_s": record["wall_s"], "peak_allocated_gib": record["peak_allocated_gib"],
                      "peak_reserved_gib": record["peak_reserved_gib"],
                      "allocated_end_gib": record["allocated_end_gib"], "peak_rss_gib": record["peak_rss_gib"],
+                     "peak_rss_anon_gib": record.get("peak_rss_anon_gib"),
+                     "rss_anon_start_gib": record.get("rss_anon_start_gib"),
                      "error": record["error"], "flags": flags_in(text)})
     return rows
 

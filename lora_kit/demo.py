@@ -89,6 +89,7 @@ def run_demo(s: DemoSettings) -> dict:
     adapter_dir = merge.save_adapter(model, tokenizer, out / "adapter", card)
     merge.free_memory(trainer, model)
     del trainer, model
+    merge.free_memory()
     check = merge.merge_adapter(adapter_dir, out / "merged", base="original", card=card)
     result = {
         "model": s.model, "method": s.method, "steps": s.steps, "train_seconds": round(train_seconds, 1),

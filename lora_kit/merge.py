@@ -14,7 +14,7 @@ renamed when complete, so an interrupted save never leaves a folder that looks f
 leftovers of a killed save are removed by the next save to the same target.
 
     adapter_dir = save_adapter(model, tokenizer, "out/adapter", card)   # small; loads with peft alone
-    free_memory(trainer, model)                                         # before reloading the base
+    free_memory(trainer, model); del trainer, model; free_memory()      # before reloading the base
     check = merge_adapter(adapter_dir, "out/merged", card=card)         # loads with transformers alone
     push_to_hub("out/merged", "me/my-model")                           # when a token is present
 """
@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors import torch as safetensors_torch
 
 from .errors import LoraKitError
-from .files import atomic_folder
+from .files import atomic_folder, check_target
 from .quant import round_trip
 
 ADAPTER_META = "lora_kit_adapter.json"
@@ -50,8 +50,13 @@ def free_memory(*objects) -> None:
 
     Besides the objects themselves, what lora_kit and the libraries keep pointing at them lets go
     too: chat boxes (a notebook's widget registry keeps them alive), a trainer's optimizer,
-    scheduler, callback handler and accelerator, and compiled code. Python frees an object only
-    when its last reference goes: also ``del`` your own names (``del trainer, model``) after this.
+    scheduler, callback handler and accelerator, and compiled code. Then ``del`` your own names and
+    call it once more with none: a model is full of reference cycles, which Python frees only when
+    its collector runs, so without the second call the memory comes back too late for a reload::
+
+        free_memory(trainer, model)
+        del trainer, model
+        free_memory()
     """
     import sys
 
@@ -374,10 +379,13 @@ def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto"
     """
     from peft import PeftModel
 
+    from .models import check_adapter_fits
+
     adapter_dir = Path(adapter_dir)
     base_name = _adapter_base_name(adapter_dir)
     model, base_tokenizer = load_base_for_merge(base_name, base, precision, _adapter_quantization(adapter_dir))
     tokenizer = _adapter_tokenizer(adapter_dir, base_tokenizer)
+    check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
     prompts = prompts or CHECK_PROMPTS
     reference = _logits(model, tokenizer, prompts)
@@ -428,7 +436,7 @@ def _check_export(folder: Path) -> None:
 
 
 def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: str = "auto", card: dict | None = None,
-                  tolerance: float = 0.01, max_shard_size: str = "2GB", check_logits: str | bool = "auto",
+                  tolerance: float = 0.01, max_shard_size: str = "1GB", check_logits: str | bool = "auto",
                   base_model: str | None = None) -> MergeCheck:
     """Write W' = W + (alpha/r)·B·A into a plain model folder, one tensor at a time.
 
@@ -452,6 +460,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
     from .hardware import resolve_precision, torch_dtype
 
     adapter_dir = Path(adapter_dir)
+    check_target(out_dir, inputs=(adapter_dir,))  # before any work: never over the adapter or the user's files
     if base not in ("original", "dequantized"):
         raise LoraKitError(f"base={base!r} is not 'original' or 'dequantized'.")
     config = _adapter_config(adapter_dir)
@@ -470,7 +479,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
 
     check = MergeCheck(base=base)
     merged_names: set[str] = set()
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, inputs=(adapter_dir,)) as tmp:
         index = {}
         names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
         if len(plan) == 1:
@@ -739,17 +748,20 @@ def _logits_check(adapter_dir, merged_dir, base_name, base, precision, quantizat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from .models import check_adapter_fits
+
     model, _ = load_base_for_merge(base_name, base, precision, quantization or "none")
+    check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
     reference = _logits(model, tokenizer, CHECK_PROMPTS)
     dtype = next(model.parameters()).dtype
-    free_memory(model)
     del model
+    free_memory()  # collect it before the merged copy is loaded
     kwargs = {"dtype": dtype, "device_map": {"": 0}} if torch.cuda.is_available() else {"dtype": dtype}
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
     check = compare_logits(reference, _logits(merged, tokenizer, CHECK_PROMPTS), tolerance)
-    free_memory(merged)
     del merged
+    free_memory()
     return check
 
 
@@ -831,9 +843,10 @@ def compare_merge_bases(adapter_dir, eval_ds, tokenizer=None, *, adapter_model=N
     if adapter_model is None:
         from peft import PeftModel
 
-        from .models import load_model
+        from .models import check_adapter_fits, load_model
 
         base_model, base_tok = load_model(_adapter_base_name(adapter_dir), quantization, precision=precision)
+        check_adapter_fits(base_model, adapter_dir)
         adapter_model = PeftModel.from_pretrained(base_model, adapter_dir)
         tok = tokenizer or _adapter_tokenizer(adapter_dir, base_tok)
         owned = True
@@ -848,14 +861,14 @@ def compare_merge_bases(adapter_dir, eval_ds, tokenizer=None, *, adapter_model=N
         with adapter_disabled(adapter_model):
             measure(f"{quantization} base without the adapter", adapter_model, tok, reference)
     if owned:
-        free_memory(adapter_model)
         del adapter_model
+        free_memory()
     for base, row in (("original", ORIGINAL_ROW), ("dequantized", DEQUANTIZED_ROW)):
         merged, _, check = merged_model(adapter_dir, base=base, precision=precision)
         measure(row, merged, tok, reference)
         table.rows[-1]["merge_max_rel_diff"] = check.max_rel_diff
-        free_memory(merged)
         del merged
+        free_memory()
     return table
 
 

@@ -509,12 +509,14 @@ CELLS = [
     from transformers import AutoTokenizer
     from lora_kit.evaluate import generate
 
-    free_memory(trainer, model); del trainer, model
+    free_memory(trainer, model)  # what still points at them (the chat box, the optimizer) lets go
+    del trainer, model
+    free_memory()                # with the last names gone: collect, and give the GPU memory back
     reloaded = AutoPeftModelForCausalLM.from_pretrained(cfg.adapter_dir, **course.reload_kwargs(cfg))
     reloaded_tok = AutoTokenizer.from_pretrained(cfg.adapter_dir)
     answer = generate(reloaded, reloaded_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0]
     print(f"reloaded adapter: {answer}\\nsame as section 8: {answer == course.tuned_answer(results, 0)}")
-    free_memory(reloaded); del reloaded
+    del reloaded; free_memory()
     """),
     md({
         "lora": """
@@ -561,7 +563,7 @@ CELLS = [
     merged = AutoModelForCausalLM.from_pretrained(cfg.merged_dir, **load_kwargs)
     merged_tok = AutoTokenizer.from_pretrained(cfg.merged_dir)
     print("merged model:", generate(merged, merged_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0])
-    free_memory(merged); del merged
+    del merged; free_memory()
     """),
     md("""
     Sharing on the Hugging Face Hub needs a token with write access: set `HF_TOKEN` in the environment, or in
@@ -582,7 +584,7 @@ CELLS = [
     | What you see | Why | What to do |
     |---|---|---|
     | `CUDA out of memory` while training | activations grow with `micro_batch_size` x `max_length` (section 3) | in `OVERRIDES`, halve `micro_batch_size`, then `max_length`; keep `gradient_checkpointing=True` |
-    | `CUDA out of memory` while merging | the training model still holds the GPU | run section 10 in order: `free_memory(trainer, model)` comes before any reload |
+    | `CUDA out of memory` while merging | the training model still holds the GPU | run section 10 in order: `free_memory(trainer, model)`, `del`, `free_memory()` come before any reload |
     | bf16 errors or slow, odd runs on a T4 | a T4 (compute capability 7.5) has no real bf16 | nothing: lora_kit picks fp16 from the compute capability and keeps adapters in fp32; do not force `precision="bf16"` |
     | loss is 0 or NaN | fp16 overflow | lora_kit stops with a message; halve `learning_rate` |
     | loss does not fall, or jumps up | learning rate too high or too low, or too few steps | try `learning_rate` x 0.5 if it jumps, x 2 if flat; check the data in section 6 |

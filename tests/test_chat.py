@@ -119,7 +119,6 @@ def test_chat_box_in_widget_mode_returns_the_box(model_tok, capsys):
 
 def test_free_memory_releases_a_trained_model_held_by_a_chat_session(tmp_path):
     """A notebook's chat box keeps its session alive; after free_memory the model goes all the same."""
-    import gc
     import weakref
 
     import bitsandbytes  # noqa: F401 - imported first: pytest's log capture keeps the frames of a failed
@@ -142,7 +141,7 @@ def test_free_memory_releases_a_trained_model_held_by_a_chat_session(tmp_path):
     session = ChatSession(model, tok)  # what the chat widget holds
     free_memory(trainer, model)
     del trainer, model
-    gc.collect()
+    free_memory()
     assert alive() is None
     with pytest.raises(LoraKitError, match="freed"):
         session.send("Hello?")
