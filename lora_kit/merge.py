@@ -373,17 +373,21 @@ def compare_logits(reference: torch.Tensor, merged: torch.Tensor, tolerance: flo
 
 def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto", tolerance: float = 0.01,
                  prompts=None):
-    """Load the base in 16-bit, apply the adapter, merge, and prove it; return ``(merged, tokenizer, check)``.
+    """Load the base, apply the adapter, merge, and prove it; return ``(merged, tokenizer, check)``.
 
-    Nothing is written. Raises when the merged logits disagree with base + adapter's.
+    The merge and its check run in fp32, so the check measures the merge and not 16-bit rounding;
+    the merged model is then cast to this machine's precision. Nothing is written. Raises when the
+    merged logits disagree with base + adapter's.
     """
     from peft import PeftModel
 
     from .models import check_adapter_fits
 
+    from .hardware import resolve_precision, torch_dtype
+
     adapter_dir = Path(adapter_dir)
     base_name = _adapter_base_name(adapter_dir)
-    model, base_tokenizer = load_base_for_merge(base_name, base, precision, _adapter_quantization(adapter_dir))
+    model, base_tokenizer = _fp32_base(base_name, base, precision, _adapter_quantization(adapter_dir))
     tokenizer = _adapter_tokenizer(adapter_dir, base_tokenizer)
     check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
@@ -392,6 +396,7 @@ def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto"
     merged = model.merge_and_unload()
     check = compare_logits(reference, _logits(merged, tokenizer, prompts), tolerance)
     check.base = base
+    merged.to(torch_dtype(resolve_precision(precision)))  # proven in fp32; used in this machine's precision
     if not check.ok:
         raise LoraKitError(
             f"The merged model disagrees with base+adapter (max relative difference {check.max_rel_diff:.2e}, "
@@ -528,7 +533,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
         info.setdefault("base_model", base_name)
         info.setdefault("lora", _lora_settings_of(adapter_dir))
         info["kind"] = f"merged model (LoRA adapter merged into the {base} base weights)"
-        if _logits_fit(plan, device, train_dtype) if check_logits == "auto" else bool(check_logits):
+        if _logits_fit(plan, device) if check_logits == "auto" else bool(check_logits):
             logits = _logits_check(adapter_dir, tmp, base_name, base, precision, quantization, tokenizer, tolerance)
             check.logits_checked = True
             check.max_abs_diff, check.max_rel_diff = logits.max_abs_diff, logits.max_rel_diff
@@ -539,7 +544,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
                     f"tolerance {tolerance}; same argmax: {logits.same_argmax}); nothing was saved. "
                     f"Was the adapter in {adapter_dir} trained on {base_name}?")
         else:
-            check.note = ("logits not compared: a 16-bit copy of this model does not fit the free memory with room to "
+            check.note = ("logits not compared: an fp32 copy of this model does not fit the free memory with room to "
                           "spare; every merged weight was checked as written")
         check.ok = True
         info["merge_check"] = check.as_dict()
@@ -733,14 +738,23 @@ def _write_config_files(base_dir: Path, folder: Path, tokenizer, replaced: dict)
     tokenizer.save_pretrained(folder)
 
 
-def _logits_fit(plan, device, dtype) -> bool:
-    """Whether a 16-bit (fp32 on CPU) copy of the model fits the free memory with room to spare."""
+def _logits_fit(plan, device) -> bool:
+    """Whether an fp32 copy of the model (what the logits check loads) fits the free memory with room to spare."""
     import psutil
 
-    params = sum(size for shard in plan for _, size in shard) / 2  # bytes in 16-bit, near enough
-    needed = params * torch.tensor([], dtype=dtype).element_size()
+    needed = sum(size for shard in plan for _, size in shard) * 2  # 16-bit files, fp32 in memory
     free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else psutil.virtual_memory().available
     return needed < 0.5 * free
+
+
+def _fp32_base(base_name, base, precision, quantization):
+    """The base as the logits checks want it: the original weights read exactly (fp32), or the quantized
+    ones as training saw them in this machine's precision, dequantized, in fp32."""
+    if base == "original" or quantization == "none":
+        model, tokenizer = load_base_for_merge(base_name, "original", "fp32")
+    else:
+        model, tokenizer = load_base_for_merge(base_name, base, precision, quantization)
+    return model.float(), tokenizer
 
 
 def _logits_check(adapter_dir, merged_dir, base_name, base, precision, quantization, tokenizer, tolerance):
@@ -750,14 +764,15 @@ def _logits_check(adapter_dir, merged_dir, base_name, base, precision, quantizat
 
     from .models import check_adapter_fits
 
-    model, _ = load_base_for_merge(base_name, base, precision, quantization or "none")
+    model, _ = _fp32_base(base_name, base, precision, quantization or "none")
     check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, adapter_dir)
     reference = _logits(model, tokenizer, CHECK_PROMPTS)
-    dtype = next(model.parameters()).dtype
     del model
     free_memory()  # collect it before the merged copy is loaded
-    kwargs = {"dtype": dtype, "device_map": {"": 0}} if torch.cuda.is_available() else {"dtype": dtype}
+    kwargs = {"dtype": torch.float32}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
     check = compare_logits(reference, _logits(merged, tokenizer, CHECK_PROMPTS), tolerance)
     del merged
