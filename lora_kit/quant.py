@@ -159,8 +159,10 @@ def quantize_to_levels(weight: torch.Tensor, levels: torch.Tensor, blocksize: in
     blocks = torch.nn.functional.pad(w, (0, pad)).reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=1, keepdim=True)  # one constant per block
     normalised = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # now in [-1, 1]
-    levels = levels.float().to(w.device)
-    nearest = (normalised.unsqueeze(-1) - levels).abs().argmin(dim=-1)  # the 4-bit codes
+    levels = levels.float().to(w.device).sort().values
+    # The nearest level: the one whose interval between midpoints holds the value (a tie goes to the lower
+    # level). One search per value, where comparing with all 16 levels at once took 16 copies of a 7B layer.
+    nearest = torch.bucketize(normalised, (levels[1:] + levels[:-1]) / 2)  # the 4-bit codes
     dequantized = levels[nearest] * absmax  # an all-zero block stays zero
     return dequantized.reshape(-1)[:n].reshape(weight.shape)
 
