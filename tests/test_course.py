@@ -86,6 +86,19 @@ def test_settings_become_lora_kit_settings():
     assert cfg.memory_method == "qlora" and cfg.adapter_dir.name == "adapter"
 
 
+def test_a_changed_training_knob_gets_its_own_checkpoint_folder():
+    base = course.course_settings("lora", hardware=CPU)
+    assert course.course_settings("lora", hardware=CPU).checkpoint_folder == base.checkpoint_folder
+    for knob, value in [("learning_rate", 5e-4), ("dataset", "my.jsonl")]:
+        other = course.course_settings("lora", hardware=CPU, **{knob: value})
+        assert other.checkpoint_folder != base.checkpoint_folder, knob
+    # knobs that leave the weights unchanged keep the folder, so a rerun still resumes
+    assert course.course_settings("lora", hardware=CPU, eval_samples=3).checkpoint_folder == base.checkpoint_folder
+    epoch = course.course_settings("lora", hardware=T4, max_steps=-1)
+    assert "--" not in epoch.checkpoint_folder and "-1epoch-" in epoch.checkpoint_folder
+    assert epoch.train.output_dir in str(epoch)  # the knobs printout names the folder
+
+
 def test_drive_is_only_used_in_colab():
     cfg = course.course_settings("lora", hardware=CPU, use_drive=True)
     assert not cfg.use_drive and "Colab" in cfg.reasons["use_drive"]
@@ -208,7 +221,7 @@ def test_guard_keeps_nf4_gradients_right_after_evaluation():
     assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
     model = add_lora(model, LoraSettings(r=4, dropout=0.0))
     ex = tokenize_conversation(tok, demo_task(1, 1)[0][0]["messages"])
-    ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+    ids = torch.tensor([ex["input_ids"]])
     layer = course.first_lora_layer(model)[1].base_layer
     shape = tuple(layer.weight.shape)
     model.eval()
