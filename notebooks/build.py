@@ -114,7 +114,7 @@ CELLS = [
         ## 2. The knobs
 
         Every choice of this run is made in the one cell below. `course_settings` fills in the values
-        for your machine: on a CUDA GPU the seeds' recipe, otherwise the embedded model and its demo
+        for your machine: on a CUDA GPU the published tutorials' recipe, otherwise the embedded model and its demo
         task. It prints each value with the reason it was chosen. To change something, put it in
         `OVERRIDES` (for example `dict(r=8, max_steps=100)`) and rerun from here; the printout then says
         the value was set by you.
@@ -183,8 +183,8 @@ CELLS = [
     memory.plot_memory_breakdown(estimates, title=f"Estimated training memory: {course.model_label(cfg)}")
     """),
     md("""
-    The same estimate for the model the seeds used, Llama-2-7B, with one sequence of 2,048 tokens per
-    step (the setting of the seeds' claims). This is the picture that decides whether a run fits on a T4,
+    The same estimate for Llama-2-7B, the model of the Llama-2 QLoRA Colab tutorial, with one sequence of 2,048
+    tokens per step (the setting of the tutorials' memory claims). This is the picture that decides whether a run fits on a T4,
     which has 16 GB (NVIDIA's datasheet), of which Colab reports about 15 GiB usable.
     """),
     code("""
@@ -194,8 +194,8 @@ CELLS = [
     """),
     md("""
     The tutorials this course grew from make several memory claims. Rather than repeat them, the next cell
-    recomputes each one with the same estimator, with the settings the claim was made for where the seed
-    gave them, and says whether the claim holds (within the 15% tolerance `memory.seed_claims` allows). Read the `verdict` column: some claims hold,
+    recomputes each one with the same estimator, with the settings the claim was made for where the tutorial
+    gave them (the `source` column names it), and says whether the claim holds (within the 15% tolerance `memory.seed_claims` allows). Read the `verdict` column: some claims hold,
     others assumed a different accounting, and the table says by how much.
     """),
     code("""
@@ -485,7 +485,7 @@ CELLS = [
     md("""
     QLoRA only: before the training model is freed, measure the choice of base to merge into. The adapter
     was trained against the NF4-rounded weights, not the original ones. Merging into the **original**
-    16-bit weights is what the seeds do and what users expect; merging into the **dequantized** NF4 weights
+    16-bit weights is what the tutorials do and what users expect; merging into the **dequantized** NF4 weights
     reproduces the trained model exactly. On 7B and larger models the QLoRA paper found 4-bit training
     matches 16-bit fine-tuning, so the choice matters little there; on a small model it can matter a lot. The table scores the adapter as trained and both merges on the held-out examples (the
     exact-match column is meaningful for the demo task only):
@@ -500,7 +500,7 @@ CELLS = [
     """, only="qlora"),
     md("""
     Now free the training model: on a T4 there is no room for a second copy. Then reload the adapter the way
-    the seeds do, with PEFT's `AutoPeftModelForCausalLM`: it reads the base model's name from the adapter
+    the tutorials do, with PEFT's `AutoPeftModelForCausalLM`: it reads the base model's name from the adapter
     folder, loads the base (stored as in training), and puts the adapter on it. The tokenizer comes from
     the adapter folder, template included. Its answer to the first held-out prompt should match section 8's.
     """),
@@ -533,7 +533,7 @@ CELLS = [
         (alpha / r) B A to each adapted weight in 32-bit arithmetic, and writes the result in 16 bits, never into
         the 4-bit weights: rounding back to NF4 would erase most of the small update. A second whole copy of the
         model never sits in memory, which is what lets a 7B merge on a free Colab (15 GB GPU, 12.7 GB RAM).
-        `MERGE_BASE` picks `"original"` (the seeds' choice) or `"dequantized"` (each weight first rounded to NF4
+        `MERGE_BASE` picks `"original"` (the tutorials' choice) or `"dequantized"` (each weight first rounded to NF4
         and back, as training saw it: reproduces the trained model; see the table above). Each written file is
         read back and compared; where a 16-bit copy fits, the merged logits are compared with base + adapter's too.
         """,

@@ -66,6 +66,7 @@ def test_every_knob_has_a_reason(method, hardware):
     text = str(cfg)
     for knob in KNOBS:
         assert knob in text and cfg.reasons[knob] in text
+    assert "seed 0" not in text  # reasons name the tutorial or paper, not our internal numbering
 
 
 def test_overrides_replace_a_knob_and_say_so():
@@ -121,7 +122,8 @@ def test_memory_views_and_claims():
     assert len(est) == 4 and totals == sorted(totals, reverse=True)  # full > LoRA 16 > LoRA 8 > QLoRA
     assert "100.0% of full" in course.memory_summary(est)
     claims = course.claims_table()
-    assert {"claim", "computed", "verdict"} <= set(claims.columns) and len(claims) >= 8
+    assert {"source", "claim", "computed", "verdict"} <= set(claims.columns) and len(claims) >= 8
+    assert course.LLAMA2_COLAB in set(claims["source"]) and "seed 0" not in claims.to_string()
     bits = course.bits_table(llama2_7b_config())
     assert list(bits["bits per parameter"]) == [16.0, 4.5, 4.127]
 
