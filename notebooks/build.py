@@ -147,7 +147,7 @@ CELLS = [
         """,
     }),
     md("""
-    The four LoRA knobs, in a sentence each (section 4 shows them at work):
+    The LoRA knobs, in a sentence each (section 4 shows them at work):
 
     - **r**, the rank: how many directions each layer may change in. Trainable parameters grow in
       proportion to it.
@@ -157,6 +157,15 @@ CELLS = [
       small data set.
     - **target_modules**: which layers get adapters. `"all-linear"` adapts every projection in attention
       and in the MLP, which the QLoRA paper (Dettmers et al., 2023) found works best for the parameters spent.
+    - **bias**: whether bias vectors train beside the adapters. `"none"` trains the adapters only, so
+      switching them off gives back the base model exactly; `"all"` also trains every bias in the model;
+      `"lora_only"` trains the biases of the adapted layers only. With either of the last two the trained
+      biases are saved with the adapter and stay changed when it is switched off. Llama-style models,
+      such as this notebook's defaults, have no biases in those layers, so there the choice changes nothing.
+
+    Two more knobs change training without being LoRA's own: `seed` fixes the adapters' random start and
+    the order of the data, and changing any knob that changes training starts a fresh run in a new
+    checkpoint folder (printed last above) instead of resuming the old one.
     """),
     # ------------------------------------------------------------------------------------------ 3 memory
     md("""

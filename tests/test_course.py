@@ -73,6 +73,10 @@ def test_overrides_replace_a_knob_and_say_so():
     cfg = course.course_settings("lora", hardware=CPU, r=8, max_steps=3)
     assert (cfg.r, cfg.max_steps, cfg.lora.r, cfg.train.max_steps) == (8, 3, 8, 3)
     assert cfg.reasons["r"] == "set by you in the knobs cell"
+    taught = course.course_settings("lora", hardware=CPU, bias="lora_only", seed=7)
+    assert (taught.lora.bias, taught.train.seed) == ("lora_only", 7)
+    with pytest.raises(LoraKitError, match="bias"):
+        course.course_settings("lora", hardware=CPU, bias="some").lora
     with pytest.raises(LoraKitError, match="rank"):
         course.course_settings("lora", hardware=CPU, rank=8)
     with pytest.raises(LoraKitError, match="qlora"):
@@ -90,7 +94,7 @@ def test_settings_become_lora_kit_settings():
 def test_a_changed_training_knob_gets_its_own_checkpoint_folder():
     base = course.course_settings("lora", hardware=CPU)
     assert course.course_settings("lora", hardware=CPU).checkpoint_folder == base.checkpoint_folder
-    for knob, value in [("learning_rate", 5e-4), ("dataset", "my.jsonl")]:
+    for knob, value in [("learning_rate", 5e-4), ("bias", "all"), ("seed", 7), ("dataset", "my.jsonl")]:
         other = course.course_settings("lora", hardware=CPU, **{knob: value})
         assert other.checkpoint_folder != base.checkpoint_folder, knob
     # knobs that leave the weights unchanged keep the folder, so a rerun still resumes
