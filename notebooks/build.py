@@ -392,6 +392,11 @@ CELLS = [
     print(course.training_report(trainer, result))
     """),
     md("""
+    On a GPU the first run is deliberately short (`max_steps` in the knobs): enough steps to see the loss
+    fall. When `max_steps` is set, the report's last line times a full epoch from the measured seconds per
+    step, so you can decide whether to rerun with `OVERRIDES = dict(max_steps=-1)`; that is a new checkpoint
+    folder, so the full run starts from the beginning.
+
     The loss is the average surprise of the model at each answer token (cross-entropy, in nats). A falling
     curve means the adapters are learning the answers' pattern. With only a few steps expect a noisy but
     clear descent; if it rises or jumps, the learning rate is too high (see the troubleshooting section).

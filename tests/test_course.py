@@ -25,7 +25,14 @@ def test_gpu_qlora_is_the_seeds_recipe():
     assert cfg.profile == "gpu"
     assert (cfg.model, cfg.dataset) == ("NousResearch/Llama-2-7b-chat-hf", "mlabonne/guanaco-llama2-1k")
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.quantization, cfg.optim) == (64, 16, 0.1, "nf4", "paged_adamw_32bit")
-    assert cfg.gradient_checkpointing and cfg.max_steps == -1 and cfg.num_epochs == 1.0
+    assert cfg.gradient_checkpointing and cfg.num_epochs == 1.0
+
+
+def test_gpu_runs_start_short_and_the_full_epoch_is_one_knob_away():
+    cfg = course.course_settings("qlora", hardware=T4)
+    assert 0 < cfg.max_steps <= 100 and "max_steps=-1" in cfg.reasons["max_steps"]
+    full = course.course_settings("qlora", hardware=T4, max_steps=-1)
+    assert full.train.max_steps == -1 and full.checkpoint_folder != cfg.checkpoint_folder
 
 
 def test_gpu_lora_fits_a_t4_and_lora8_is_the_7b_in_8bit():
@@ -102,6 +109,27 @@ def test_a_changed_training_knob_gets_its_own_checkpoint_folder():
     epoch = course.course_settings("lora", hardware=T4, max_steps=-1)
     assert "--" not in epoch.checkpoint_folder and "-1epoch-" in epoch.checkpoint_folder
     assert epoch.train.output_dir in str(epoch)  # the knobs printout names the folder
+
+
+def test_epoch_estimate_scales_the_measured_pace():
+    text = course.epoch_estimate(4.0, 450)  # 450 steps at 4 s: 30 minutes
+    assert "450 steps" in text and "30 min" in text and "max_steps=-1" in text
+    assert "2.0 h" in course.epoch_estimate(8.0, 450, num_epochs=2)
+    assert "45 s" in course.epoch_estimate(0.5, 90)
+
+
+def test_training_report_estimates_the_full_epoch_after_a_short_run():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(max_steps=60, train_batch_size=2, gradient_accumulation_steps=1, num_train_epochs=1.0)
+    log = [{"step": 1, "loss": 2.0}, {"step": 60, "loss": 1.0}]
+    trainer = SimpleNamespace(args=args, train_dataset=[None] * 900, state=SimpleNamespace(log_history=log))
+    result = SimpleNamespace(global_step=60, metrics={"train_runtime": 240.0, "train_steps_per_second": 0.25})
+    report = course.training_report(trainer, result)
+    assert "loss 2.000 at step 1 -> 1.000 at step 60" in report
+    assert "450 steps" in report and "30 min" in report  # 900 rows / 2 per step at 4 s per step
+    args.max_steps = -1  # the run was the full epoch already: nothing to estimate
+    assert "would take" not in course.training_report(trainer, result)
 
 
 def test_drive_is_only_used_in_colab():
