@@ -475,14 +475,24 @@ def loss_history(trainer) -> list[tuple[int, float]]:
 
 
 def plot_loss(trainer, title: str = "Training loss"):
-    """The loss curve from the trainer's log, as a matplotlib Figure."""
+    """The loss curve from the trainer's log, with the learning-rate schedule beside it, as a matplotlib Figure."""
     import matplotlib.pyplot as plt
 
     points = loss_history(trainer)
+    rates = [(h["step"], float(h["learning_rate"])) for h in trainer.state.log_history if "learning_rate" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+    lines = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (answer tokens only)")
+    if rates:
+        # A second y axis: the rate is around 1e-4 and the loss around 1, so one axis would flatten the rate.
+        lr_ax = ax.twinx()
+        lines += lr_ax.plot([r[0] for r in rates], [r[1] for r in rates], color="tab:orange", linestyle="--",
+                            label="learning rate")
+        lr_ax.set_ylabel("learning rate (dashed)")
+        lr_ax.set_ylim(bottom=0)
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize="small")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -400,8 +400,10 @@ CELLS = [
     The loss is the average surprise of the model at each answer token (cross-entropy, in nats). A falling
     curve means the adapters are learning the answers' pattern. With only a few steps expect a noisy but
     clear descent; if it rises or jumps, the learning rate is too high (see the troubleshooting section).
-    With TensorBoard you can watch it live: `%load_ext tensorboard` then `%tensorboard --logdir` with the
-    checkpoints folder printed in the knobs.
+    The dashed line, on the right-hand axis, is the learning rate the scheduler set at each step: it climbs
+    during the warm-up (`warmup_ratio`), then follows `lr_scheduler_type` (`cosine` falls to zero by the last
+    step, `constant_with_warmup` stays level). With TensorBoard you can watch both live: `%load_ext tensorboard`
+    then `%tensorboard --logdir` with the checkpoints folder printed under the knobs.
     """),
     code("""
     plot_loss(trainer, title=f"Training loss: {course.model_label(cfg)}, {cfg.method}");

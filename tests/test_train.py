@@ -5,6 +5,7 @@ from lora_kit import LoraSettings, TrainSettings, add_lora, build_trainer, demo_
 from lora_kit.data import tokenize_conversations
 from lora_kit.errors import LoraKitError
 from lora_kit.evaluate import perplexity
+from lora_kit.train import plot_loss
 
 ALL_SEVEN = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -84,3 +85,17 @@ def test_quantized_adapters_are_fp32_after_the_trainer_is_built(tmp_path):
                             train=TrainSettings(max_steps=1, report_to="none", output_dir=str(tmp_path), max_length=128))
     dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     assert dtypes == {torch.float32}
+
+
+def test_plot_loss_draws_the_learning_rate_beside_the_loss():
+    from types import SimpleNamespace
+
+    log = [{"step": 1, "loss": 2.0, "learning_rate": 0.0}, {"step": 2, "loss": 1.5, "learning_rate": 1e-3},
+           {"step": 3, "loss": 1.0, "learning_rate": 5e-4}, {"train_runtime": 1.0, "step": 3}]
+    fig = plot_loss(SimpleNamespace(state=SimpleNamespace(log_history=log)))
+    loss_ax, lr_ax = fig.axes
+    assert list(loss_ax.lines[0].get_ydata()) == [2.0, 1.5, 1.0]
+    assert list(lr_ax.lines[0].get_xdata()) == [1, 2, 3] and list(lr_ax.lines[0].get_ydata()) == [0.0, 1e-3, 5e-4]
+    assert "learning rate" in lr_ax.get_ylabel()
+    no_rate = plot_loss(SimpleNamespace(state=SimpleNamespace(log_history=[{"step": 1, "loss": 2.0}])))
+    assert len(no_rate.axes) == 1  # an old log without rates still plots its loss
