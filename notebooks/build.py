@@ -71,6 +71,8 @@ CELLS = [
     on the Guanaco chat data). Without one, or with the environment variable `LORA_KIT_SMOKE=1`, it
     switches to a small model that ships with lora_kit (SmolLM2-135M-Instruct) and a small task, so
     every cell still runs, offline, on a laptop CPU in a few minutes.
+    The README's table *What to expect on a T4* lists the GPU memory each section used when this notebook
+    ran top to bottom on a GPU limited to a T4's memory.
     """),
     # ------------------------------------------------------------------------------------------ 1 set-up
     md("""
