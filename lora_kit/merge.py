@@ -1,17 +1,19 @@
-"""Save adapters, merge them into a 16-bit base, prove the merge, export, push.
+"""Save adapters, merge them into the base's 16-bit weights, prove the merge, export, push.
 
 Never merge into quantized weights: rounding the merged W + (alpha/r)BA back to 4 (or 8) bits
-throws most of the small update away. Instead reload the base in 16-bit (fp32 on CPU), merge
-there, and check that the merged model's logits equal base + adapter's.
+throws most of the small update away. ``merge_adapter`` instead reads the base's own weights
+from its safetensors files one tensor at a time, adds the update in fp32 and writes the result
+in the stored precision, so no second copy of the model is ever held (a 7B merges on a free
+Colab). Every written shard is read back; where an fp32 copy fits, the merged logits are also
+compared with base + adapter's.
 
 A QLoRA adapter was trained against the NF4 weights, not the original ones. Two bases are on
 offer: ``base="original"`` (the base's own 16-bit weights: what users expect, the default) and
-``base="dequantized"`` (the NF4 weights dequantized to 16-bit: exactly what the adapter saw in
-training). ``compare_merge_bases`` measures both against the adapter on its NF4 base.
+``base="dequantized"`` (the NF4 weights dequantized: exactly what the adapter saw in training).
+``compare_merge_bases`` measures both against the adapter on its NF4 base.
 
-Every folder is written under a temporary name beside its target (``.name.partial-...``) and
-renamed when complete, so an interrupted save never leaves a folder that looks finished; the
-leftovers of a killed save are removed by the next save to the same target.
+Folders are written through ``files.atomic_folder``: under a temporary name, renamed into place
+when complete, never over files lora_kit did not write.
 
     adapter_dir = save_adapter(model, tokenizer, "out/adapter", card)   # small; loads with peft alone
     free_memory(trainer, model); del trainer, model; free_memory()      # before reloading the base
