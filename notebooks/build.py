@@ -431,7 +431,9 @@ CELLS = [
     """),
     md("""
     The numbers are averages. To see what changed, read a few held-out examples side by side: the prompt,
-    the reference answer, and what the base and the fine-tuned model wrote.
+    the reference answer, and what the base and the fine-tuned model wrote, each with its own score (the
+    same measure as the table above: 1 or 0 for an exact JSON match, word overlap for chat data). A low
+    score marks a wrong answer: a few steps of training rarely fix every example.
     """),
     code("""
     course.side_by_side(eval_ds, results, n=4)

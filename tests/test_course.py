@@ -262,3 +262,14 @@ def test_guard_keeps_nf4_gradients_right_after_evaluation():
     with torch.no_grad():
         model(input_ids=ids)  # an evaluation, as before training in the notebooks
     assert tuple(layer.weight.shape) == shape  # not repacked
+
+
+def test_side_by_side_shows_each_answers_score():
+    from lora_kit.evaluate import TaskScore
+
+    ds = __import__("lora_kit").demo_task(4, 2, seed=0)[1]
+    results = {"base (adapter off)": (9.0, TaskScore(0.0, 2, 0, ["a", "b"], [0.0, 0.0])),
+               "fine-tuned (adapter on)": (2.0, TaskScore(0.5, 2, 0, ["c", "d"], [1.0, 0.0]))}
+    table = course.side_by_side(ds, results, n=2)
+    assert list(table["fine-tuned score"]) == [1.0, 0.0] and list(table["base score"]) == [0.0, 0.0]
+    assert list(table["fine-tuned"]) == ["c", "d"]
