@@ -13,6 +13,13 @@ demo: install
 
 test: install
 	$(PIP) install -r requirements-dev.txt
+	$(PYTHON) -m ruff check .
 	LORA_KIT_SMOKE=1 $(PYTHON) -m pytest
 
-.PHONY: install demo test
+lint:
+	$(PYTHON) -m ruff check .
+
+notebooks:
+	$(PYTHON) notebooks/build.py
+
+.PHONY: install demo test lint notebooks

@@ -386,7 +386,7 @@ CELLS = [
     disconnect.
     """),
     code("""
-    from lora_kit.train import build_trainer, loss_history, plot_loss, train
+    from lora_kit.train import build_trainer, plot_loss, train
 
     trainer = build_trainer(model, tok, train_ds, lora=cfg.lora, train=cfg.train)
     result = train(trainer, resume=cfg.resume)

@@ -102,3 +102,17 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(path, tmp_path, monkeypatch):
     assert "Skipping the upload" in outputs  # the Hub step skipped by its real condition, with the reason
     assert (tmp_path / "outputs").is_dir()
     print(f"{path.name}: {elapsed:.0f} s")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_committed_notebooks_equal_what_build_py_writes(method):
+    """The notebooks are generated: an edit made to the .ipynb alone would be lost at the next build."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build", ROOT / "notebooks" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    committed = nbformat.read(ROOT / "notebooks" / build.NOTEBOOKS[method], as_version=4)
+    built = build.build(method)
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
+        "the notebook differs from notebooks/build.py's output: edit build.py, then run `make notebooks`")
