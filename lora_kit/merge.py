@@ -39,7 +39,7 @@ from safetensors import torch as safetensors_torch
 
 from .errors import LoraKitError
 from .files import atomic_folder, check_target
-from .quant import round_trip
+from .quant import quantization_of, round_trip
 
 ADAPTER_META = "lora_kit_adapter.json"
 """Written beside an adapter: how its base was quantized in training (for base='dequantized')."""
@@ -91,16 +91,6 @@ def free_memory(*objects) -> None:
 # --- Adapters ---------------------------------------------------------------------------------
 
 
-def _quantization_of(model) -> str:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    q = getattr(base, "lora_kit_quantization", None)
-    if q:
-        return q
-    if getattr(base, "is_loaded_in_4bit", False):
-        return "nf4"
-    return "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none"
-
-
 def save_adapter(model, tokenizer, out_dir, card: dict | None = None) -> Path:
     """Save the adapter with the tokenizer and its chat template beside it.
 
@@ -118,7 +108,7 @@ def save_adapter(model, tokenizer, out_dir, card: dict | None = None) -> Path:
             "The tokenizer has no chat template; the adapter would be served with a different prompt format than "
             "it was trained on. Use the tokenizer returned by lora_kit.load_model (it always has one)."
         )
-    quantization = _quantization_of(model)
+    quantization = quantization_of(model)
     with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -202,7 +192,7 @@ def _adapter_tokenizer(adapter_dir: Path, fallback):
 
 def merge_in_place(model):
     """Merge and unload adapters of a PEFT model on a 16-bit base; refuses quantized bases."""
-    quantization = _quantization_of(model)
+    quantization = quantization_of(model)
     if quantization != "none":
         raise LoraKitError(
             f"Refusing to merge adapters into {quantization} weights: the merged update (alpha/r)*B@A is far smaller "

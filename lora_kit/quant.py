@@ -363,3 +363,14 @@ def round_trip(weight: torch.Tensor, quantization: str, dtype: torch.dtype) -> t
         codes, scales, _ = F.int8_vectorwise_quant(weight.to(torch.float16))
         return F.int8_vectorwise_dequant(codes, scales).float()
     raise LoraKitError(f"round_trip: quantization={quantization!r} is not 'nf4' or '8bit'.")
+
+
+def quantization_of(model) -> str:
+    """How the frozen base of ``model`` (a plain or PEFT model) is stored: "nf4", "8bit" or "none"."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    recorded = getattr(base, "lora_kit_quantization", None)  # set by load_model and dequantize_model
+    if recorded:
+        return recorded
+    if getattr(base, "is_loaded_in_4bit", False):
+        return "nf4"
+    return "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none"

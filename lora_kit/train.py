@@ -369,9 +369,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     fast_kwargs = {}
     if train.fast:
         from . import speed
-        from .merge import _quantization_of
+        from .quant import quantization_of
 
-        method = "qlora" if _quantization_of(model) == "nf4" else "lora"
+        method = "qlora" if quantization_of(model) == "nf4" else "lora"
         capability = detect_hardware().compute_capability
         lengths = [len(ids) for ids in train_dataset["input_ids"]]
         fast_kwargs = speed.fast_path_settings(capability, precision, method, lengths, train.max_length)
