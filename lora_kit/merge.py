@@ -371,18 +371,12 @@ def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto"
     the merged model is then cast to this machine's precision. Nothing is written. Raises when the
     merged logits disagree with base + adapter's.
     """
-    from peft import PeftModel
-
-    from .models import check_adapter_fits
-
     from .hardware import resolve_precision, torch_dtype
 
     adapter_dir = Path(adapter_dir)
     base_name = _adapter_base_name(adapter_dir)
-    model, base_tokenizer = _fp32_base(base_name, base, precision, _adapter_quantization(adapter_dir))
+    model, base_tokenizer = _fp32_adapted(adapter_dir, base_name, base, precision, _adapter_quantization(adapter_dir))
     tokenizer = _adapter_tokenizer(adapter_dir, base_tokenizer)
-    check_adapter_fits(model, adapter_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir)
     prompts = prompts or CHECK_PROMPTS
     reference = _logits(model, tokenizer, prompts)
     merged = model.merge_and_unload()
@@ -455,6 +449,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
     chat template and a README.md model card, and loads with ``AutoModelForCausalLM`` alone.
     """
     from .hardware import resolve_precision, torch_dtype
+    from .models import load_tokenizer
 
     adapter_dir = Path(adapter_dir)
     check_target(out_dir, inputs=(adapter_dir,))  # before any work: never over the adapter or the user's files
@@ -472,7 +467,7 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
     quantized = _quantized_weight_names(base_dir) if quantization != "none" else set()
     train_dtype = torch_dtype(resolve_precision(precision))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    tokenizer = _adapter_tokenizer(adapter_dir, None) or _base_tokenizer(base_name)
+    tokenizer = _adapter_tokenizer(adapter_dir, None) or load_tokenizer(base_name)
 
     check = MergeCheck(base=base)
     merged_names: set[str] = set()
@@ -517,9 +512,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
                 f"(first: {missing[0]}); nothing was saved. Was it trained on another model? Pass base_model=... .")
         check.tensors_merged = len(merged_names)
         if len(plan) > 1:
-            total = sum(size for shard in plan for _, size in shard)
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2) + "\n")
+                json.dumps({"metadata": {"total_size": needed}, "weight_map": index}, indent=2) + "\n")
         _write_config_files(base_dir, tmp, tokenizer, replaced)
         info = dict(card or {})
         info.setdefault("base_model", base_name)
@@ -703,12 +697,6 @@ def _check_disk_space(out_dir: Path, needed: int) -> None:
             f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_dir; nothing was written.")
 
 
-def _base_tokenizer(base_name):
-    from .models import load_tokenizer
-
-    return load_tokenizer(base_name)
-
-
 def _write_config_files(base_dir: Path, folder: Path, tokenizer, replaced: dict) -> None:
     """config.json without quantization, generation_config.json with EOS and pad, and the tokenizer."""
     from transformers import AutoConfig, GenerationConfig
@@ -739,26 +727,27 @@ def _logits_fit(plan, device) -> bool:
     return needed < 0.5 * free
 
 
-def _fp32_base(base_name, base, precision, quantization):
-    """The base as the logits checks want it: the original weights read exactly (fp32), or the quantized
-    ones as training saw them in this machine's precision, dequantized, in fp32."""
+def _fp32_adapted(adapter_dir, base_name, base, precision, quantization):
+    """(base + adapter, base tokenizer) as the logits checks want them, in fp32: the original weights read
+    exactly, or the quantized ones as training saw them in this machine's precision, dequantized."""
+    from peft import PeftModel
+
+    from .models import check_adapter_fits
+
     if base == "original" or quantization == "none":
         model, tokenizer = load_base_for_merge(base_name, "original", "fp32")
     else:
         model, tokenizer = load_base_for_merge(base_name, base, precision, quantization)
-    return model.float(), tokenizer
+    model = model.float()
+    check_adapter_fits(model, adapter_dir)
+    return PeftModel.from_pretrained(model, adapter_dir), tokenizer
 
 
 def _logits_check(adapter_dir, merged_dir, base_name, base, precision, quantization, tokenizer, tolerance):
     """base + adapter's logits, then the merged folder's, one model in memory at a time."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .models import check_adapter_fits
-
-    model, _ = _fp32_base(base_name, base, precision, quantization or "none")
-    check_adapter_fits(model, adapter_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    model, _ = _fp32_adapted(adapter_dir, base_name, base, precision, quantization or "none")
     reference = _logits(model, tokenizer, CHECK_PROMPTS)
     del model
     free_memory()  # collect it before the merged copy is loaded
