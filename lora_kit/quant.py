@@ -23,6 +23,8 @@ bitsandbytes is imported inside the functions that need it, so importing this mo
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lora_kit.errors import LoraKitError
@@ -282,6 +284,20 @@ def plot_nf4_levels(title: str = "Where the 16 four-bit levels sit"):
 
 # The bitsandbytes releases this was checked against; on others lean_int8_backward steps aside.
 _INT8_CHECKED = ("0.50",)
+
+
+class _QuietInt8Cast(logging.Filter):
+    """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" line.
+
+    It is logged on every 8-bit matmul whose input is not fp16 (a bf16 or fp32 model): a 7B writes
+    it thousands of times per answer. The cast is bitsandbytes' normal path, not a fault.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietInt8Cast())
 
 
 class _FrozenInt8Matmul(torch.autograd.Function):

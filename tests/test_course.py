@@ -132,6 +132,18 @@ def test_training_report_estimates_the_full_epoch_after_a_short_run():
     assert "would take" not in course.training_report(trainer, result)
 
 
+def test_training_report_gives_tokens_per_second_from_the_rows_trained():
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    args = SimpleNamespace(max_steps=10, train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=1.0)
+    rows = Dataset.from_dict({"input_ids": [[1] * 500, [1] * 1500] * 10})  # 1,000 tokens a row on average
+    trainer = SimpleNamespace(args=args, train_dataset=rows, state=SimpleNamespace(log_history=[]))
+    result = SimpleNamespace(global_step=10, metrics={"train_runtime": 20.0, "train_steps_per_second": 0.5})
+    assert "About 2,000 tokens/s (4 rows of 1,000 tokens on average per step)" in course.training_report(trainer, result)
+
+
 def test_drive_is_only_used_in_colab():
     cfg = course.course_settings("lora", hardware=CPU, use_drive=True)
     assert not cfg.use_drive and "Colab" in cfg.reasons["use_drive"]

@@ -487,3 +487,19 @@ def test_merge_checks_the_disk_space_first(run, tmp_path, monkeypatch):
     with pytest.raises(LoraKitError, match=r"needs 0\.\d+ GiB .* 0\.10 GiB are free"):
         merge.merge_adapter(run["adapter_dir"], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_compare_logits_forgives_near_ties_only():
+    from lora_kit.merge import compare_logits
+
+    reference = torch.tensor([[10.0, 2.0, 1.0], [5.0, 4.99, 0.0]])  # the second position is a near-tie
+    swapped_tie = reference + torch.tensor([[0.0, 0.0, 0.0], [-0.02, 0.0, 0.0]])
+    check = compare_logits(reference, swapped_tie, tolerance=0.02)
+    assert check.ok and check.same_argmax and check.near_ties == 1 and check.positions == 2
+    assert "1 of 2 positions are near-ties" in str(check.__class__(**{**check.as_dict(), "logits_checked": True}))
+    clear = torch.tensor([[10.0, 9.7, 0.0]])  # top two 0.3 apart: more than 2% of the largest logit
+    flipped = torch.tensor([[9.85, 9.86, 0.0]])  # every logit within 0.16 (1.6%), yet the clear winner lost
+    check = compare_logits(clear, flipped, tolerance=0.02)
+    assert check.max_rel_diff < 0.02 and not check.same_argmax and not check.ok
+    assert not compare_logits(reference, reference * 1.3, tolerance=0.02).ok  # a wrong scale: 30% off
+    assert compare_logits(reference, reference + 0.1, tolerance=0.02).ok  # 1% of the largest logit

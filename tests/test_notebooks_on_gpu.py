@@ -171,3 +171,11 @@ def test_wheel_list_is_pinned_once_each():
     assert all("==" in line for line in lines) and len(names) == len(set(names))
     assert {"bitsandbytes", "trl", "datasets", "nbclient", "ipykernel", "transformers"} <= set(names)
     assert not {"torch", "numpy"} & set(names)
+
+
+def test_a_line_repeated_many_times_is_flagged(nog):
+    flood = "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16\n" * (nog.REPEATS_FLAGGED + 1)
+    flags = nog.flags_in("loss 1.2\n" * 3 + flood)
+    assert flags == {"repeated: MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16":
+                     nog.REPEATS_FLAGGED + 1}
+    assert nog.flags_in("loss 1.2\n" * nog.REPEATS_FLAGGED) == {}

@@ -1,5 +1,7 @@
 """Tests for lora_kit.quant: the NF4 levels and measured quantization error."""
 
+import logging
+
 import matplotlib
 import pytest
 import torch
@@ -156,3 +158,16 @@ def test_load_model_8bit_uses_the_lean_backward():
     assert layers and all(getattr(m.forward, "__name__", "") == "forward" and not hasattr(m.forward, "__self__")
                           for m in layers)
     assert quantization_of(add_lora(model, LoraSettings(r=4))) == "8bit"
+
+
+def test_bitsandbytes_per_matmul_cast_message_stays_out_of_the_output(caplog):
+    import lora_kit.quant  # noqa: F401  (installs the filter)
+
+    layer = _int8_layer(torch.randn(32, 16) * 0.05).eval()  # a stock layer in inference: fp32 input is cast each call
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            layer(torch.randn(2, 16))
+        logging.getLogger("bitsandbytes.autograd._functions").warning("another bitsandbytes warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["another bitsandbytes warning"]
