@@ -5,18 +5,19 @@ import sys
 
 import pytest
 
-from lora_kit.demo import DemoSettings, run_demo
+from lora_kit.demo import demo_settings, run
 
-KEYS = {"model", "method", "steps", "train_seconds", "before_exact_match", "after_exact_match", "before_perplexity",
+KEYS = {"model", "method", "steps", "train_seconds", "score", "before_score", "after_score", "before_perplexity",
         "after_perplexity", "adapter_dir", "merged_dir", "merged_matches_adapter"}
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_demo_runs_end_to_end_and_merges_into_full_precision(tmp_path, method):
-    result = run_demo(DemoSettings(method=method, steps=3, batch_size=2, n_train=16, n_eval=4, max_new_tokens=8,
-                                   output_dir=str(tmp_path)))
+    result = run(demo_settings(method, max_steps=3, micro_batch_size=2, n_train=16, n_eval=4, eval_samples=4,
+                               max_new_tokens=8, output_dir=str(tmp_path)))
     assert KEYS <= set(result)
     assert result["method"] == method and result["steps"] == 3
+    assert result["score"] == "JSON exact match"
     assert result["merged_matches_adapter"] is True and result["merge_max_rel_diff"] < 0.01
     assert result["after_perplexity"] < result["before_perplexity"]
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -29,5 +30,5 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lora_kit", "demo", "--model", "no-such/model", "--steps", "1",
                            "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "no-such/model" in proc.stdout and "Traceback" not in proc.stderr
+    assert "no-such/model" in proc.stderr and "Traceback" not in proc.stderr
     assert "Failed to load CPU gemm_4bit_forward" not in proc.stderr  # harmless bitsandbytes log, muted
