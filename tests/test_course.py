@@ -1,5 +1,5 @@
 """lora_kit.course: the notebooks' knobs per environment and their small views of results."""
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -285,3 +285,18 @@ def test_side_by_side_shows_each_answers_score():
     table = course.side_by_side(ds, results, n=2)
     assert list(table["fine-tuned score"]) == [1.0, 0.0] and list(table["base score"]) == [0.0, 0.0]
     assert list(table["fine-tuned"]) == ["c", "d"]
+
+
+def test_model_menu_marks_what_fits_the_gpu_from_the_estimate():
+    t4 = Hardware(device="cuda", name="Tesla T4", compute_capability=(7, 5), vram_gib=15.0, gpu_count=1)
+    lora = course.course_settings("lora", smoke=False, hardware=t4)
+    menu = course.model_menu(lora, t4).set_index("model")
+    fit = menu["on Tesla T4 (15 GiB)"]
+    assert fit["HuggingFaceTB/SmolLM2-1.7B-Instruct"] == "fits" and fit["Qwen/Qwen2.5-7B-Instruct"] == "does not fit"
+    assert "current choice" in menu.loc[lora.model, "note"]
+    qlora = course.model_menu(course.course_settings("qlora", smoke=False, hardware=t4), t4).set_index("model")
+    assert (qlora["estimated training peak (GiB)"] < menu["estimated training peak (GiB)"]).all()  # 4-bit bases
+    assert qlora["on Tesla T4 (15 GiB)"]["Qwen/Qwen2.5-7B-Instruct"] == "fits"
+    shorter = course.model_menu(replace(lora, max_length=256), t4).set_index("model")
+    assert (shorter["estimated training peak (GiB)"] <= menu["estimated training peak (GiB)"]).all()
+    assert "no GPU here" in course.model_menu(lora, CPU).columns[2]
