@@ -300,3 +300,23 @@ def test_model_menu_marks_what_fits_the_gpu_from_the_estimate():
     shorter = course.model_menu(replace(lora, max_length=256), t4).set_index("model")
     assert (shorter["estimated training peak (GiB)"] <= menu["estimated training peak (GiB)"]).all()
     assert "no GPU here" in course.model_menu(lora, CPU).columns[2]
+
+
+def test_showcase_and_merged_answer_report_say_which_answer_is_right():
+    from lora_kit.data import demo_task
+    from lora_kit.evaluate import TaskScore
+
+    _, eval_ds = demo_task(4, 3, seed=0)
+    reference = eval_ds["messages"][1][-1]["content"]
+    tuned = TaskScore(score=1 / 3, n=3, failures=0, predictions=["x", reference, "y"], scores=[0.0, 1.0, 0.0])
+    assert course.showcase_index({"fine-tuned (adapter on)": (1.0, tuned)}) == 1
+    nothing = TaskScore(score=0.0, n=3, failures=0, predictions=["x"] * 3, scores=[0.0] * 3)
+    assert course.showcase_index({"fine-tuned (adapter on)": (1.0, nothing)}) == 0
+    qlora = course.course_settings("qlora", smoke=True, hardware=CPU)
+    same = course.merged_answer_report(reference, reference, eval_ds, 1, qlora)
+    assert same.startswith("The merged model gives the adapter's answer") and "adapter 1.00, merged 1.00" in same
+    differs = course.merged_answer_report("wrong", reference, eval_ds, 1, qlora)
+    assert "adapter 1.00, merged 0.00" in differs and "NF4-rounded" in differs and "dequantized" in differs
+    lora = course.course_settings("lora", smoke=True, hardware=CPU)
+    assert "rounded to 16 bits" in course.merged_answer_report("wrong", reference, eval_ds, 1, lora)
+    assert "rounded to 16 bits" in course.merged_answer_report("wrong", reference, eval_ds, 1, qlora, "dequantized")
