@@ -14,7 +14,8 @@ from .evaluate import GenerationSettings, adapter_disabled, compare_answers, gen
 from .formats import load_data
 from .hardware import describe, detect_hardware
 from .chat import ChatSession, chat_box
-from .merge import compare_merge_bases, merge_adapter, merge_in_place, push_to_hub, save_adapter
+from .hub import push_to_hub
+from .merge import compare_merge_bases, merge_adapter, merge_in_place, save_adapter
 from .models import embedded_model_path, load_model, load_tokenizer
 from .train import LoraSettings, Recipe, TrainSettings, add_lora, build_trainer, find_target_modules, preset
 

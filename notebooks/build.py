@@ -496,7 +496,8 @@ CELLS = [
     with this run's settings and scores:
     """),
     code("""
-    from lora_kit.merge import free_memory, merge_adapter, push_to_hub, save_adapter
+    from lora_kit.hub import push_to_hub
+    from lora_kit.merge import free_memory, merge_adapter, save_adapter
 
     card = course.model_card(cfg, table)
     save_adapter(model, tok, cfg.adapter_dir, card)

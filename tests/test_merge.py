@@ -3,8 +3,7 @@
 One module-scoped QLoRA run (NF4 base, a few steps) feeds every test: the adapter must load
 with peft alone, the merged folder with transformers alone (checked in subprocesses that never
 import lora_kit), the merged logits must match base+adapter, merging into 4-bit must be refused,
-a killed merge must leave no finished-looking folder, and push_to_hub must send nothing without
-a token or offline.
+and a killed merge must leave no finished-looking folder. The Hub upload is tested in test_hub.py.
 """
 from __future__ import annotations
 
@@ -343,83 +342,6 @@ def test_atomic_folder_keeps_a_live_writers_partial_and_cleans_on_error(tmp_path
             raise RuntimeError("boom")
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
-
-
-@pytest.fixture
-def small_folder(tmp_path):
-    """A finished-looking adapter folder (push_to_hub does not read the weights)."""
-    folder = tmp_path / "adapter"
-    with files.atomic_folder(folder) as tmp:
-        (tmp / "adapter_config.json").write_text('{"base_model_name_or_path": "x/y", "r": 8}')
-        (tmp / "adapter_model.safetensors").write_bytes(b"0" * 1024)
-        merge.write_model_card(tmp, {"base_model": "x/y", "method": "lora", "kind": "LoRA adapter"})
-    return folder
-
-
-PUSH_SCRIPT = """
-import json, sys
-from pathlib import Path
-from lora_kit.merge import push_to_hub
-folder = Path(sys.argv[1])
-before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
-token = sys.argv[2] or None
-result = push_to_hub(folder, "someone/lora-kit-test", token=token)
-after = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
-print("RESULT " + json.dumps({"pushed": result.pushed, "message": result.message, "unchanged": before == after}))
-"""
-
-
-@pytest.mark.parametrize(
-    "case, token, env, expect",
-    [
-        ("no token", "", {}, "no Hugging Face token"),
-        ("offline", "hf_not_a_real_token", {"HF_HUB_OFFLINE": "1"}, "offline mode"),
-        ("unreachable", "hf_not_a_real_token", {"HF_ENDPOINT": "http://127.0.0.1:9"}, "the upload failed"),
-    ],
-)
-def test_push_to_hub_sends_nothing_without_token_or_network(small_folder, tmp_path, case, token, env, expect):
-    # A fresh HF_HOME: no stored login. The environment is read at import, so each case is a new process.
-    env = {**{k: v for k, v in _clean_env().items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")},
-           "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf_home"), **env}
-    proc = subprocess.run([sys.executable, "-c", PUSH_SCRIPT, str(small_folder), token], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
-    assert result["pushed"] is False and result["unchanged"]
-    assert expect in result["message"] and "Nothing was uploaded" in result["message"]
-
-
-def test_push_to_hub_refuses_an_unfinished_folder(tmp_path):
-    partial = tmp_path / ".merged.partial-abc"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"")
-    with pytest.raises(LoraKitError, match="not a finished"):
-        merge.push_to_hub(partial, "someone/model")
-
-
-def test_push_to_hub_uploads_the_folder_in_one_commit_when_a_token_is_given(small_folder, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token):
-            calls.append(("token", token))
-
-        def create_repo(self, repo_id, private, exist_ok):
-            calls.append(("create_repo", repo_id, private, exist_ok))
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
-            calls.append(("upload_folder", repo_id, folder_path))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    result = merge.push_to_hub(small_folder, "someone/model", token="hf_x")
-    assert result.pushed and result.url == "https://huggingface.co/someone/model"
-    assert calls == [("token", "hf_x"), ("create_repo", "someone/model", True, True),
-                     ("upload_folder", "someone/model", str(small_folder))]
 
 
 @pytest.fixture(scope="module")
