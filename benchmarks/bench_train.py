@@ -61,7 +61,8 @@ MODEL_SIZES = {
 # Keys: liger (Liger RMSNorm/RoPE/SwiGLU kernels), padding_free (flatten the batch, no pad tokens), packing (TRL bfd
 # packing into seq_len bins, padding-free inside), mb_mult (micro-batch multiplier, gradient accumulation divided by
 # the same: same samples per optimizer step), gc ("full" | "selective" | "off"), offload (TRL activation offloading
-# to CPU), compile (Trainer torch_compile), fast (take every setting from lora_kit.speed).
+# to CPU), compile (Trainer torch_compile), fast (take every setting from lora_kit.speed; "levers" forces some of
+# lora_kit.speed.Levers' fields over what this machine decides, "whole_layers" compiles decoder layers whole instead).
 RECIPES = {
     "stock": {},
     # stock with the unquantized modules (embeddings, lm_head, norms) in fp32: what from_pretrained gives when no dtype
@@ -90,17 +91,17 @@ RECIPES = {
     "fp32_adapters": {"fp32_adapters": True},
     "lora_kit": {"fast": True},
     # lora_kit with one of its post-build levers switched off, to see what each gives inside the whole path
-    "lora_kit_nocompile": {"fast": True, "skip": ["compile"]},
-    "lora_kit_nosync": {"fast": True, "skip": ["nosync"]},
-    "lora_kit_nolean": {"fast": True, "skip": ["nolean"]},
-    # experiments: whole decoder layers compiled (norms and residual adds inside the compiled code, one compiled region
-    # per layer instead of two), with and without Liger's kernels
-    "lora_kit_layers": {"fast": True, "skip": ["layers"]},
-    "lora_kit_layers_noliger": {"fast": True, "skip": ["layers", "liger"]},
-    # lora_kit with Liger's RoPE kernel back inside the compiled attention blocks (session 4's lever switched off)
-    "lora_kit_ligerrope": {"fast": True, "skip": ["ligerrope"]},
-    # lora_kit with Inductor's pointwise autotuning back on (torch's default; speed.COMPILE_OPTIONS turns it off)
-    "lora_kit_pwautotune": {"fast": True, "skip": ["pwautotune"]},
+    "lora_kit_nocompile": {"fast": True, "levers": {"compile_blocks": False}},
+    "lora_kit_nosync": {"fast": True, "levers": {"one_sync_optimizer": False}},
+    "lora_kit_nolean": {"fast": True, "levers": {"lean_update": False}},
+    # experiments: whole decoder layers compiled where lora_kit compiles blocks (norms and residual adds inside the
+    # compiled code, one compiled region per layer instead of two), with and without Liger's kernels
+    "lora_kit_layers": {"fast": True, "levers": {"compile_blocks": False}, "whole_layers": True},
+    "lora_kit_layers_noliger": {"fast": True, "levers": {"compile_blocks": False, "liger": False}, "whole_layers": True},
+    # lora_kit with Liger's RoPE kernel back inside the compiled attention blocks
+    "lora_kit_ligerrope": {"fast": True, "levers": {"liger_rope": True}},
+    # lora_kit with Inductor's pointwise autotuning back on (torch's default; Levers.autotune_pointwise)
+    "lora_kit_pwautotune": {"fast": True, "levers": {"autotune_pointwise": True}},
     # the stock recipe + only the one-sync-per-step optimizer
     "onesync": {"onesync": True},
     # ... + the bnb update op called straight from the parameter group (speed.lean_update_step)
@@ -285,9 +286,9 @@ def recipe_settings(args, shape, recipe, info, precision):
     kw = {}
     if levers.pop("fast", False):
         # lora_kit's own entry point decides everything (lora_kit.train.build_trainer with TrainSettings(fast=True))
-        kw["_via_lora_kit"] = levers.pop("skip", [])
+        kw["_via_lora_kit"] = {"forced": levers.get("levers", {}), "whole_layers": levers.get("whole_layers", False)}
         levers = {"fast": "lora_kit.train.build_trainer", "capability_seen": fast_capability(args, info),
-                  "levers_switched_off": kw["_via_lora_kit"]}
+                  "levers_forced": kw["_via_lora_kit"]["forced"], "whole_layers": kw["_via_lora_kit"]["whole_layers"]}
     if levers.get("liger"):
         kw["use_liger_kernel"] = True
     if levers.get("padding_free"):
@@ -320,25 +321,7 @@ def recipe_settings(args, shape, recipe, info, precision):
 
 
 def run_recipe(args, shape, recipe, ckpt):
-    """Train one recipe for warmup+steps optimizer steps; return a result dict.
-
-    Recipes switch lora_kit levers off by replacing module functions; they are put back afterwards, so recipes run
-    one after another in one process (CPU, --in-process) do not leak into each other."""
-    from lora_kit import speed
-    from lora_kit import train as lk_train
-
-    saved = [(speed, name, getattr(speed, name)) for name in ("compile_layers", "skip_optimizer_syncs",
-                                                               "lean_update_step", "COMPILE_OPTIONS",
-                                                               "fast_path_settings")]
-    saved.append((lk_train, "detect_hardware", lk_train.detect_hardware))
-    try:
-        return _run_recipe(args, shape, recipe, ckpt)
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-
-
-def _run_recipe(args, shape, recipe, ckpt):
+    """Train one recipe for warmup+steps optimizer steps; return a result dict."""
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -431,7 +414,9 @@ def _run_recipe(args, shape, recipe, ckpt):
     timer = Timer()
     t_build = time.time()
     if via_lora_kit is not None:
-        trainer = build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, via_lora_kit)
+        trainer, chosen = build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision,
+                                                 via_lora_kit)
+        result["levers_on"] = chosen.on()
         trainer.add_callback(timer)
         count_tokens = trainer.training_step
 
@@ -461,9 +446,7 @@ def _run_recipe(args, shape, recipe, ckpt):
     if onesync:
         from lora_kit import speed
 
-        if not lean:
-            speed.lean_update_step = lambda optimizer: False  # this subprocess only: the one-sync lever alone
-        trainer.add_callback(speed._OptimizerLevers())
+        trainer.add_callback(speed.OptimizerLevers(one_sync=True, lean=lean))
     result["build_s"] = round(time.time() - t_build, 1)
     if on_cuda:
         torch.cuda.synchronize()
@@ -505,48 +488,33 @@ def real_tokens(inputs) -> int:
     return int(inputs["input_ids"].numel())  # padding-free: one flat row, no pad tokens (pad_to_multiple_of unset)
 
 
-def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, switched_off):
-    """The trainer a lora_kit user gets (build_trainer, TrainSettings(fast=True)), with the stock recipe's settings."""
-    from lora_kit import hardware, speed
+def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, via_lora_kit):
+    """The trainer a lora_kit user gets (build_trainer, TrainSettings(fast=True)), with the stock recipe's settings.
+
+    The levers are decided here for fast_capability (the real chip, or the emulated one of the T4 proxy) and these
+    data, as build_trainer would, then the recipe's forced levers replace their decisions. Returns (trainer, levers).
+    """
+    from dataclasses import replace
+
+    from lora_kit import speed
     from lora_kit import train as lk_train
 
-    if args.emulate_capability:  # T4 proxy: lora_kit decides as for the emulated chip
-        real = lk_train.detect_hardware()
-        lk_train.detect_hardware = lambda: hardware.Hardware(
-            device=real.device, name=real.name, compute_capability=fast_capability(args, info),
-            vram_gib=real.vram_gib, gpu_count=real.gpu_count)
-    if "compile" in switched_off:
-        speed.compile_layers = lambda model: 0
-    if "nosync" in switched_off:
-        speed.skip_optimizer_syncs = lambda optimizer: False
-    if "nolean" in switched_off:
-        speed.lean_update_step = lambda optimizer: False
-    if "layers" in switched_off:
-        speed.compile_layers = compile_whole_layers
-    if "liger" in switched_off:
-        _drop_fast_settings("use_liger_kernel", "liger_kernel_config")
-    if "ligerrope" in switched_off:
-        _drop_fast_settings("liger_kernel_config")
-    if "pwautotune" in switched_off:
-        speed.COMPILE_OPTIONS = {}
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    decided, _ = speed.Levers().decide(fast_capability(args, info), precision, args.method, lengths, args.seq_len)
+    levers = replace(decided, **via_lora_kit["forced"])
     lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
     settings = lk_train.TrainSettings(
         learning_rate=2e-4, micro_batch_size=mb, gradient_accumulation_steps=ga, max_steps=total_steps,
         max_length=args.seq_len, optim="paged_adamw_32bit", lr_scheduler_type="constant", warmup_ratio=0.0,
         max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=True, logging_steps=1, save_steps=10**9,
-        output_dir=tempfile.mkdtemp(prefix="bench_lk_"), seed=args.seed, fast=True, report_to="none")
-    return lk_train.build_trainer(model, tok, ds, lora=lora, train=settings, precision=precision)
+        output_dir=tempfile.mkdtemp(prefix="bench_lk_"), seed=args.seed, fast=True, levers=levers, report_to="none")
+    trainer = lk_train.build_trainer(model, tok, ds, lora=lora, train=settings, precision=precision)
+    if via_lora_kit["whole_layers"] and decided.compile_blocks:
+        compile_whole_layers(trainer.model, levers.autotune_pointwise)
+    return trainer, levers
 
 
-def _drop_fast_settings(*names):
-    """Switch SFTConfig settings that lora_kit.speed.fast_path_settings decides back off (run_recipe restores it)."""
-    from lora_kit import speed
-
-    decide = speed.fast_path_settings
-    speed.fast_path_settings = lambda *a, **k: {n: v for n, v in decide(*a, **k).items() if n not in names}
-
-
-def compile_whole_layers(model) -> int:
+def compile_whole_layers(model, autotune_pointwise=False) -> int:
     """Experiment: torch.compile each decoder layer whole (inside gradient checkpointing, like speed.compile_layers)."""
     from lora_kit import speed
 
@@ -554,7 +522,7 @@ def compile_whole_layers(model) -> int:
     n = 0
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
-            module.compile(options=dict(speed.COMPILE_OPTIONS))
+            module.compile(options={"triton.autotune_pointwise": autotune_pointwise})
             n += 1
     return n
 

@@ -1,108 +1,147 @@
-"""lora_kit's faster default training path, as plain functions (issue 7).
+"""lora_kit's training speed levers: which ones a run uses, and the code of each.
 
-How `train.build_trainer(..., fast=True)` uses it (four calls, all cheap, all no-ops where a lever is off)::
+`train.build_trainer` uses them in five calls (each a no-op where its levers are off)::
 
     from lora_kit import speed
 
-    cap = hardware.compute_capability                  # (9, 0) on an H100, (7, 5) on a T4, None on CPU
-    extra = speed.fast_path_settings(cap, precision, method, lengths, max_length)  # extra trl.SFTConfig kwargs
-    micro_batch, grad_accum = speed.batch_shape(micro_batch, grad_accum, extra)
-    model = speed.prepare_model(model, cap, precision, packing=extra.get("packing", False))  # attention kernel
+    levers, notes = speed.Levers().decide(capability, precision, method, lengths, max_length)  # or Levers.off()
+    extra = speed.sft_settings(levers)                          # extra trl.SFTConfig kwargs (packing, Liger)
+    micro_batch, grad_accum = speed.batch_shape(micro_batch, grad_accum, levers)
+    model = speed.prepare_model(model, levers)                  # attention kernel
     trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(..., **extra), ...)
-    speed.after_trainer_built(trainer, cap, precision, method)  # adapter dtype, compiled blocks, optimizer syncs
+    speed.after_trainer_built(trainer, levers)                  # adapter dtype, compiled blocks, optimizer
 
-    hardware_capability: a (major, minor) tuple, None for CPU, or any object with a `compute_capability`
-                         attribute (lora_kit.hardware.Hardware is accepted as is).
-    precision:           "bf16" | "fp16" | "fp32" (what the run computes in; a T4 is fp16).
-    method:              "lora" | "qlora" | None (only the adapter dtype depends on it).
-    lengths, max_length: the training samples' token counts and the cut-off (packing is on only where it pays).
-
-With fast=False the caller skips this module and the stock recipe is what remains. Every lever was measured alone
-on an H100 with a Llama-2-7B-shaped QLoRA run (benchmarks/README.md has the table, including the ones that did not
-help and stay off: activation offloading, skipping gradient checkpointing, whole-model torch.compile, selective
+`Levers.off()` is the stock transformers + peft + trl recipe (`TrainSettings(fast=False)`). Each lever was measured
+alone on an H100 with a Llama-2-7B-shaped QLoRA run: benchmarks/README.md has the numbers, and the levers that did not
+help and stay out (activation offloading, no gradient checkpointing, whole-model torch.compile, selective
 checkpointing).
-Each lever switches itself off where it is not correct or not supported, and says why beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-# Levers that are Triton code (Liger's kernels, FlexAttention's generated kernels) stay off below sm_80. A T4 is
-# sm_75 with fp16 only; nothing here was run on a real sm_75 chip, and the fp16 proxy run on an H100 is no proof of
-# sm_75 code generation.
+# Liger's kernels, FlexAttention's and the compiled blocks' are Triton code, run by lora_kit only from sm_80 (a T4 is
+# sm_75; no lever was run on a real one).
 _MIN_CAPABILITY_FOR_TRITON = (8, 0)
 
 VALID_PRECISIONS = ("bf16", "fp16", "fp32")
-VALID_METHODS = ("lora", "qlora", None)
-
-
-def fast_path_settings(hardware_capability, precision: str, method: str | None = None,
-                       lengths=None, max_length: int | None = None) -> dict[str, Any]:
-    """Extra `trl.SFTConfig` keyword arguments for the fast path on this machine (a new dict each call).
-
-    lengths / max_length: the training samples' token counts and the length they are cut to. When given, packing is
-    switched on only where it removes padding (see packing_pays); without them it is assumed to (chat data).
-    """
-    cap = _capability(hardware_capability)
-    if precision not in VALID_PRECISIONS:
-        raise ValueError(f"precision must be one of {VALID_PRECISIONS}, got {precision!r}")
-    if isinstance(method, str) and method not in VALID_METHODS:
-        raise ValueError(f"method must be one of {VALID_METHODS}, got {method!r}")
-    settings: dict[str, Any] = {}
-
-    # 1. Padding-free batches through TRL's best-fit-decreasing packing (H100, 7B QLoRA, chat-like lengths:
-    #    2.75x the stock real tokens/s with sdpa, 4.4x with FlexAttention, see prepare_model).
-    #    Chat data is mostly short with a long tail: padding each batch to its longest sample spends the GPU on pad
-    #    tokens, and QLoRA pays a large fixed cost per micro-batch (dequantizing every weight, launching every
-    #    kernel) whatever its length, so fuller micro-batches are faster. bfd packs whole samples into max_length
-    #    bins (a sample longer than max_length is truncated, as in the stock path) and the collator flattens a
-    #    micro-batch into one row whose position_ids restart at 0 for each sample.
-    #    Correct boundaries: with attn_implementation "sdpa", "eager" or "flex_attention", transformers >= 5 builds
-    #    a block-diagonal causal mask from those position_ids (masking_utils.find_packed_sequence_indices) when no
-    #    attention_mask is passed and no KV cache is used, which is exactly what SFTTrainer does (use_cache=False);
-    #    TRL masks the label of each sample's first token. tests/test_speed.py checks packed loss == padded loss.
-    #    No kernel of its own, so correct on CPU and on a T4 too: on for every GPU.
-    #    Trade-off: a step now holds micro_batch bins of max_length tokens, i.e. more samples than the stock step
-    #    (its memory bound is the stock worst case: micro_batch samples of max_length); see batch_shape().
-    #    On data that are all max_length long it costs ~10% (one flattened row, no plain causal fast path).
-    #    CPU: off. Measured on the 2-core CPU (embedded 135M model, demo task, 4 steps each, quiet machine):
-    #    4 packed rows of 256 tokens ran 96 tokens/s, 8 padded samples 108 tokens/s. The CPU has no fixed per-step
-    #    cost to amortise, and one long flattened row makes attention (with an explicit block mask) dearer.
-    #    Data that already fill max_length (fixed 2048-token samples) have no padding to remove: packing them only
-    #    costs (0.89x on the H100), so packing_pays() keeps it off there.
-    if cap is not None and (lengths is None or packing_pays(lengths, max_length)):
-        settings["packing"] = True
-        settings["packing_strategy"] = "bfd"
-
-    # 2. Liger kernels: RMSNorm, RoPE and SwiGLU in Triton (H100 7B QLoRA: 1.14x tokens/s, -3% peak on 2048-token
-    #    samples; 1.13x on padding-free chat batches). TRL keeps its own chunked LM-head loss (Liger's fused cross-entropy is
-    #    refused by TRL 1.16), so only the layer kernels apply. CUDA only, and only from sm_80 (see above). Runs on
-    #    fp16 too (checked on the H100 fp16 proxy), but a T4 is below sm_80, so it stays off there.
-    if cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and _importable("liger_kernel"):
-        settings["use_liger_kernel"] = True
-        # Where after_trainer_built compiles the attention blocks, Liger's RoPE is left out: it is wrapped in
-        # torch.compiler.disable, so inside a compiled block it splits the graph in two (a second compiled region and
-        # guard check per layer and pass, RoPE in its own kernels). Without it Inductor computes RoPE inside the
-        # block's graph. H100, 7B QLoRA, 2048-token samples, two runs: 1.70x and 1.58x the stock tokens/s instead of
-        # 1.45x and 1.35x, the same peak memory (benchmarks/README.md: lora_kit against lora_kit_ligerrope). An 8-bit
-        # base is not compiled (after_trainer_built); there RoPE then runs as plain torch ops.
-        if compiles_blocks(cap, precision, bool(settings.get("packing"))):
-            settings["liger_kernel_config"] = {"rope": False}
-
-    return settings
-
+VALID_METHODS = ("lora", "lora8", "qlora", None)  # preset()'s names; None: not known
 
 # Below this mean fill of max_length, packing removes enough padding (and fills micro-batches enough) to pay.
 PACKING_MIN_SAVING = 0.10
 
 
+@dataclass(frozen=True)
+class Levers:
+    """The speed levers of a training run, each True (on), False (off) or None (this machine and these data decide).
+
+    `Levers()` lets the machine decide every lever (`TrainSettings(fast=True)`); `Levers.off()` is the stock recipe
+    (`TrainSettings(fast=False)`); `Levers(compile_blocks=False)` is the first with one lever off. A lever forced on
+    where it cannot run (Triton code on a CPU or below sm_80, bf16 adapters under fp16) steps aside: `decide` switches
+    it off and returns the reason, which build_trainer prints. A recipe written for one machine then still trains on
+    another, only without that lever.
+    """
+
+    packing: bool | None = None
+    """Pack whole samples into max_length rows (TRL's best-fit decreasing), so no compute goes to pad tokens and each
+    micro-batch carries more of QLoRA's fixed per-batch cost. None: on for a GPU where the samples fill less than 90%
+    of max_length (packing_pays); off on CPU, where it was slower."""
+    flex_attention: bool | None = None
+    """FlexAttention: skips the masked-out blocks of a packed row, which sdpa computes in full. None: on with packing on
+    CUDA sm_80+ in 16 bits (on unpacked rows sdpa's flash kernel is faster)."""
+    liger: bool | None = None
+    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU: fewer, fused kernels. None: on for CUDA sm_80+ where
+    liger-kernel is installed."""
+    liger_rope: bool | None = None
+    """Liger's RoPE among them. None: on, except where the blocks are compiled: it is wrapped in
+    torch.compiler.disable, so it would split each compiled attention block in two, and Inductor's RoPE is faster."""
+    compile_blocks: bool | None = None
+    """torch.compile each decoder layer's attention and MLP blocks, fusing the elementwise work between the matrix
+    products. None: on for CUDA sm_80+ in 16 bits, but not with packing (every new row length recompiles) nor on an
+    8-bit base (never run compiled)."""
+    autotune_pointwise: bool = False
+    """Inductor's pointwise autotuning in the compiled blocks. Off: on a fresh machine its L2-flushing buffer lands on
+    the training peak, and the launch configuration it picks is worth little for these kernels."""
+    one_sync_optimizer: bool | None = None
+    """A bitsandbytes optimizer waits for the GPU once per step instead of after every tensor (skip_optimizer_syncs).
+    None: on for every GPU."""
+    lean_update: bool | None = None
+    """bitsandbytes' update op called straight from the parameter group, without its per-tensor Python
+    (lean_update_step). None: on for every GPU."""
+    bf16_adapters: bool | None = None
+    """Keep the bf16 adapters TRL gives a quantized model instead of casting them to fp32: less memory, same speed, as
+    in the QLoRA paper's code. None: on for bf16 QLoRA; fp16 runs (their grad scaler) and fp32 runs need fp32."""
+
+    @classmethod
+    def off(cls) -> Levers:
+        """Every lever off: the stock transformers + peft + trl recipe."""
+        return cls(**{f.name: False for f in fields(cls)})
+
+    def on(self) -> list[str]:
+        """The names of the levers that are on."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is True]
+
+    def decide(self, hardware_capability, precision: str, method: str | None = None, lengths=None,
+               max_length: int | None = None) -> tuple[Levers, list[str]]:
+        """These levers with every None answered for this machine and these data, and one line per lever that was
+        forced on but cannot run here (it is switched off).
+
+        hardware_capability: a (major, minor) tuple such as (9, 0), None for CPU, or an object with a
+                             `compute_capability` attribute (lora_kit.hardware.Hardware).
+        precision:           "bf16" | "fp16" | "fp32", what the run computes in (a T4 is fp16).
+        method:              "lora" | "lora8" | "qlora" | None (the adapter dtype and compilation depend on it).
+        lengths, max_length: the training samples' token counts and their cut-off; without them packing is assumed
+                             to pay (chat data).
+        """
+        cap = _capability(hardware_capability)
+        if precision not in VALID_PRECISIONS:
+            raise ValueError(f"precision must be one of {VALID_PRECISIONS}, got {precision!r}")
+        if method not in VALID_METHODS:
+            raise ValueError(f"method must be one of {VALID_METHODS}, got {method!r}")
+        gpu = cap is not None
+        triton = gpu and cap >= _MIN_CAPABILITY_FOR_TRITON
+        sixteen_bit = precision in ("bf16", "fp16")
+        no_triton = (None if triton else "it is Triton code, which lora_kit runs on CUDA sm_80 or newer only "
+                     f"(this machine: {'sm_%d%d' % cap if gpu else 'CPU'})")
+        notes = []
+
+        def choose(name, auto, cannot=None):
+            wanted = getattr(self, name)
+            if wanted is None:
+                return bool(auto) and not cannot
+            if wanted and cannot:
+                notes.append(f"{name}: asked for, but {cannot}: off")
+                return False
+            return wanted
+
+        packing = choose("packing", gpu and (lengths is None or packing_pays(lengths, max_length)))
+        flex = choose("flex_attention", packing and sixteen_bit,
+                      no_triton or (None if _flex_available() else "this torch has no FlexAttention"))
+        eight_bit = "8-bit bases (bitsandbytes' Linear8bitLt) were never run compiled" if method == "lora8" else None
+        compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit)
+        liger = choose("liger", True, no_triton or (None if _importable("liger_kernel") else
+                                                    "liger-kernel is not installed"))
+        # Liger's RoPE stays out of compiled blocks; an 8-bit base, whose blocks would compile but for the base, keeps
+        # the torch RoPE it has been run with.
+        rope = liger and choose("liger_rope", not (compiled or (eight_bit and triton and sixteen_bit and not packing)))
+        not_bf16 = None if precision == "bf16" else (
+            "fp16's grad scaler cannot unscale bf16 gradients" if precision == "fp16" else
+            "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)")
+        decided = replace(
+            self, packing=packing, flex_attention=flex, liger=liger, liger_rope=rope, compile_blocks=compiled,
+            one_sync_optimizer=choose("one_sync_optimizer", gpu), lean_update=choose("lean_update", gpu),
+            bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16))
+        return decided, notes
+
+
 def packing_pays(lengths, max_length: int | None) -> bool:
     """True when the samples, cut to max_length, fill less than 90% of it on average (so packing removes padding).
 
-    Chat data (median ~250 tokens, max_length 2048) fill ~20%: packing pays 2.7-4.4x. Samples that all reach
-    max_length fill 100%: there is nothing to pack, and the flattened rows are ~11% slower than plain padded ones.
+    Chat data fill ~20% of a 2048-token max_length; samples that all reach max_length leave nothing to pack, and the
+    flattened rows are then slower than plain padded ones (benchmarks/README.md).
     """
     lengths = [int(n) for n in lengths]
     if not lengths:
@@ -112,86 +151,78 @@ def packing_pays(lengths, max_length: int | None) -> bool:
     return fill < 1.0 - PACKING_MIN_SAVING
 
 
-def attention_implementation(hardware_capability, precision: str, packing: bool = True) -> str:
-    """The attention kernel for the fast path: "flex_attention" on CUDA sm_80+, else "sdpa" (the stock one).
+def sft_settings(levers: Levers) -> dict[str, Any]:
+    """The `trl.SFTConfig` keyword arguments of decided levers (a new dict; empty when packing and Liger are off).
 
-    With packing, sdpa gets a dense block-diagonal mask and falls back to the memory-efficient kernel, which computes
-    every masked-out block of the flattened row (a 8192-token row costs 16x one 2048-token sample). FlexAttention
-    turns the same mask into a block-sparse BlockMask and skips them: 7,186 vs 4,543 real tokens/s on chat-like data
-    (H100, 7B QLoRA). It compiles its kernel once per run (about a minute), and on plain fixed-length data it is ~13%
-    slower than sdpa's flash kernel. Triton-generated, so off below sm_80 and on CPU (slow to compile there).
-    Without packing there is no block mask to exploit: sdpa stays.
+    Packing: TRL's collator flattens a micro-batch into one row whose position_ids restart at 0 for each sample, and
+    transformers (>= 5, sdpa / eager / flex_attention, no KV cache: SFTTrainer's case) builds the block-diagonal causal
+    mask from them; tests/test_speed.py checks that the packed loss equals the padded one. Liger: TRL keeps its own
+    chunked LM-head loss (it refuses Liger's fused cross-entropy), so only the layer kernels apply.
     """
-    cap = _capability(hardware_capability)
-    if precision not in VALID_PRECISIONS:
-        raise ValueError(f"precision must be one of {VALID_PRECISIONS}, got {precision!r}")
-    if packing and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16"):
-        try:
-            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        except Exception:  # noqa: BLE001 - an old torch without FlexAttention: keep sdpa
-            return "sdpa"
-        return "flex_attention"
-    return "sdpa"
+    _check_decided(levers)
+    settings: dict[str, Any] = {}
+    if levers.packing:
+        settings.update(packing=True, packing_strategy="bfd")
+    if levers.liger:
+        settings["use_liger_kernel"] = True
+        if not levers.liger_rope:
+            settings["liger_kernel_config"] = {"rope": False}
+    return settings
 
 
-def prepare_model(model, hardware_capability, precision: str, packing: bool = True):
-    """Switch `model` (a PreTrainedModel, or a PeftModel around one) to attention_implementation(); returns it.
+def batch_shape(micro_batch: int, grad_accum: int, levers: Levers) -> tuple[int, int]:
+    """Micro-batch size and gradient accumulation to use with decided `levers`.
 
-    Call before SFTTrainer is built. A no-op where the answer is the model's current implementation.
+    Packing: the micro-batch counts max_length rows, so its memory bound is the stock worst case (micro_batch samples
+    of max_length) and it stays; accumulation drops to 1, since each row already holds several chat samples, so a step
+    still sees more samples than the stock accumulated one. Otherwise unchanged.
     """
-    wanted = attention_implementation(hardware_capability, precision, packing)
+    _check_decided(levers)
+    return (micro_batch, 1) if levers.packing else (micro_batch, grad_accum)
+
+
+def prepare_model(model, levers: Levers):
+    """Switch `model` (a PreTrainedModel, or a PeftModel around one) to FlexAttention where the lever is on; returns it.
+
+    Call before SFTTrainer is built. With the lever off, a FlexAttention left by an earlier run goes back to sdpa and
+    any other implementation stays as loaded.
+    """
+    _check_decided(levers)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) != wanted and hasattr(base, "set_attn_implementation"):
+    current = getattr(base.config, "_attn_implementation", None)
+    wanted = "flex_attention" if levers.flex_attention else "sdpa" if current == "flex_attention" else current
+    if current != wanted and hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation(wanted)
     return model
 
 
-def batch_shape(micro_batch: int, grad_accum: int, settings: dict[str, Any]) -> tuple[int, int]:
-    """Micro-batch size and gradient accumulation to use with `settings` (from fast_path_settings).
+def after_trainer_built(trainer, levers: Levers) -> list[str]:
+    """The levers that act on a built trainer; returns one line per action, for the log.
 
-    Packing: the micro-batch counts max_length bins, so its memory bound is the stock worst case (micro_batch samples
-    of max_length) and the micro-batch size stays; gradient accumulation drops to 1, since each bin already holds
-    several chat samples (on median-250-token data a 2048 bin holds ~5), so a step still sees more samples than the
-    stock accumulated step. Padding-free without packing: accumulation moves into the micro-batch (same samples per
-    optimizer step; the trainer averages the loss over all tokens of the step either way), since padding-free memory
-    follows the real tokens. Otherwise unchanged.
+    Adapter dtype: fp32 (upcast_trainable_params) unless bf16_adapters. Compiled blocks: after the build, since PEFT
+    has wrapped the projections by then. Optimizer levers: a callback, since the optimizer exists only at train().
     """
-    if settings.get("packing"):
-        return micro_batch, 1
-    if settings.get("padding_free") and grad_accum > 1:
-        return micro_batch * grad_accum, 1
-    return micro_batch, grad_accum
-
-
-def after_trainer_built(trainer, hardware_capability, precision: str, method: str | None = None) -> list[str]:
-    """The levers that act on a built trainer; returns one line per lever saying what it did (for the log).
-
-    * adapter dtype: fp32 for fp16 and fp32 runs (upcast_trainable_params). On bf16 a QLoRA model keeps the bf16
-      adapters TRL gives it, as in the QLoRA paper's own code (0.3 GiB less for a 7B at r=64, same speed; fp32 ones
-      measured 1.05x the peak memory); a 16-bit LoRA model keeps PEFT's fp32 adapters.
-    * compile_layers: sm_80+ CUDA in bf16/fp16, when not packing and not on an 8-bit base (H100 7B QLoRA at 2048 tokens, quiet machine:
-      1.21x, 0.98x memory with Liger). Packed rows change length every step: each new length recompiles the blocks
-      (steps of 1.36 and 1.49 s in the middle of a run), and the packed run was no faster overall, so compile stays off there.
-    * skip_optimizer_syncs + lean_update_step: any CUDA run with a bitsandbytes optimizer (paged AdamW): one GPU
-      wait per step and bnb's update op called straight from the parameter group (bit for bit bnb's update; 448
-      adapter tensors of a 7B: 33 -> 9 ms per optimizer step on the H100).
-    """
-    cap = _capability(hardware_capability)
+    _check_decided(levers)
     done = []
-    if precision in ("fp16", "fp32") or method != "qlora":
+    if not levers.bf16_adapters:
         n = upcast_trainable_params(trainer.model)
         if n:
             done.append(f"adapters: {n} tensors cast to fp32")
-    packing = bool(getattr(trainer.args, "packing", False))
-    # 8-bit bases (bitsandbytes' Linear8bitLt and its Python matmul state) were never run compiled: left eager.
-    int8 = any(type(m).__name__ == "Linear8bitLt" for m in trainer.model.modules())
-    if compiles_blocks(cap, precision, packing) and not int8:
-        done.append(f"torch.compile: {compile_layers(trainer.model)} attention/MLP blocks (first step compiles them)")
-    if cap is not None:
-        trainer.add_callback(_OptimizerLevers())
-        done.append("bitsandbytes optimizer: one synchronisation per step instead of one per tensor, "
-                    "update kernels called without bnb's per-tensor Python")
+    if levers.compile_blocks:
+        n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
+        done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
+    if levers.one_sync_optimizer or levers.lean_update:
+        trainer.add_callback(OptimizerLevers(levers.one_sync_optimizer, levers.lean_update))
+        done.append("bitsandbytes optimizer: " + ", ".join(
+            ["one synchronisation per step instead of one per tensor"] * levers.one_sync_optimizer
+            + ["update kernels called without bnb's per-tensor Python"] * levers.lean_update))
     return done
+
+
+def _check_decided(levers: Levers) -> None:
+    undecided = [f.name for f in fields(levers) if getattr(levers, f.name) is None]
+    if undecided:
+        raise ValueError(f"levers {undecided} are undecided (None): pass the Levers that Levers.decide() returns")
 
 
 @contextlib.contextmanager
@@ -220,19 +251,12 @@ def eager_inference(model):
             base.set_attn_implementation(attention)
 
 
-def compiles_blocks(hardware_capability, precision: str, packing: bool) -> bool:
-    """Whether after_trainer_built compiles the attention and MLP blocks (8-bit bases aside): sm_80+ CUDA, 16-bit
-    compute, no packing (see after_trainer_built for why each)."""
-    cap = _capability(hardware_capability)
-    return not packing and cap is not None and cap >= _MIN_CAPABILITY_FOR_TRITON and precision in ("bf16", "fp16")
-
-
 def skip_optimizer_syncs(optimizer) -> bool:
     """Make a bitsandbytes optimizer synchronise the GPU once per step instead of after every tensor.
 
     bitsandbytes 0.50's Optimizer8bit.step (every paged/8-bit/32-bit AdamW) calls torch.cuda.synchronize() after
     each parameter's update: 448 times per step for a 7B with adapters on all 7 projections, each a round trip that
-    leaves the GPU idle (~45 ms of a ~0.5 s step on the H100). The updates are issued on one stream in order, and the
+    leaves the GPU idle (benchmarks/README.md has the cost). The updates are issued on one stream in order, and the
     paged state prefetches are asynchronous hints on that same order, so the result does not depend on those
     waits (benchmarks/check_optimizer_syncs.py compares the parameters bit for bit). The last wait of the step stays.
     Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
@@ -340,10 +364,10 @@ def lean_update_step(optimizer) -> bool:
     decided = {"prefetch": True, "paged_tensors": -1, "paged_bytes": 0}
 
     def step(_inner, *a, **k):
-        # Paged states are filled on the GPU and stay there until the driver evicts them, which it only does when the
-        # GPU runs out of room. Prefetching resident pages is a driver call per state for nothing (12 of the 28 ms of
-        # a 448-tensor step on the H100, benchmarks/check_optimizer_syncs.py). So, once per step: prefetch as bnb
-        # does only once this process's peak reservation plus the paged states came within 10% of the card.
+        # Paged states stay on the GPU until the driver evicts them, which it does only when the GPU runs short, so
+        # prefetching resident pages is a driver call per state for nothing (benchmarks/README.md has the cost). Once
+        # per step: prefetch as bnb does only once this process's peak reservation plus the paged states came within
+        # 10% of the card.
         first = _first_param(inner)
         if first is not None and first.is_cuda:
             paged = inner.page_mng.paged_tensors
@@ -366,19 +390,21 @@ def lean_update_step(optimizer) -> bool:
     return True
 
 
-class _OptimizerLevers:
-    """A transformers TrainerCallback that applies skip_optimizer_syncs and lean_update_step once the optimizer exists."""
+class OptimizerLevers:
+    """A transformers TrainerCallback that applies skip_optimizer_syncs (one_sync) and lean_update_step (lean) once the
+    optimizer exists."""
 
-    def __new__(cls):
+    def __new__(cls, one_sync: bool = True, lean: bool = True):
         from transformers import TrainerCallback
 
-        class OptimizerLevers(TrainerCallback):
+        class _OptimizerLevers(TrainerCallback):
             def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-                if optimizer is not None:
+                if optimizer is not None and one_sync:
                     skip_optimizer_syncs(optimizer)
+                if optimizer is not None and lean:
                     lean_update_step(optimizer)
 
-        return OptimizerLevers()
+        return _OptimizerLevers()
 
 
 def upcast_trainable_params(model) -> int:
@@ -399,16 +425,7 @@ def upcast_trainable_params(model) -> int:
     return n
 
 
-# Inductor's defaults, except one. Pointwise autotuning times each new elementwise kernel in two launch configurations
-# the first time it runs, and to time it fairly it first allocates a buffer the size of the GPU's L2 cache (50 MiB on
-# an H100) to flush the cache. The first backward runs those kernels at the training peak (the last layer being
-# recomputed), so on a fresh machine (every Colab runtime) the autotuning buffer lands on top of the peak. The two
-# configurations differ by how many elements a warp handles; for the LoRA scale-and-add, SwiGLU and RoPE kernels here
-# the choice is worth little (benchmarks/README.md has the measurement).
-COMPILE_OPTIONS = {"triton.autotune_pointwise": False}
-
-
-def compile_layers(model) -> int:
+def compile_layers(model, autotune_pointwise: bool = False) -> int:
     """torch.compile each decoder layer's attention and MLP block in place; returns how many blocks were compiled.
 
     Regional compilation: the blocks are compiled, not the whole model, so gradient checkpointing (which wraps each
@@ -416,6 +433,7 @@ def compile_layers(model) -> int:
     7B share one compiled graph per block type instead of one whole-model graph. Inductor fuses what sits between
     the matrix products (the LoRA scale-and-add, RMSNorm, RoPE, SwiGLU, dtype casts). Call it after the trainer is
     built (PEFT has wrapped the projections by then). The first step pays the compilation (tens of seconds).
+    autotune_pointwise: Inductor's pointwise autotuning (Levers.autotune_pointwise says why it is off by default).
     """
     import torch
 
@@ -426,7 +444,7 @@ def compile_layers(model) -> int:
             for child in ("self_attn", "mlp"):
                 block = getattr(module, child, None)
                 if isinstance(block, torch.nn.Module):
-                    block.compile(options=dict(COMPILE_OPTIONS))
+                    block.compile(options={"triton.autotune_pointwise": autotune_pointwise})
                     n += 1
     return n
 
@@ -467,3 +485,11 @@ def _importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception:  # noqa: BLE001 - an old torch without FlexAttention
+        return False
+    return True

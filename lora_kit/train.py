@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from . import speed
 from .errors import LoraKitError
 from .hardware import detect_hardware, resolve_precision
+from .speed import Levers
 
 BIASES = ("none", "all", "lora_only")
 
@@ -89,7 +91,11 @@ class TrainSettings:
     output_dir: str = "outputs/run"
     seed: int = 42
     fast: bool = True
-    """Use lora_kit's speed levers where they are correct on this hardware (lora_kit.speed)."""
+    """Use lora_kit's speed levers where they are correct on this hardware (lora_kit.speed); False: the stock
+    transformers + peft + trl recipe, every lever off."""
+    levers: Levers | None = None
+    """Each speed lever on, off or left to the machine, e.g. Levers(compile_blocks=False); None: Levers() with fast,
+    Levers.off() without. A lever forced on where it cannot run is switched off with a printed reason."""
     report_to: str = "tensorboard"
 
     def __post_init__(self):
@@ -133,6 +139,17 @@ class TrainSettings:
         need(isinstance(self.output_dir, (str, os.PathLike)) and os.fspath(self.output_dir) != "", "output_dir",
              "must name a folder for checkpoints, e.g. 'outputs/run' (on Colab, a folder on Drive survives a disconnect).")
         need(whole("seed", 0) and self.seed < 2**32, "seed", "must be a whole number from 0 to 2**32 - 1.")
+        need(self.levers is None or isinstance(self.levers, Levers), "levers",
+             "must be a lora_kit.speed.Levers, e.g. Levers(compile_blocks=False), or None to let the machine decide.")
+        need(self.fast or self.levers in (None, Levers.off()), "levers",
+             "asks for levers while fast=False switches every lever off. Keep fast=True to choose levers one by one.")
+
+    @property
+    def chosen_levers(self) -> Levers:
+        """The levers asked for: `levers`, or Levers() with fast and Levers.off() without (None: the machine decides)."""
+        if not self.fast:
+            return Levers.off()
+        return self.levers or Levers()
 
 
 @dataclass
@@ -237,9 +254,7 @@ def seed_fresh_adapters(model, seed: int) -> bool:
 def _adapters_to_fp32(model) -> None:
     # fp16 trainable weights make the grad scaler fail ("Attempting to unscale FP16 gradients");
     # bf16 ones made QLoRA diverge on CPU. fp32 adapters cost little: they are ~1% of the model.
-    from .speed import upcast_trainable_params
-
-    upcast_trainable_params(model)
+    speed.upcast_trainable_params(model)
 
 
 class LossWatchdog:
@@ -355,6 +370,8 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     """
     from trl import SFTTrainer
 
+    from .quant import quantization_of
+
     lora = lora or LoraSettings()
     train = train or TrainSettings()
     precision = resolve_precision(precision)
@@ -366,37 +383,34 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     if not hasattr(model, "peft_config"):
         model = add_lora(model, lora)
     seed_fresh_adapters(model, train.seed)
-    fast_kwargs = {}
-    if train.fast:
-        from . import speed
-        from .quant import quantization_of
-
-        method = "qlora" if quantization_of(model) == "nf4" else "lora"
-        capability = detect_hardware().compute_capability
-        lengths = [len(ids) for ids in train_dataset["input_ids"]]
-        fast_kwargs = speed.fast_path_settings(capability, precision, method, lengths, train.max_length)
-        micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, fast_kwargs)
-        if accum != train.gradient_accumulation_steps:
-            print(f"Packing: each of the {micro} rows per step holds several samples of up to max_length tokens, so "
-                  f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 (TrainSettings(fast=False) keeps it).")
-        train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
-        model = speed.prepare_model(model, capability, precision, packing=bool(fast_kwargs.get("packing")))
+    method = {"nf4": "qlora", "8bit": "lora8"}.get(quantization_of(model), "lora")
+    lengths = [len(ids) for ids in train_dataset["input_ids"]]
+    levers, notes = train.chosen_levers.decide(detect_hardware(), precision, method, lengths, train.max_length)
+    for note in notes:
+        print(f"Speed levers: {note}")
+    if levers.on():
+        print(f"Speed levers on: {', '.join(levers.on())} (TrainSettings(fast=False) switches them off)")
+    micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, levers)
+    if accum != train.gradient_accumulation_steps:
+        print(f"Packing: each of the {micro} rows per step holds several samples of up to max_length tokens, so "
+              f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 "
+              "(TrainSettings(levers=Levers(packing=False)) keeps it).")
+    train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
+    model = speed.prepare_model(model, levers)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(train, precision, eval_dataset is not None, fast_kwargs),
+        args=sft_config(train, precision, eval_dataset is not None, speed.sft_settings(levers)),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[LossWatchdog(), SeedAtStart(), CheckpointGuard()],
     )
+    # After the build: SFTTrainer casts a quantized model's adapters to bf16 while it is built, which fp16's grad
+    # scaler cannot take (and on CPU QLoRA diverged), so the adapters go back to fp32 unless Levers.bf16_adapters.
+    done = speed.after_trainer_built(trainer, levers)
     if train.fast:
-        # Adapter dtype (fp32 wherever fp16/fp32 needs it), compiled blocks, one optimizer sync per step.
-        for line in speed.after_trainer_built(trainer, capability, precision, method):
+        for line in done:
             print(f"Fast path: {line}")
-    else:
-        # SFTTrainer casts a quantized model's adapters to bf16 while it is built; under fp16 the first
-        # optimizer step then dies in the grad scaler, and on CPU QLoRA diverged. Undo it here, after.
-        _adapters_to_fp32(trainer.model)
     return trainer
 
 
@@ -500,6 +514,6 @@ def plot_loss(trainer, title: str = "Training loss"):
 
 
 __all__ = [
-    "LoraSettings", "TrainSettings", "Recipe", "preset", "find_target_modules", "add_lora", "build_trainer",
+    "LoraSettings", "TrainSettings", "Levers", "Recipe", "preset", "find_target_modules", "add_lora", "build_trainer",
     "seed_fresh_adapters", "train", "find_checkpoint", "last_checkpoint", "loss_history", "plot_loss", "replace",
 ]

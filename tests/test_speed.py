@@ -5,7 +5,7 @@ restarting at each sample) gives the same per-token loss as the same samples pad
 block-diagonal causal mask from the position_ids. If a transformers upgrade breaks that detection, samples would
 attend across their boundaries and these tests fail.
 """
-
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,48 +32,94 @@ def samples(lengths=(5, 17, 9, 31, 2), seed=1):
 
 
 # ---- which levers, where --------------------------------------------------------------------------------------
-def test_cpu_gets_no_packing():
-    # measured slower on the 2-core CPU (96 vs 108 tokens/s), see speed.py
-    s = speed.fast_path_settings(None, "fp32", "qlora")
-    assert s == {}
-    assert speed.attention_implementation(None, "fp32") == "sdpa"
+CHAT = [120, 250, 80, 900, 2048, 300, 40]  # fill ~18% of max_length 2048: packing pays
+FULL = [2048] * 8  # fill max_length: nothing to pack
 
 
-def test_t4_keeps_triton_levers_off(monkeypatch):
-    monkeypatch.setattr(speed, "_importable", lambda name: True)
-    s = speed.fast_path_settings((7, 5), "fp16", "qlora")
-    assert "use_liger_kernel" not in s
-    assert s["packing"] is True
-    assert speed.attention_implementation((7, 5), "fp16") == "sdpa"
+def decided(capability, precision, method="qlora", lengths=None, max_length=2048, **forced):
+    levers, notes = speed.Levers(**forced).decide(capability, precision, method, lengths, max_length)
+    assert None not in [getattr(levers, name) for name in speed.Levers.__dataclass_fields__]
+    return levers, notes
 
 
-def test_ampere_and_newer_get_liger_and_flex(monkeypatch):
-    monkeypatch.setattr(speed, "_importable", lambda name: True)
-    s = speed.fast_path_settings((9, 0), "bf16", "lora")
-    assert s["use_liger_kernel"] is True
-    assert speed.attention_implementation((8, 0), "bf16") == "flex_attention"
+def test_cpu_gets_no_lever():
+    # packing was measured slower on the 2-core CPU; the other levers are Triton or GPU-only
+    levers, notes = decided(None, "fp32", lengths=CHAT)
+    assert levers == speed.Levers.off() and notes == []
+    assert speed.sft_settings(levers) == {}
+
+
+def test_t4_gets_packing_and_the_optimizer_levers_only():
+    levers, _ = decided((7, 5), "fp16", lengths=CHAT)
+    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update"]
+    assert speed.sft_settings(levers) == {"packing": True, "packing_strategy": "bfd"}
+    # data that fill max_length: nothing to pack, accumulation kept
+    levers, _ = decided((7, 5), "fp16", lengths=FULL)
+    assert levers.on() == ["one_sync_optimizer", "lean_update"]
+    assert speed.batch_shape(4, 4, levers) == (4, 4)
+
+
+def test_h100_decides_per_data_shape():
+    liger = speed._importable("liger_kernel")  # whatever this machine has installed
+    chat, _ = decided((9, 0), "bf16", lengths=CHAT)
+    assert (chat.packing, chat.flex_attention, chat.compile_blocks, chat.bf16_adapters) == (True, True, False, True)
+    assert (chat.liger, chat.liger_rope) == (liger, liger)  # nothing compiled: Liger keeps its RoPE
+    assert (chat.one_sync_optimizer, chat.lean_update, chat.autotune_pointwise) == (True, True, False)
+    full, _ = decided((9, 0), "bf16", lengths=FULL)
+    assert (full.packing, full.flex_attention, full.compile_blocks) == (False, False, True)
+    assert speed.sft_settings(full) == ({"use_liger_kernel": True, "liger_kernel_config": {"rope": False}} if liger
+                                        else {})
+    # a 16-bit LoRA base keeps PEFT's fp32 adapters; an 8-bit base is never compiled; fp32 compute compiles nothing
+    assert not decided((9, 0), "bf16", "lora", FULL)[0].bf16_adapters
+    assert not decided((9, 0), "bf16", "lora8", FULL)[0].compile_blocks
+    assert decided((9, 0), "fp32", "lora", FULL)[0].on() == ["one_sync_optimizer", "lean_update"]
 
 
 def test_liger_rope_left_to_inductor_where_blocks_are_compiled(monkeypatch):
-    # Liger's RoPE is torch.compiler.disable'd: inside a compiled attention block it would split the graph (H100: 1.70x
-    # the stock tokens/s without it, 1.45x with it, same run). Compiled blocks = sm_80+, 16-bit, not packing.
-    monkeypatch.setattr(speed, "_importable", lambda name: True)
-    full = [512] * 8  # samples that fill max_length: no packing, so the blocks are compiled
-    s = speed.fast_path_settings((9, 0), "bf16", "qlora", lengths=full, max_length=512)
-    assert "packing" not in s and s["use_liger_kernel"] is True
-    assert s["liger_kernel_config"] == {"rope": False}
-    assert speed.compiles_blocks((9, 0), "bf16", packing=False)
-    # chat-like lengths are packed, nothing is compiled, so Liger keeps its RoPE
-    s = speed.fast_path_settings((9, 0), "bf16", "qlora", lengths=[40, 60, 512, 30], max_length=512)
-    assert s["packing"] is True and "liger_kernel_config" not in s
-    assert not speed.compiles_blocks((9, 0), "bf16", packing=True)
-    assert not speed.compiles_blocks((9, 0), "fp32", packing=False)
-    assert not speed.compiles_blocks((7, 5), "fp16", packing=False)
-    assert not speed.compiles_blocks(None, "fp32", packing=False)
+    # Liger's RoPE is torch.compiler.disable'd: inside a compiled attention block it would split the graph in two.
+    monkeypatch.setattr(speed, "_importable", lambda name: True)  # as where liger-kernel is installed
+    full, _ = decided((9, 0), "bf16", lengths=FULL)
+    assert (full.liger, full.compile_blocks, full.liger_rope) == (True, True, False)
+    assert speed.sft_settings(full)["liger_kernel_config"] == {"rope": False}
+    chat, _ = decided((9, 0), "bf16", lengths=CHAT)  # packed, nothing compiled: Liger keeps its RoPE
+    assert (chat.liger, chat.compile_blocks, chat.liger_rope) == (True, False, True)
+    assert "liger_kernel_config" not in speed.sft_settings(chat)
+    # the lora_kit_ligerrope benchmark recipe: RoPE forced back in beside the compiled blocks
+    forced, _ = decided((9, 0), "bf16", lengths=FULL, liger_rope=True)
+    assert forced.compile_blocks and speed.sft_settings(forced) == {"use_liger_kernel": True}
+
+
+def test_a_lever_forced_off_is_off_and_the_rest_still_decide():
+    levers, notes = decided((9, 0), "bf16", lengths=CHAT, packing=False)
+    assert notes == [] and not levers.packing and not levers.flex_attention  # Flex only pays on packed rows
+    assert "packing" not in speed.sft_settings(levers) and speed.batch_shape(4, 4, levers) == (4, 4)
+    assert levers.compile_blocks and levers.one_sync_optimizer  # unpacked rows: the blocks compile instead
+
+
+def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
+    levers, notes = decided((7, 5), "fp16", lengths=FULL, liger=True, flex_attention=True, compile_blocks=True,
+                            bf16_adapters=True, packing=True)
+    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update"]
+    assert [note.split(":")[0] for note in notes] == ["flex_attention", "compile_blocks", "liger", "bf16_adapters"]
+    assert "sm_80" in notes[0] and "sm_75" in notes[0] and "grad scaler" in notes[3]
+    assert "never run compiled" in decided((9, 0), "bf16", "lora8", FULL, compile_blocks=True)[1][0]
+    if not speed._importable("liger_kernel"):
+        assert decided((9, 0), "bf16", liger=True)[1] == ["liger: asked for, but liger-kernel is not installed: off"]
+    # levers that run anywhere stay on where the machine would not choose them
+    cpu, notes = decided(None, "fp32", packing=True, one_sync_optimizer=True)
+    assert notes == [] and cpu.on() == ["packing", "one_sync_optimizer"]
+
+
+def test_off_is_the_stock_recipe():
+    off = speed.Levers.off()
+    assert off.on() == [] and off.decide((9, 0), "bf16", "qlora", CHAT, 2048) == (off, [])
+    assert speed.sft_settings(off) == {} and speed.batch_shape(4, 4, off) == (4, 4)
+    with pytest.raises(ValueError, match="undecided"):
+        speed.sft_settings(speed.Levers())
 
 
 def test_sft_config_takes_the_liger_kernel_config():
-    # Pin: the setting fast_path_settings hands to SFTConfig. A rename in transformers or TRL fails here, not on a
+    # Pin: the setting sft_settings hands to SFTConfig. A rename in transformers or TRL fails here, not on a
     # learner's GPU (Liger itself needs a GPU, so the patching is checked there: benchmarks/README.md).
     from trl import SFTConfig
 
@@ -82,35 +128,24 @@ def test_sft_config_takes_the_liger_kernel_config():
     assert args.liger_kernel_config["rope"] is False
 
 
-def test_liger_off_when_not_installed(monkeypatch):
-    monkeypatch.setattr(speed, "_importable", lambda name: False)
-    assert "use_liger_kernel" not in speed.fast_path_settings((9, 0), "bf16", "qlora")
-
-
 def test_accepts_hardware_objects_and_rejects_nonsense():
     class Hw:
         compute_capability = (7, 5)
 
-    assert speed.fast_path_settings(Hw(), "fp16", None)["packing"] is True
+    assert decided(Hw(), "fp16", None)[0].packing is True
     with pytest.raises(ValueError, match="precision"):
-        speed.fast_path_settings(None, "int8", "qlora")
+        speed.Levers().decide(None, "int8", "qlora")
     with pytest.raises(ValueError, match="method"):
-        speed.fast_path_settings(None, "fp32", "full")
+        speed.Levers().decide(None, "fp32", "full")
     with pytest.raises(ValueError, match="hardware_capability"):
-        speed.fast_path_settings("sm_75", "fp32", "lora")
-
-
-def test_batch_shape():
-    assert speed.batch_shape(4, 4, {"packing": True}) == (4, 1)
-    assert speed.batch_shape(4, 4, {"padding_free": True}) == (16, 1)
-    assert speed.batch_shape(2, 3, {}) == (2, 3)
+        speed.Levers().decide("sm_75", "fp32", "lora")
 
 
 def test_settings_are_valid_sft_config_kwargs(tmp_path):
     from trl import SFTConfig
 
     cfg = SFTConfig(output_dir=str(tmp_path), max_length=64, use_cpu=True, report_to="none",
-                    **speed.fast_path_settings((7, 5), "fp32", "qlora"))
+                    **speed.sft_settings(decided((7, 5), "fp32")[0]))
     assert cfg.packing and cfg.packing_strategy == "bfd"
 
 
@@ -123,8 +158,12 @@ def test_upcast_trainable_params():
 
 
 def test_prepare_model_switches_attention():
-    m = tiny_llama("sdpa")
-    assert speed.prepare_model(m, None, "fp32") is m
+    m = tiny_llama("eager")
+    off = speed.Levers.off()
+    assert speed.prepare_model(m, off) is m and m.config._attn_implementation == "eager"  # stock: as loaded
+    speed.prepare_model(m, replace(off, flex_attention=True))
+    assert m.config._attn_implementation == "flex_attention"
+    speed.prepare_model(m, off)  # a later run without the lever: back to sdpa
     assert m.config._attn_implementation == "sdpa"
 
 
@@ -181,9 +220,10 @@ def test_sfttrainer_fast_path_loss_equals_stock_loss(tmp_path):
     ex = samples(lengths=(5, 17, 9, 31, 2, 12, 40, 7), seed=3)
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in ex]})
     totals = {}
-    for name, extra in [("stock", {}), ("fast", speed.fast_path_settings((7, 5), "fp32", "qlora"))]:
+    for name, levers in [("stock", speed.Levers.off()), ("fast", decided((7, 5), "fp32")[0])]:
         model = tiny_llama("sdpa")
-        mb, ga = speed.batch_shape(3, 1, extra)
+        mb, ga = speed.batch_shape(3, 1, levers)
+        extra = speed.sft_settings(levers)
         cfg = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=mb, gradient_accumulation_steps=ga,
                         max_length=64, use_cpu=True, report_to="none", shuffle_dataset=False, **extra)
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
@@ -202,16 +242,13 @@ def test_sfttrainer_fast_path_loss_equals_stock_loss(tmp_path):
 
 # ---- packing only where it removes padding ---------------------------------------------------------------------
 def test_packing_only_where_it_removes_padding():
-    chat = [120, 250, 80, 900, 2048, 300, 40]
-    assert speed.packing_pays(chat, 2048)
-    assert not speed.packing_pays([2048] * 8, 2048)
+    assert speed.packing_pays(CHAT, 2048)
+    assert not speed.packing_pays(FULL, 2048)
     assert not speed.packing_pays([5000, 2100, 2048], 2048)  # cut to max_length: they fill it
     assert not speed.packing_pays([], 2048)
-    assert speed.fast_path_settings((9, 0), "bf16", "qlora", chat, 2048)["packing"] is True
-    assert "packing" not in speed.fast_path_settings((9, 0), "bf16", "qlora", [2048] * 8, 2048)
-    # FlexAttention only pays on packed rows (block mask); plain rows keep sdpa's causal flash kernel
-    assert speed.attention_implementation((9, 0), "bf16", packing=False) == "sdpa"
-    assert speed.attention_implementation((9, 0), "bf16", packing=True) == "flex_attention"
+    assert decided((9, 0), "bf16", lengths=CHAT)[0].packing
+    assert not decided((9, 0), "bf16", lengths=FULL)[0].packing
+    assert decided((9, 0), "bf16", lengths=None)[0].packing  # no lengths: chat data assumed
 
 
 # ---- one optimizer synchronisation per step ---------------------------------------------------------------------
@@ -370,7 +407,7 @@ def test_optimizer_levers_inside_a_trainer_train_as_bitsandbytes_does(tmp_path, 
         trainer = _peft_trainer(out, tiny_llama(), "fp32", optim="paged_adamw_32bit", max_steps=3,
                                 learning_rate=5e-3, lr_scheduler_type="linear", weight_decay=0.01)
         if with_levers:
-            trainer.add_callback(speed._OptimizerLevers())
+            trainer.add_callback(speed.OptimizerLevers())
         calls.clear()
         trainer.train()
         assert getattr(trainer.optimizer.optimizer, "_lora_kit_lean_update", False) is with_levers
@@ -395,7 +432,7 @@ def test_after_trainer_built_chooses_per_machine(tmp_path):
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)  # what TRL does to a quantized model's adapters
     n_callbacks = len(trainer.callback_handler.callbacks)
-    done = speed.after_trainer_built(trainer, None, "fp32", "qlora")
+    done = speed.after_trainer_built(trainer, decided(None, "fp32")[0])
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     assert len(done) == 1 and "fp32" in done[0]
     assert len(trainer.callback_handler.callbacks) == n_callbacks
@@ -405,13 +442,13 @@ def test_after_trainer_built_chooses_per_machine(tmp_path):
     for p in trainer.model.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
-    done = speed.after_trainer_built(trainer, (9, 0), "bf16", "qlora")
+    done = speed.after_trainer_built(trainer, decided((9, 0), "bf16", lengths=FULL)[0])
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
     assert any("torch.compile: 4 " in line for line in done)  # 2 layers x (attention, MLP)
     assert len(trainer.callback_handler.callbacks) == n_callbacks + 1
     # a T4 (sm_75, fp16): fp32 adapters for the grad scaler, no Triton-generated code
     trainer = _peft_trainer(tmp_path / "t4", tiny_llama(), "fp16")
-    done = speed.after_trainer_built(trainer, (7, 5), "fp16", "qlora")
+    done = speed.after_trainer_built(trainer, decided((7, 5), "fp16", lengths=FULL)[0])
     assert not any("compile" in line for line in done)
 
 

@@ -5,7 +5,7 @@ from lora_kit import LoraSettings, TrainSettings, add_lora, build_trainer, demo_
 from lora_kit.data import tokenize_conversations
 from lora_kit.errors import LoraKitError
 from lora_kit.evaluate import perplexity
-from lora_kit.train import plot_loss
+from lora_kit.train import Levers, plot_loss
 
 ALL_SEVEN = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -99,3 +99,43 @@ def test_plot_loss_draws_the_learning_rate_beside_the_loss():
     assert "learning rate" in lr_ax.get_ylabel()
     no_rate = plot_loss(SimpleNamespace(state=SimpleNamespace(log_history=[{"step": 1, "loss": 2.0}])))
     assert len(no_rate.axes) == 1  # an old log without rates still plots its loss
+
+
+def test_fast_false_means_every_lever_off():
+    assert TrainSettings(fast=False).chosen_levers == Levers.off()
+    assert TrainSettings().chosen_levers == Levers()  # the machine decides each
+    assert TrainSettings(levers=Levers(packing=False)).chosen_levers == Levers(packing=False)
+    with pytest.raises(LoraKitError, match="fast=False switches every lever off"):
+        TrainSettings(fast=False, levers=Levers(packing=True))
+    with pytest.raises(LoraKitError, match="Levers"):
+        TrainSettings(levers={"packing": False})
+
+
+def _losses(tmp_path, **settings):
+    model, tok = load_model("embedded")
+    train_ds, _ = demo_task(16, 2)
+    train = TrainSettings(max_steps=3, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+                          max_length=128, gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path),
+                          save_steps=1000, **settings)
+    trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8, alpha=16, dropout=0.0), train=train)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_levers_off_trains_exactly_like_fast_false(tmp_path):
+    stock = _losses(tmp_path / "stock", fast=False)
+    assert _losses(tmp_path / "off", levers=Levers.off()) == stock
+    assert len(stock) == 3
+
+
+def test_levers_forced_on_the_cpu(tmp_path, capsys):
+    model, tok = load_model("embedded")
+    train_ds, _ = demo_task(16, 2)
+    train = TrainSettings(max_steps=1, micro_batch_size=2, gradient_accumulation_steps=4, max_length=128,
+                          report_to="none", output_dir=str(tmp_path), levers=Levers(packing=True, liger=True))
+    trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8), train=train)
+    # packing runs anywhere: packed rows of max_length, accumulation folded; Liger is Triton: it steps aside
+    assert trainer.args.packing and trainer.args.gradient_accumulation_steps == 1
+    assert not trainer.args.use_liger_kernel
+    out = capsys.readouterr().out
+    assert "liger: asked for, but it is Triton code" in out and "Speed levers on: packing" in out
