@@ -3,7 +3,7 @@
 Training memory has five parts, and each fine-tuning method shrinks different ones:
 
 ==================  ========================================================================
-weights             the base model, in 16 bits (full, lora16), 8 bits (lora8) or NF4 (qlora)
+weights             the base model, in 16 bits (full, lora), 8 bits (lora8) or NF4 (qlora)
 adapters            the LoRA matrices A and B (fp32; none for full fine-tuning)
 gradients           one per *trainable* parameter: every weight (full) or only the adapters
 optimizer states    AdamW keeps two numbers per trainable parameter (plus an fp32 master copy
@@ -26,7 +26,7 @@ Byte accounting per parameter (``c`` = ``compute_dtype_bytes``, 2 for fp16/bf16)
 * ``"full"`` — mixed precision as in the ZeRO paper: 16-bit weights (c) + 16-bit gradients (c) +
   fp32 master weights (4) + AdamW moments m and v (4 + 4) = 16 bytes per parameter. (If
   ``compute_dtype_bytes=4``, plain fp32 training, the master copy is not needed: also 16 bytes.)
-* ``"lora16"`` — base weights in 16 bits (c bytes), frozen: no gradients, no optimizer states.
+* ``"lora"`` — base weights in 16 bits (c bytes), frozen: no gradients, no optimizer states.
 * ``"lora8"`` — LLM.int8: decoder linear weights 1 byte + one fp32 scale per output row.
 * ``"qlora"`` — NF4 decoder linear weights at :func:`lora_kit.quant.bits_per_parameter` bits
   (4.127 with double quantization, 4.5 without).
@@ -64,7 +64,7 @@ __all__ = [
 GIB = 2**30  # bytes in a GiB (what PyTorch and nvidia-smi report as "GB")
 GB = 10**9  # bytes in a decimal GB (what the seeds' claims most likely mean)
 
-METHODS = ("full", "lora16", "lora8", "qlora")
+METHODS = ("full", "lora", "lora8", "qlora")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Bytes of optimizer state per trainable parameter (not counting a master copy of the weights).
@@ -344,7 +344,7 @@ def memory_breakdown(
     """Estimate the training memory of ``method`` on the model described by ``config``.
 
     ``config``: a ``transformers.PretrainedConfig`` (e.g. :func:`llama2_7b_config`) or a model
-    name/path whose config can be read. ``method``: ``"full"``, ``"lora16"``, ``"lora8"`` or
+    name/path whose config can be read. ``method``: ``"full"``, ``"lora"``, ``"lora8"`` or
     ``"qlora"``. ``optimizer``: ``"adamw"``, ``"paged_adamw_32bit"`` (same memory, can spill
     to CPU), ``"adamw_8bit"``, ``"paged_adamw_8bit"`` or ``"sgd"``. The other knobs mean what
     they mean in training. ``r`` and ``target_modules`` are ignored for ``"full"``.
@@ -369,7 +369,7 @@ def memory_breakdown(
         master_copy = 4 if c < 4 else 0  # fp32 master weights for the optimizer to update
         optimizer_states = parameters * (state_bytes + master_copy)
     else:
-        if method == "lora16":
+        if method == "lora":
             base = groups["decoder_linear_weights"] * c
         elif method == "lora8":
             rows = config.num_hidden_layers * sum(d_out for _, d_out in projection_shapes(config).values())
@@ -509,19 +509,19 @@ def seed_claims(config_7b=None, config_65b=None, tolerance: float = 0.15) -> lis
     qlora7 = memory_breakdown(c7, "qlora", r=64, **base)
     add("000", "QLoRA cuts memory by about 75% (vs full fine-tuning)", "r=64 all-linear vs full, batch 1 x 2048",
         100 * (1 - qlora7.total_gib / full7.total_gib), 75, 75, unit="%")
-    lora16_7 = memory_breakdown(c7, "lora16", r=64, **base)
+    lora_7 = memory_breakdown(c7, "lora", r=64, **base)
     add("000", "QLoRA cuts memory by about 75% (weights only, vs 16-bit)", "NF4 + double quant vs bf16",
-        100 * (1 - qlora7.weights / lora16_7.weights), 75, 75, unit="%")
+        100 * (1 - qlora7.weights / lora_7.weights), 75, 75, unit="%")
 
     for method, claim, low, high in (
-        ("lora16", "LoRA on a 16-bit 7B needs about 12-16 GB", 12, 16),
+        ("lora", "LoRA on a 16-bit 7B needs about 12-16 GB", 12, 16),
         ("lora8", "LoRA on an 8-bit 7B needs about 10 GB", 10, 10),
         ("qlora", "QLoRA on a 7B needs about 5-7 GB", 5, 7),
     ):
         b = memory_breakdown(c7, method, r=16, **base)
         add("001", claim, "r=16 all-linear, batch 1 x 2048, checkpointing", b.total_gb, low, high)
 
-    lora_seed002 = memory_breakdown(c7, "lora16", r=16, micro_batch=1, seq_len=2048)
+    lora_seed002 = memory_breakdown(c7, "lora", r=16, micro_batch=1, seq_len=2048)
     add("002", "LoRA on a 16-bit 7B needs about 15 GB", "the seed's table: r=16, batch 1 x 2048",
         lora_seed002.total_gb, 15, 15)
     qlora_seed002 = memory_breakdown(c7, "qlora", r=64, micro_batch=4, seq_len=2048)

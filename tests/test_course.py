@@ -95,7 +95,7 @@ def test_settings_become_lora_kit_settings():
     assert isinstance(cfg.lora, LoraSettings) and isinstance(cfg.train, TrainSettings)
     assert cfg.lora.scale == 16 / 64
     assert cfg.train.optim == "paged_adamw_32bit" and cfg.train.output_dir.startswith(cfg.output_dir)
-    assert cfg.memory_method == "qlora" and cfg.adapter_dir.name == "adapter"
+    assert cfg.adapter_dir.name == "adapter"
 
 
 def test_a_changed_training_knob_gets_its_own_checkpoint_folder():

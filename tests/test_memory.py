@@ -55,7 +55,7 @@ def test_unknown_target_module_raises_a_helpful_error(c7):
 
 def test_method_ordering(c7):
     totals = {m: b.total_gib for m, b in memory.compare_methods(c7).items()}
-    assert totals["full"] > totals["lora16"] > totals["lora8"] > totals["qlora"]
+    assert totals["full"] > totals["lora"] > totals["lora8"] > totals["qlora"]
 
 
 def test_full_fine_tuning_is_16_bytes_per_parameter(c7):
@@ -80,7 +80,7 @@ def test_qlora_weights_use_4_127_bits_on_decoder_linears_only(c7):
 
 
 def test_adapters_are_fp32_with_adamw_states(c7):
-    b = memory.memory_breakdown(c7, "lora16", r=64)
+    b = memory.memory_breakdown(c7, "lora", r=64)
     n = 159_907_840
     assert b.trainable_parameters == n
     assert b.adapters * 2**30 == n * 4 and b.gradients * 2**30 == n * 4
