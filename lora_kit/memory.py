@@ -527,7 +527,7 @@ def seed_claims(config_7b=None, config_65b=None, tolerance: float = 0.15) -> lis
     qlora_seed002 = memory_breakdown(c7, "qlora", r=64, micro_batch=4, seq_len=2048)
     add("002", "7B QLoRA fits in about 6 GB", "the seed's table: r=64, batch 4 x 2048",
         qlora_seed002.total_gb, 6, 6)
-    add("002", "7B QLoRA fits in about 6 GB", "r=64, batch 1 x 2048 (seed 000's recipe)",
+    add("002", "7B QLoRA fits in about 6 GB", "r=64, batch 1 x 2048 (the Llama-2 QLoRA Colab tutorial's recipe)",
         qlora7.total_gb, 6, 6)
 
     full65 = memory_breakdown(c65, "full", **base)
