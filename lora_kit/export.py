@@ -15,6 +15,7 @@ Files are written like lora_kit's folders: under a hidden ``.name.partial-*`` na
 target, renamed into place when complete, and never over a file lora_kit did not write. A small
 hidden ``.name.lora_kit_output.json`` beside each GGUF records that lora_kit wrote it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -68,8 +69,10 @@ def converter_dir() -> Path:
     if override:
         folder = Path(override).expanduser()
         if not (folder / CONVERTER).is_file():
-            raise LoraKitError(f"LORA_KIT_LLAMA_CPP={override!r} has no {CONVERTER}. Point it at a llama.cpp checkout, "
-                               "or unset it to let lora_kit fetch the converter of the installed llama-cpp-python.")
+            raise LoraKitError(
+                f"LORA_KIT_LLAMA_CPP={override!r} has no {CONVERTER}. Point it at a llama.cpp checkout, "
+                "or unset it to let lora_kit fetch the converter of the installed llama-cpp-python."
+            )
         return folder
     version = runtime_version() or LLAMA_CPP_PYTHON
     target = cache_dir() / f"llama.cpp-converter-{version}"
@@ -79,14 +82,28 @@ def converter_dir() -> Path:
     logger.info("Fetching llama.cpp's converter from the llama-cpp-python %s sdist (once) into %s", version, target)
     with tempfile.TemporaryDirectory() as download:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-             f"llama-cpp-python=={version}", "-d", download], capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-python",
+                f"llama-cpp-python=={version}",
+                "-d",
+                download,
+            ],
+            capture_output=True,
+            text=True,
+        )
         sdists = list(Path(download).glob("*.tar.gz"))
         if done.returncode != 0 or not sdists:
             raise LoraKitError(
                 f"Could not download the llama-cpp-python {version} sdist, which holds llama.cpp's converter "
                 f"(pip said: {_last_lines(done.stderr, 3)}). Run once with access to the package index, or set "
-                "LORA_KIT_LLAMA_CPP to a llama.cpp checkout of the same version.")
+                "LORA_KIT_LLAMA_CPP to a llama.cpp checkout of the same version."
+            )
         with atomic_folder(target) as tmp:
             _extract_converter(sdists[0], tmp)
     return target
@@ -97,13 +114,15 @@ def _extract_converter(sdist: Path, into: Path) -> None:
         root = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
         members = []
         for member in tar.getmembers():
-            inner = member.name[len(root):] if member.name.startswith(root) else None
+            inner = member.name[len(root) :] if member.name.startswith(root) else None
             if inner and member.isfile() and any(inner == f or inner.startswith(f) for f in _CONVERTER_FILES if f):
                 member.name = inner
                 members.append(member)
         if not any(m.name == CONVERTER for m in members):
-            raise LoraKitError(f"{sdist.name} holds no vendor/llama.cpp/{CONVERTER}; this llama-cpp-python version "
-                               f"cannot be used to export. Install llama-cpp-python=={LLAMA_CPP_PYTHON}.")
+            raise LoraKitError(
+                f"{sdist.name} holds no vendor/llama.cpp/{CONVERTER}; this llama-cpp-python version "
+                f"cannot be used to export. Install llama-cpp-python=={LLAMA_CPP_PYTHON}."
+            )
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(into, members=members, **extra)
 
@@ -115,7 +134,11 @@ def _supported_architectures(converter: Path) -> set[str] | None:
     except (OSError, SyntaxError):
         return None
     for node in tree.body:
-        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        target = (
+            node.target
+            if isinstance(node, ast.AnnAssign)
+            else (node.targets[0] if isinstance(node, ast.Assign) else None)
+        )
         if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP":
             try:
                 return set(ast.literal_eval(node.value))
@@ -129,24 +152,34 @@ def _supported_architectures(converter: Path) -> set[str] | None:
 # ---------------------------------------------------------------------------------------------
 def _model_config(merged_dir: Path, given: str) -> dict:
     if not merged_dir.is_dir():
-        raise LoraKitError(f"Model folder {given!r} does not exist or is not a folder. Pass the merged folder "
-                           "(lora_kit.merge_adapter writes one), which holds config.json and *.safetensors.")
+        raise LoraKitError(
+            f"Model folder {given!r} does not exist or is not a folder. Pass the merged folder "
+            "(lora_kit.merge_adapter writes one), which holds config.json and *.safetensors."
+        )
     try:
         config = json.loads((merged_dir / "config.json").read_text())
     except (OSError, ValueError) as err:
-        raise LoraKitError(f"Folder {given!r} is not a model folder: it has no readable config.json ({err}). Pass the "
-                           "merged folder written by lora_kit.merge_adapter or model.save_pretrained.") from None
+        raise LoraKitError(
+            f"Folder {given!r} is not a model folder: it has no readable config.json ({err}). Pass the "
+            "merged folder written by lora_kit.merge_adapter or model.save_pretrained."
+        ) from None
     if not any(merged_dir.glob("*.safetensors")) and not any(merged_dir.glob("*.bin")):
-        raise LoraKitError(f"Model folder {given!r} has a config.json but no weights (*.safetensors or *.bin). Pass the "
-                           "folder that holds the weights too, e.g. the one lora_kit.merge_adapter wrote.")
+        raise LoraKitError(
+            f"Model folder {given!r} has a config.json but no weights (*.safetensors or *.bin). Pass the "
+            "folder that holds the weights too, e.g. the one lora_kit.merge_adapter wrote."
+        )
     if "adapter_config.json" in os.listdir(merged_dir):
-        raise LoraKitError(f"{given!r} is an adapter folder; llama.cpp and Ollama need the merged model. Merge first: "
-                           f"lora_kit.merge_adapter({given!r}, 'out/merged'), then export that folder.")
+        raise LoraKitError(
+            f"{given!r} is an adapter folder; llama.cpp and Ollama need the merged model. Merge first: "
+            f"lora_kit.merge_adapter({given!r}, 'out/merged'), then export that folder."
+        )
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
-        raise LoraKitError(f"Model folder {given!r} holds {method} weights (config.json has a quantization_config). "
-                           "Export a 16-bit or 32-bit merged folder (lora_kit.merge_adapter writes one); the GGUF "
-                           "quantization is chosen with quantization='q8_0' or 'q4_k_m'.")
+        raise LoraKitError(
+            f"Model folder {given!r} holds {method} weights (config.json has a quantization_config). "
+            "Export a 16-bit or 32-bit merged folder (lora_kit.merge_adapter writes one); the GGUF "
+            "quantization is chosen with quantization='q8_0' or 'q4_k_m'."
+        )
     return config
 
 
@@ -168,8 +201,14 @@ def _weight_count(merged_dir: Path) -> int:
     """Parameters in the folder's weight files, read from the safetensors headers (bytes/2 for .bin files)."""
     count = 0
     for file in merged_dir.glob("*.safetensors"):
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        try:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except (OSError, ValueError, MemoryError) as err:
+            raise LoraKitError(
+                f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); the folder "
+                "is damaged or half-copied. Merge or copy it again, then export."
+            ) from None
         for name, info in header.items():
             if name != "__metadata__":
                 n = 1
@@ -184,8 +223,10 @@ def _weight_count(merged_dir: Path) -> int:
 def _check_disk_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise LoraKitError(f"Not enough disk space for {what}: it needs {needed / 2**30:.2f} GiB in {folder}, and "
-                           f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_path; nothing was written.")
+        raise LoraKitError(
+            f"Not enough disk space for {what}: it needs {needed / 2**30:.2f} GiB in {folder}, and "
+            f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_path; nothing was written."
+        )
 
 
 def _record_path(path: Path) -> Path:
@@ -204,25 +245,34 @@ def _written_by_lora_kit(path: Path) -> bool:
 
 def _check_output_file(out_path: Path, given: str) -> None:
     if out_path.is_symlink() or (out_path.exists() and not out_path.is_file()):
-        raise LoraKitError(f"out_path {given!r} exists and is not a file ({out_path}). Pass a file name such as "
-                           "'out/model-q8_0.gguf'.")
+        raise LoraKitError(
+            f"out_path {given!r} exists and is not a file ({out_path}). Pass a file name such as 'out/model-q8_0.gguf'."
+        )
     if out_path.exists() and not _written_by_lora_kit(out_path):
-        raise LoraKitError(f"out_path {given!r} is a file that lora_kit did not write (or that changed since); "
-                           "exporting there would replace it. Pass a new file name, or move that file away.")
+        raise LoraKitError(
+            f"out_path {given!r} is a file that lora_kit did not write (or that changed since); "
+            "exporting there would replace it. Pass a new file name, or move that file away."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
 def _last_lines(text: str, n: int) -> str:
-    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    # Skip the converter's progress bars and traceback carets: the error is the last line that says something.
+    lines = [
+        line.strip()
+        for line in (text or "").replace("\r", "\n").splitlines()
+        if line.strip() and not line.strip().startswith("Writing:") and set(line.strip()) - set("^~ ")
+    ]
     return " | ".join(lines[-n:]) or "nothing"
 
 
 def _partial_file(target: Path, suffix: str = "") -> Path:
     # The name files.clean_stale_partials' rules read: host tag and pid tell a killed writer from a live one.
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-{_host_tag()}-{os.getpid()}-", suffix=suffix,
-                                dir=target.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.partial-{_host_tag()}-{os.getpid()}-", suffix=suffix, dir=target.parent
+    )
     os.close(fd)
     return Path(name)
 
@@ -235,7 +285,15 @@ def _clean_stale_partial_files(target: Path) -> None:
 
 def _run_converter(converter: Path, merged_dir: Path, outfile: Path, outtype: str, given: str, arch: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py beside the converter
-    command = [sys.executable, str(converter / CONVERTER), str(merged_dir), "--outfile", str(outfile), "--outtype", outtype]
+    command = [
+        sys.executable,
+        str(converter / CONVERTER),
+        str(merged_dir),
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        outtype,
+    ]
     logger.info("Running %s", " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode == 0:
@@ -244,10 +302,14 @@ def _run_converter(converter: Path, merged_dir: Path, outfile: Path, outtype: st
     if "not supported" in output and arch in output:
         raise _unsupported(given, arch, converter)
     if "No module named" in output:
-        raise LoraKitError(f"llama.cpp's converter needs a Python package that is missing ({_last_lines(output, 1)}). "
-                           "Install it (pip install -r requirements.txt lists what lora_kit's export uses), then retry.")
-    raise LoraKitError(f"llama.cpp's converter failed on {given!r} (exit {done.returncode}): {_last_lines(output, 4)}. "
-                       "Nothing was written to out_path.")
+        raise LoraKitError(
+            f"llama.cpp's converter needs a Python package that is missing ({_last_lines(output, 1)}). "
+            "Install it (pip install -r requirements.txt lists what lora_kit's export uses), then retry."
+        )
+    raise LoraKitError(
+        f"llama.cpp's converter failed on {given!r} (exit {done.returncode}): {_last_lines(output, 4)}. "
+        "Nothing was written to out_path."
+    )
 
 
 def _unsupported(given: str, arch: str, converter: Path) -> LoraKitError:
@@ -255,19 +317,24 @@ def _unsupported(given: str, arch: str, converter: Path) -> LoraKitError:
         f"Model folder {given!r} is a {arch!r} (config.json 'architectures'), which llama.cpp's converter in {converter} "
         "does not support, so it cannot become a GGUF file. Serve the merged folder with transformers or vLLM instead "
         "(docs/deploy.md), or use a newer llama.cpp: install a newer llama-cpp-python, or set LORA_KIT_LLAMA_CPP to a "
-        "llama.cpp checkout that lists it.")
+        "llama.cpp checkout that lists it."
+    )
 
 
 def _quantize(src: Path, dst: Path, ftype: int) -> None:
     """llama.cpp's quantizer (llama_model_quantize, through llama-cpp-python), in its own process."""
-    code = ("import ctypes, sys, llama_cpp\n"
-            "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = {ftype}\n"
-            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
+    code = (
+        "import ctypes, sys, llama_cpp\n"
+        "p = llama_cpp.llama_model_quantize_default_params()\n"
+        f"p.ftype = {ftype}\n"
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise LoraKitError(f"llama.cpp's quantizer failed (exit {done.returncode}): "
-                           f"{_last_lines(done.stderr + done.stdout, 4)}. Nothing was written to out_path.")
+        raise LoraKitError(
+            f"llama.cpp's quantizer failed (exit {done.returncode}): "
+            f"{_last_lines(done.stderr + done.stdout, 4)}. Nothing was written to out_path."
+        )
 
 
 def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quantization: str = "f16") -> Path:
@@ -279,8 +346,10 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quan
     chat template. ``out_path`` may be a new file or one an earlier export wrote.
     """
     if quantization not in QUANTIZATIONS:
-        raise LoraKitError(f"quantization={quantization!r}: expected one of {', '.join(QUANTIZATIONS)} "
-                           f"({'; '.join(f'{k}: {v[1]}' for k, v in QUANTIZATIONS.items())}).")
+        raise LoraKitError(
+            f"quantization={quantization!r}: expected one of {', '.join(QUANTIZATIONS)} "
+            f"({'; '.join(f'{k}: {v[1]}' for k, v in QUANTIZATIONS.items())})."
+        )
     given, given_out = os.fspath(merged_dir), os.fspath(out_path)
     merged_dir = Path(os.path.abspath(os.path.expanduser(given)))
     out_path = Path(os.path.abspath(os.path.expanduser(given_out)))
@@ -291,19 +360,26 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quan
             f"Model folder {given!r} has no chat template (no chat_template.jinja, and no chat_template in "
             "tokenizer_config.json): llama.cpp and Ollama would format prompts differently from training. Save the "
             "tokenizer you trained with into the folder (tokenizer.save_pretrained(folder); lora_kit.merge_adapter "
-            "does this), then export again.")
+            "does this), then export again."
+        )
     if out_path.suffix.lower() != ".gguf":
         raise LoraKitError(f"out_path {given_out!r} should end in .gguf, e.g. 'out/model-{quantization}.gguf'.")
     if merged_dir == out_path.parent or merged_dir in out_path.parents:
-        raise LoraKitError(f"out_path {given_out!r} is inside the model folder {given!r}; write the GGUF beside it, "
-                           f"e.g. '{merged_dir.parent / out_path.name}', so the merged folder stays as it was written.")
+        raise LoraKitError(
+            f"out_path {given_out!r} is inside the model folder {given!r}; write the GGUF beside it, "
+            f"e.g. '{merged_dir.parent / out_path.name}', so the merged folder stays as it was written."
+        )
     if quantization == "q4_k_m" and importlib.util.find_spec("llama_cpp") is None:
-        raise LoraKitError(f"quantization='q4_k_m' uses llama.cpp's quantizer from llama-cpp-python, which is not "
-                           f"installed: pip install llama-cpp-python=={LLAMA_CPP_PYTHON} (it compiles llama.cpp), or "
-                           "export 'q8_0' or 'f16'.")
+        raise LoraKitError(
+            f"quantization='q4_k_m' uses llama.cpp's quantizer from llama-cpp-python, which is not "
+            f"installed: pip install llama-cpp-python=={LLAMA_CPP_PYTHON} (it compiles llama.cpp), or "
+            "export 'q8_0' or 'f16'."
+        )
     if importlib.util.find_spec("sentencepiece") is None:
-        raise LoraKitError("llama.cpp's converter imports sentencepiece, which is not installed: "
-                           "pip install -r requirements.txt (or pip install sentencepiece).")
+        raise LoraKitError(
+            "llama.cpp's converter imports sentencepiece, which is not installed: "
+            "pip install -r requirements.txt (or pip install sentencepiece)."
+        )
     converter = converter_dir()
     supported = _supported_architectures(converter)
     if supported is not None and arch not in supported:
@@ -329,8 +405,10 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quan
             _run_converter(converter, merged_dir, partial, quantization, given, arch)
         metadata = gguf_metadata(partial)
         if not metadata.get("chat_template"):
-            raise LoraKitError(f"The converter wrote no chat template into the GGUF of {given!r}; nothing was written "
-                               "to out_path. Check that the folder's tokenizer files are complete.")
+            raise LoraKitError(
+                f"The converter wrote no chat template into the GGUF of {given!r}; nothing was written "
+                "to out_path. Check that the folder's tokenizer files are complete."
+            )
         _check_output_file(out_path, given_out)  # again: a file may have appeared while this export ran
         os.chmod(partial, 0o666 & ~_umask())
         os.replace(partial, out_path)
@@ -341,9 +419,19 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quan
         if intermediate is not None:
             intermediate.unlink(missing_ok=True)
     stat = out_path.stat()
-    _record_path(out_path).write_text(json.dumps(
-        {"written_by": "lora_kit", "from": str(merged_dir), "quantization": quantization,
-         "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, indent=1) + "\n")
+    _record_path(out_path).write_text(
+        json.dumps(
+            {
+                "written_by": "lora_kit",
+                "from": str(merged_dir),
+                "quantization": quantization,
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     logger.info("Wrote %s (%.0f MB, %s)", out_path, stat.st_size / 1e6, quantization)
     return out_path
 
@@ -399,13 +487,14 @@ def _render(template: str, messages: list[dict], add_generation_prompt: bool, bo
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos or "", eos_token=eos or "")
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos or "", eos_token=eos or ""
+    )
 
 
 def _between(text: str, start: str | None, end: str | None) -> str:
     begin = text.index(start) + len(start) if start else 0
-    return text[begin:text.index(end, begin)] if end else text[begin:]
+    return text[begin : text.index(end, begin)] if end else text[begin:]
 
 
 def _turn_pieces(template: str, bos: str, eos: str) -> tuple[dict, str, str | None]:
@@ -415,14 +504,18 @@ def _turn_pieces(template: str, bos: str, eos: str) -> tuple[dict, str, str | No
     ({role: (prefix, suffix)}, generation prompt, default system message or None).
     """
     S, U, A, U2 = "LKSYSTEM0", "LKUSER1", "LKASSISTANT2", "LKUSER3"
-    msgs = [{"role": "system", "content": S}, {"role": "user", "content": U},
-            {"role": "assistant", "content": A}, {"role": "user", "content": U2}]
+    msgs = [
+        {"role": "system", "content": S},
+        {"role": "user", "content": U},
+        {"role": "assistant", "content": A},
+        {"role": "user", "content": U2},
+    ]
     full = _render(template, msgs, True, bos, eos)
     closed = _render(template, msgs[:3], False, bos, eos)
     short, short_gen = _render(template, msgs[:2], False, bos, eos), _render(template, msgs[:2], True, bos, eos)
     if not short_gen.startswith(short):
         raise ValueError("the generation prompt is not appended at the end")
-    generation = short_gen[len(short):]
+    generation = short_gen[len(short) :]
     assistant_suffix = _between(closed, A, None)
     tail = _between(full, U2, None)
     if generation and not tail.endswith(generation):
@@ -432,13 +525,16 @@ def _turn_pieces(template: str, bos: str, eos: str) -> tuple[dict, str, str | No
     assistant_to_user = _between(full, A, U2)
     if not (user_to_assistant.startswith(user_suffix) and assistant_to_user.startswith(assistant_suffix)):
         raise ValueError("turns do not end the same way each time")
-    assistant_prefix = user_to_assistant[len(user_suffix):]
-    user_prefix = assistant_to_user[len(assistant_suffix):]
+    assistant_prefix = user_to_assistant[len(user_suffix) :]
+    user_prefix = assistant_to_user[len(assistant_suffix) :]
     system_to_user = _between(full, S, U)
     if not system_to_user.endswith(user_prefix):
         raise ValueError("the system turn is not followed by a user turn's start")
-    pieces = {"system": (full[: full.index(S)], system_to_user[: len(system_to_user) - len(user_prefix)]),
-              "user": (user_prefix, user_suffix), "assistant": (assistant_prefix, assistant_suffix)}
+    pieces = {
+        "system": (full[: full.index(S)], system_to_user[: len(system_to_user) - len(user_prefix)]),
+        "user": (user_prefix, user_suffix),
+        "assistant": (assistant_prefix, assistant_suffix),
+    }
     # A template may add a system message of its own when the conversation has none (SmolLM2 does).
     alone = _render(template, [msgs[1]], True, bos, eos)
     plain = user_prefix + U + user_suffix + generation
@@ -446,8 +542,10 @@ def _turn_pieces(template: str, bos: str, eos: str) -> tuple[dict, str, str | No
     if alone != plain:
         head, (sys_prefix, sys_suffix) = alone[: len(alone) - len(plain)], pieces["system"]
         if not (alone.endswith(plain) and head.startswith(sys_prefix) and head.endswith(sys_suffix)):
-            raise ValueError("a conversation without a system message starts in a way the template's turns do not explain")
-        default_system = head[len(sys_prefix): len(head) - len(sys_suffix)]
+            raise ValueError(
+                "a conversation without a system message starts in a way the template's turns do not explain"
+            )
+        default_system = head[len(sys_prefix) : len(head) - len(sys_suffix)]
     return pieces, generation, default_system
 
 
@@ -470,25 +568,36 @@ def ollama_modelfile(gguf_path: str | os.PathLike, from_path: str | None = None,
     meta = gguf_metadata(gguf_path)
     template = meta["chat_template"]
     if not template:
-        raise LoraKitError(f"{os.fspath(gguf_path)!r} carries no chat template (tokenizer.chat_template), so there is "
-                           "nothing to derive Ollama's TEMPLATE from. Export it again with lora_kit.export.export_gguf.")
+        raise LoraKitError(
+            f"{os.fspath(gguf_path)!r} carries no chat template (tokenizer.chat_template), so there is "
+            "nothing to derive Ollama's TEMPLATE from. Export it again with lora_kit.export.export_gguf."
+        )
     bos, eos = meta["bos_token"], meta["eos_token"]
     try:
         pieces, generation, default_system = _turn_pieces(template, bos, eos)
-        for conversation in ([("user", "Hi")], [("system", "Be brief."), ("user", "Hi")],
-                             [("user", "Hi"), ("assistant", "Hello."), ("user", "Name a city.")],
-                             [("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")]):
+        for conversation in (
+            [("user", "Hi")],
+            [("system", "Be brief."), ("user", "Hi")],
+            [("user", "Hi"), ("assistant", "Hello."), ("user", "Name a city.")],
+            [("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")],
+        ):
             messages = [{"role": r, "content": c} for r, c in conversation]
-            if _apply_pieces(pieces, generation, default_system, messages) != _render(template, messages, True, bos, eos):
+            if _apply_pieces(pieces, generation, default_system, messages) != _render(
+                template, messages, True, bos, eos
+            ):
                 raise ValueError("the rendering depends on more than each message's role")
     except Exception as err:  # str.index's ValueError, jinja2's TemplateError, a template's raise_exception
-        raise LoraKitError(f"The chat template in {os.fspath(gguf_path)!r} cannot be turned into an Ollama TEMPLATE "
-                           f"automatically ({err}). Write the Modelfile's TEMPLATE by hand from the template "
-                           "(docs/deploy.md shows ChatML's).") from None
+        raise LoraKitError(
+            f"The chat template in {os.fspath(gguf_path)!r} cannot be turned into an Ollama TEMPLATE "
+            f"automatically ({err}). Write the Modelfile's TEMPLATE by hand from the template "
+            "(docs/deploy.md shows ChatML's)."
+        ) from None
     texts = [p for pair in pieces.values() for p in pair] + [generation, default_system or ""]
     if any("{{" in t or '"""' in t for t in texts):
-        raise LoraKitError("The chat template's text holds '{{' or '\"\"\"', which a Modelfile cannot quote; "
-                           "write its TEMPLATE by hand.")
+        raise LoraKitError(
+            "The chat template's text holds '{{' or '\"\"\"', which a Modelfile cannot quote; "
+            "write its TEMPLATE by hand."
+        )
     go = "{{ range .Messages }}"
     for i, role in enumerate(("system", "user", "assistant")):
         prefix, suffix = pieces[role]
@@ -500,8 +609,11 @@ def ollama_modelfile(gguf_path: str | os.PathLike, from_path: str | None = None,
         if stop and stop not in stops:
             stops.append(stop)
     name = Path(gguf_path).name
-    lines = [f"# Written by lora_kit.export for {name}: TEMPLATE, SYSTEM and stop come from its chat template.",
-             f"FROM {from_path or './' + name}", f'TEMPLATE """{go}"""']
+    lines = [
+        f"# Written by lora_kit.export for {name}: TEMPLATE, SYSTEM and stop come from its chat template.",
+        f"FROM {from_path or './' + name}",
+        f'TEMPLATE """{go}"""',
+    ]
     if default_system is not None:
         lines.append(f'SYSTEM """{default_system}"""')
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
@@ -524,8 +636,10 @@ def write_modelfile(gguf_path: str | os.PathLike, path: str | os.PathLike | None
         except (OSError, UnicodeDecodeError):
             first = ""
         if not first.startswith("# Written by lora_kit.export"):
-            raise LoraKitError(f"{os.fspath(path)!r} exists and lora_kit did not write it; writing the Modelfile there "
-                               "would replace it. Pass another path, or move that file away.")
+            raise LoraKitError(
+                f"{os.fspath(path)!r} exists and lora_kit did not write it; writing the Modelfile there "
+                "would replace it. Pass another path, or move that file away."
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_file(path)
     try:

@@ -1,0 +1,221 @@
+"""Tests for lora_kit.export: the embedded model exported to GGUF and run in llama.cpp, on CPU.
+
+The embedded model's folder is an ordinary checkpoint, like a merged one. It is exported to f16
+and q8_0 with llama.cpp's own converter, and each file is loaded with llama-cpp-python's
+``Llama`` using the chat template read from the file's metadata. On held-out demo prompts the
+f16 file's greedy answers must equal transformers' greedy answers on the same folder, the q8_0
+file's must be close, and every answer must end at the end-of-turn token. Bad inputs and a
+killed export must leave no .gguf behind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_kit import export
+from lora_kit.data import demo_task
+from lora_kit.errors import LoraKitError
+from lora_kit.evaluate import GenerationSettings, generate_details
+from lora_kit.models import embedded_model_path
+
+N_PROMPTS = 4  # each answer is up to 128 tokens on two CPU cores: a few prompts keep the file near two minutes
+
+
+@pytest.fixture(scope="module")
+def folder() -> Path:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="module")
+def exported(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    return {q: export.export_gguf(folder, out / f"smol-{q}.gguf", quantization=q) for q in ("f16", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    _, eval_ds = demo_task(n_train=20, n_eval=N_PROMPTS)
+    return [row["messages"][:-1] for row in eval_ds]  # system + user; the reference answer dropped
+
+
+@pytest.fixture(scope="module")
+def transformers_answers(folder, conversations):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    answers = generate_details(model, tokenizer, conversations, GenerationSettings(), batch_size=1)  # greedy, unpadded
+    assert all(a.stopped for a in answers)
+    return [a.text for a in answers]
+
+
+def llama_answers(gguf_path, conversations):
+    """Greedy answers from llama.cpp, prompts formatted by the chat template stored in the file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    meta = export.gguf_metadata(gguf_path)
+    handler = Jinja2ChatFormatter(
+        meta["chat_template"], eos_token=meta["eos_token"], bos_token=meta["bos_token"]
+    ).to_chat_handler()
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_threads=2, seed=0, verbose=False, chat_handler=handler)
+    out = []
+    for messages in conversations:
+        reply = llm.create_chat_completion(
+            messages, temperature=0.0, max_tokens=GenerationSettings().max_new_tokens, repeat_penalty=1.0
+        )["choices"][0]
+        out.append((reply["message"]["content"].strip(), reply["finish_reason"]))
+    llm.close()
+    return out
+
+
+def test_gguf_carries_the_folders_chat_template_and_special_tokens(folder, exported):
+    template = (folder / "chat_template.jinja").read_text()
+    for quantization, path in exported.items():
+        meta = export.gguf_metadata(path)
+        assert meta["chat_template"] == template
+        assert (meta["bos_token"], meta["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+        assert meta["architecture"] == "llama"
+        assert meta["file_type"] == {"f16": 1, "q8_0": 7}[quantization]  # llama_ftype MOSTLY_F16, MOSTLY_Q8_0
+        record = json.loads((path.parent / f".{path.name}.lora_kit_output.json").read_text())
+        assert record["quantization"] == quantization and record["size"] == path.stat().st_size
+    assert not [p for p in exported["f16"].parent.iterdir() if ".partial-" in p.name]
+
+
+def test_f16_answers_in_llama_cpp_equal_transformers(exported, conversations, transformers_answers):
+    answers = llama_answers(exported["f16"], conversations)
+    print(
+        "\n"
+        + "\n".join(f"llama.cpp f16: {a!r}\ntransformers:  {b!r}" for (a, _), b in zip(answers, transformers_answers))
+    )
+    assert [a for a, _ in answers] == transformers_answers
+    assert [reason for _, reason in answers] == ["stop"] * len(answers)  # ended at <|im_end|>, not at max_tokens
+
+
+def test_q8_0_answers_in_llama_cpp_are_close(exported, conversations, transformers_answers):
+    answers = llama_answers(exported["q8_0"], conversations)
+    similarity = [difflib.SequenceMatcher(None, a, b).ratio() for (a, _), b in zip(answers, transformers_answers)]
+    print("\nq8_0 vs transformers, similarity per answer:", [round(s, 3) for s in similarity])
+    assert sum(a == b for (a, _), b in zip(answers, transformers_answers)) >= len(answers) // 2
+    assert min(similarity) > 0.5
+    assert [reason for _, reason in answers] == ["stop"] * len(answers)
+
+
+def test_q4_k_m_through_llama_cpps_quantizer_runs_and_stops(exported, conversations, tmp_path):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "smol-q4_k_m.gguf"
+    export._quantize(exported["f16"], out, export._LLAMA_FTYPE_Q4_K_M)
+    assert export.gguf_metadata(out)["file_type"] == 15  # llama_ftype MOSTLY_Q4_K_M
+    assert out.stat().st_size < 0.6 * exported["f16"].stat().st_size
+    answers = llama_answers(out, conversations[:2])
+    assert [reason for _, reason in answers] == ["stop", "stop"]
+
+
+def test_modelfile_template_and_stop_come_from_the_chat_template(exported):
+    path = export.write_modelfile(exported["q8_0"])
+    text = path.read_text()
+    assert path == exported["q8_0"].parent / "Modelfile"
+    assert "FROM ./smol-q8_0.gguf" in text
+    assert (
+        '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+    ) in text
+    assert text.count('PARAMETER stop "<|im_end|>"') == 1
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert export.write_modelfile(exported["q8_0"]) == path  # its own file: replaced
+    mine = path.parent / "Modelfile.mine"
+    mine.write_text("FROM llama3\n")
+    with pytest.raises(LoraKitError, match="lora_kit did not write it"):
+        export.write_modelfile(exported["q8_0"], mine)
+    assert mine.read_text() == "FROM llama3\n"
+
+
+def test_a_template_ollama_cannot_express_is_refused():
+    from lora_kit.models import LLAMA2_TEMPLATE
+
+    with pytest.raises(ValueError):  # the system message sits inside the first user turn
+        export._turn_pieces(LLAMA2_TEMPLATE, "<s>", "</s>")
+
+
+def _fake_model(path: Path, architecture="LlamaForCausalLM", template=True) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "x"}))
+    (path / "model.safetensors").write_bytes(b"")
+    if template:
+        (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return path
+
+
+def test_bad_inputs_are_refused_with_what_to_do(folder, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraKitError, match="no readable config.json"):
+        export.export_gguf(tmp_path / "empty", tmp_path / "a.gguf")
+    with pytest.raises(LoraKitError, match="does not exist"):
+        export.export_gguf(tmp_path / "missing", tmp_path / "a.gguf")
+    no_template = _fake_model(tmp_path / "no-template", template=False)
+    with pytest.raises(LoraKitError, match="no chat template") as err:
+        export.export_gguf(no_template, tmp_path / "a.gguf")
+    assert "tokenizer.save_pretrained" in str(err.value)
+    alien = _fake_model(tmp_path / "alien", architecture="AlienForCausalLM")
+    with pytest.raises(LoraKitError, match="'AlienForCausalLM'.*does not support") as err:
+        export.export_gguf(alien, tmp_path / "a.gguf")
+    assert "alien" in str(err.value) and "LORA_KIT_LLAMA_CPP" in str(err.value)
+    with pytest.raises(LoraKitError, match="quantization='q3'"):
+        export.export_gguf(folder, tmp_path / "a.gguf", quantization="q3")
+    with pytest.raises(LoraKitError, match="inside the model folder"):
+        export.export_gguf(folder, folder / "model.gguf")
+    users = tmp_path / "users.gguf"
+    users.write_bytes(b"my own model")
+    with pytest.raises(LoraKitError, match="lora_kit did not write"):
+        export.export_gguf(folder, users)
+    assert users.read_bytes() == b"my own model"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf" or ".partial-" in p.name) == ["users.gguf"]
+
+
+def test_a_failed_conversion_leaves_no_gguf(folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, broken / name)
+    (broken / "model.safetensors").write_bytes((64).to_bytes(8, "little") + b"{" * 64)  # a header that is not JSON
+    out = tmp_path / "out"
+    with pytest.raises(LoraKitError, match="not a readable safetensors file"):
+        export.export_gguf(broken, out / "model.gguf")
+    with open(folder / "model.safetensors", "rb") as f:  # the real header, then the weights cut short: half-copied
+        head = f.read(8)
+        (broken / "model.safetensors").write_bytes(head + f.read(int.from_bytes(head, "little") + 2**20))
+    with pytest.raises(LoraKitError, match="converter failed"):
+        export.export_gguf(broken, out / "model.gguf")
+    assert list(out.iterdir()) == []
+
+
+def test_a_killed_export_leaves_no_gguf_and_the_next_one_cleans_up(folder, tmp_path, monkeypatch):
+    out = tmp_path / "model.gguf"
+    code = f"from lora_kit import export; export.export_gguf({str(folder)!r}, {str(out)!r}, 'f16')"
+    writer = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not any(p.stat().st_size > 10**6 for p in tmp_path.glob(".model.gguf.partial-*")):
+            assert writer.poll() is None and time.time() < deadline, "the export ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)  # the export and the converter it started
+        writer.wait()
+    partials = list(tmp_path.glob(".model.gguf.partial-*"))
+    assert not out.exists() and len(partials) == 1
+    # The next export removes the dead writer's partial file before anything else can fail (here: the disk).
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: usage._replace(free=100 * 2**20))
+    with pytest.raises(LoraKitError, match=r"needs 0\.\d\d GiB .* 0\.10 GiB are free"):
+        export.export_gguf(folder, out)
+    assert list(tmp_path.iterdir()) == []
