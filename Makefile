@@ -14,12 +14,17 @@ demo: install
 test: install
 	$(PIP) install -r requirements-dev.txt
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	LORA_KIT_SMOKE=1 $(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff format .
 
 notebooks:
 	$(PYTHON) notebooks/build.py
 
-.PHONY: install demo test lint notebooks
+.PHONY: install demo test lint format notebooks

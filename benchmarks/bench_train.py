@@ -44,18 +44,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from lora_kit import memory  # noqa: E402  (after the path above)
+
 GIB = 2**30
 RESULT_TAG = "BENCH_RESULT "
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # ---- model shapes ------------------------------------------------------------------------------------------------
 MODEL_SIZES = {
-    # Llama-2-7B: 6.74 B parameters.
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    # CPU smoke size: same architecture, a few hundred thousand parameters.
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+    "7b": memory.LLAMA2_7B,  # Llama-2-7B: 6.74 B parameters
+    "tiny": memory.decoder_shape(64, 172, 2, 4, 4, 512, tied=False, context=512),  # CPU smoke size, same architecture
 }
 
 # ---- recipes: stock + one lever at a time + combinations ---------------------------------------------------------
@@ -99,7 +97,11 @@ RECIPES = {
     # experiments: whole decoder layers compiled where lora_kit compiles blocks (norms and residual adds inside the
     # compiled code, one compiled region per layer instead of two), with and without Liger's kernels
     "lora_kit_layers": {"fast": True, "levers": {"compile_blocks": False}, "whole_layers": True},
-    "lora_kit_layers_noliger": {"fast": True, "levers": {"compile_blocks": False, "liger": False}, "whole_layers": True},
+    "lora_kit_layers_noliger": {
+        "fast": True,
+        "levers": {"compile_blocks": False, "liger": False},
+        "whole_layers": True,
+    },
     # lora_kit with Liger's RoPE kernel back inside the compiled attention blocks
     "lora_kit_ligerrope": {"fast": True, "levers": {"liger_rope": True}},
     # lora_kit with Inductor's pointwise autotuning back on (torch's default; Levers.autotune_pointwise)
@@ -120,10 +122,18 @@ def parse_args(argv=None):
     p.add_argument("--mixed-micro-batch", type=int, default=4, help="stock micro-batch of the mixed shape")
     p.add_argument("--grad-accum", type=int, default=1, help="stock gradient accumulation, fixed shape")
     p.add_argument("--mixed-grad-accum", type=int, default=4, help="stock gradient accumulation, mixed shape")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on compute capability >= 8.0, fp16 below (T4), fp32 on CPU")
-    p.add_argument("--max-memory-gib", type=float, default=None,
-                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction): T4 proxy = 15")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="auto: bf16 on compute capability >= 8.0, fp16 below (T4), fp32 on CPU",
+    )
+    p.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction): T4 proxy = 15",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
     p.add_argument("--warmup", type=int, default=4, help="untimed optimizer steps first")
     p.add_argument("--shapes", default="fixed,mixed")
@@ -131,22 +141,37 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--ckpt-dir", default=None, help="where the random checkpoint is saved (reused if present)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run recipes in this process (default on CPU; on CUDA each recipe gets a subprocess)")
-    p.add_argument("--cold-compile", action="store_true",
-                   help="give each recipe subprocess empty Inductor and Triton caches, as on a fresh machine (a new "
-                        "Colab runtime): compilation and kernel autotuning then happen inside the timed run. Applies to "
-                        "recipe subprocesses (the CUDA default), not to --in-process runs")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run recipes in this process (default on CPU; on CUDA each recipe gets a subprocess)",
+    )
+    p.add_argument(
+        "--cold-compile",
+        action="store_true",
+        help="give each recipe subprocess empty Inductor and Triton caches, as on a fresh machine (a new "
+        "Colab runtime): compilation and kernel autotuning then happen inside the timed run. Applies to "
+        "recipe subprocesses (the CUDA default), not to --in-process runs",
+    )
     p.add_argument("--recipe-timeout", type=int, default=900, help="seconds per recipe subprocess")
     p.add_argument("--json-out", default=None, help="also write the JSON result here")
-    p.add_argument("--profile-dir", default=None,
-                   help="profile 2 optimizer steps after the warm-up (torch.profiler) and write a table per recipe here")
-    p.add_argument("--memory-report", action="store_true",
-                   help="record every CUDA allocation while training (slows the steps: not for timing) and report what "
-                        "was alive at the peak, grouped by the code that allocated it")
+    p.add_argument(
+        "--profile-dir",
+        default=None,
+        help="profile 2 optimizer steps after the warm-up (torch.profiler) and write a table per recipe here",
+    )
+    p.add_argument(
+        "--memory-report",
+        action="store_true",
+        help="record every CUDA allocation while training (slows the steps: not for timing) and report what "
+        "was alive at the peak, grouped by the code that allocated it",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--emulate-capability", default=None,
-                   help="compute capability lora_kit.speed decides for, e.g. 7.5 for the T4 proxy on a big GPU")
+    p.add_argument(
+        "--emulate-capability",
+        default=None,
+        help="compute capability lora_kit.speed decides for, e.g. 7.5 for the T4 proxy on a big GPU",
+    )
     # internal: one recipe in a worker subprocess
     p.add_argument("--worker", nargs=2, metavar=("SHAPE", "RECIPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -161,8 +186,12 @@ def device_info():
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"device": "cuda", "name": props.name, "capability": list(torch.cuda.get_device_capability(0)),
-                "total_gib": round(props.total_memory / GIB, 2)}
+        return {
+            "device": "cuda",
+            "name": props.name,
+            "capability": list(torch.cuda.get_device_capability(0)),
+            "total_gib": round(props.total_memory / GIB, 2),
+        }
     return {"device": "cpu", "name": "cpu", "capability": None, "total_gib": None}
 
 
@@ -199,8 +228,9 @@ def build_tokenizer(vocab_size):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
     vocab.update({f"t{i}": i for i in range(4, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def ensure_checkpoint(args, dtype_name):
@@ -214,8 +244,13 @@ def ensure_checkpoint(args, dtype_name):
     t0 = time.time()
     ckpt.mkdir(parents=True, exist_ok=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    cfg = LlamaConfig(**MODEL_SIZES[args.model_size], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=3, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        **MODEL_SIZES[args.model_size],
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     old = torch.get_default_dtype()
@@ -239,12 +274,16 @@ def load_model(args, ckpt, precision, on_cuda, attn="sdpa", base_dtype=None):
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[precision]
-    kwargs = dict(dtype=dtypes[base_dtype or precision], attn_implementation=attn,
-                  device_map={"": 0} if on_cuda else {"": "cpu"})
+    kwargs = dict(
+        dtype=dtypes[base_dtype or precision], attn_implementation=attn, device_map={"": 0} if on_cuda else {"": "cpu"}
+    )
     if args.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+        )
     return AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
 
 
@@ -289,8 +328,12 @@ def recipe_settings(args, shape, recipe, info, precision):
     if levers.pop("fast", False):
         # lora_kit's own entry point decides everything (lora_kit.train.build_trainer with TrainSettings(fast=True))
         kw["_via_lora_kit"] = {"forced": levers.get("levers", {}), "whole_layers": levers.get("whole_layers", False)}
-        levers = {"fast": "lora_kit.train.build_trainer", "capability_seen": fast_capability(args, info),
-                  "levers_forced": kw["_via_lora_kit"]["forced"], "whole_layers": kw["_via_lora_kit"]["whole_layers"]}
+        levers = {
+            "fast": "lora_kit.train.build_trainer",
+            "capability_seen": fast_capability(args, info),
+            "levers_forced": kw["_via_lora_kit"]["forced"],
+            "whole_layers": kw["_via_lora_kit"]["whole_layers"],
+        }
     if levers.get("liger"):
         kw["use_liger_kernel"] = True
     if levers.get("padding_free"):
@@ -316,7 +359,12 @@ def recipe_settings(args, shape, recipe, info, precision):
         kw["activation_offloading"] = True
     if levers.get("compile"):
         kw["torch_compile"] = True
-    for applied_after_build in ("compile_layers", "fp32_adapters", "onesync", "lean"):  # not SFTConfig fields: run_recipe
+    for applied_after_build in (
+        "compile_layers",
+        "fp32_adapters",
+        "onesync",
+        "lean",
+    ):  # not SFTConfig fields: run_recipe
         if levers.get(applied_after_build):
             kw["_" + applied_after_build] = True
     return kw, mb, ga, levers
@@ -332,10 +380,16 @@ def run_recipe(args, shape, recipe, ckpt):
     info = device_info()
     on_cuda = info["device"] == "cuda"
     precision = resolve_precision(args, info)
-    result = {"shape": shape, "recipe": recipe, "precision": precision, "method": args.method,
-              "model_size": args.model_size, "seq_len": args.seq_len,
-              # where this recipe's compiled kernels are cached: a fresh folder per recipe under --cold-compile
-              "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+    result = {
+        "shape": shape,
+        "recipe": recipe,
+        "precision": precision,
+        "method": args.method,
+        "model_size": args.model_size,
+        "seq_len": args.seq_len,
+        # where this recipe's compiled kernels are cached: a fresh folder per recipe under --cold-compile
+        "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+    }
     if on_cuda and args.max_memory_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GIB / total))
@@ -349,8 +403,15 @@ def run_recipe(args, shape, recipe, ckpt):
     onesync = cfg_kw.pop("_onesync", False)
     lean = cfg_kw.pop("_lean", False)
     via_lora_kit = cfg_kw.pop("_via_lora_kit", None)
-    result.update({"levers": levers, "micro_batch": mb, "grad_accum": ga, "attn": attn,
-                   "sft_kwargs": {k: v for k, v in cfg_kw.items()}})
+    result.update(
+        {
+            "levers": levers,
+            "micro_batch": mb,
+            "grad_accum": ga,
+            "attn": attn,
+            "sft_kwargs": {k: v for k, v in cfg_kw.items()},
+        }
+    )
     # Profiled steps (if any) come after the timed ones and are not timed: the profiler slows them down.
     total_steps = args.warmup + args.steps + (PROFILE_STEPS if args.profile_dir else 0)
     packing = cfg_kw.get("packing", False)
@@ -368,18 +429,37 @@ def run_recipe(args, shape, recipe, ckpt):
         result["load_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
     ds = make_dataset(shape, n_samples, args.seq_len, MODEL_SIZES[args.model_size]["vocab_size"], args.seed)
 
-    peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
-                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=TARGET_MODULES,
+        task_type="CAUSAL_LM",
+    )
     base = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench_"), max_steps=total_steps, per_device_train_batch_size=mb,
-        gradient_accumulation_steps=ga, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
-        optim="paged_adamw_32bit" if on_cuda else "adamw_torch", gradient_checkpointing=True,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not on_cuda,
+        output_dir=tempfile.mkdtemp(prefix="bench_"),
+        max_steps=total_steps,
+        per_device_train_batch_size=mb,
+        gradient_accumulation_steps=ga,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="paged_adamw_32bit" if on_cuda else "adamw_torch",
+        gradient_checkpointing=True,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not on_cuda,
         # pre-tokenized data: padding-free without packing needs max_length=None (TRL refuses otherwise); the
         # samples are already at most seq_len long, so nothing is lost.
         max_length=None if (padding_free and not packing) else args.seq_len,
-        logging_steps=1, report_to="none", save_strategy="no", seed=args.seed, dataloader_num_workers=0,
-        disable_tqdm=True)
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     base.update(cfg_kw)
     sft_args = SFTConfig(**base)
 
@@ -399,8 +479,9 @@ def run_recipe(args, shape, recipe, ckpt):
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
             if self.prof is not None and state.global_step == args.warmup + args.steps + PROFILE_STEPS:
-                write_profile(self.prof, args.profile_dir, f"{shape}_{recipe}",
-                              sum(self.times[-PROFILE_STEPS:]), PROFILE_STEPS)
+                write_profile(
+                    self.prof, args.profile_dir, f"{shape}_{recipe}", sum(self.times[-PROFILE_STEPS:]), PROFILE_STEPS
+                )
                 self.prof = None
             step_tokens.append(micro_tokens[:])
             micro_tokens.clear()
@@ -416,8 +497,9 @@ def run_recipe(args, shape, recipe, ckpt):
     timer = Timer()
     t_build = time.time()
     if via_lora_kit is not None:
-        trainer, chosen = build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision,
-                                                 via_lora_kit)
+        trainer, chosen = build_lora_kit_trainer(
+            args, info, model, tok, ds, mb, ga, total_steps, precision, via_lora_kit
+        )
         result["levers_on"] = chosen.on()
         trainer.add_callback(timer)
         count_tokens = trainer.training_step
@@ -427,14 +509,22 @@ def run_recipe(args, shape, recipe, ckpt):
             return count_tokens(model, inputs, *a, **k)
 
         trainer.training_step = counting_step
-        result.update(micro_batch=trainer.args.per_device_train_batch_size,
-                      grad_accum=trainer.args.gradient_accumulation_steps,
-                      attn=trainer.model.get_base_model().config._attn_implementation,
-                      adapter_dtypes=sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
-                      sft_kwargs={k: getattr(trainer.args, k) for k in ("packing", "padding_free", "use_liger_kernel")})
+        result.update(
+            micro_batch=trainer.args.per_device_train_batch_size,
+            grad_accum=trainer.args.gradient_accumulation_steps,
+            attn=trainer.model.get_base_model().config._attn_implementation,
+            adapter_dtypes=sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
+            sft_kwargs={k: getattr(trainer.args, k) for k in ("packing", "padding_free", "use_liger_kernel")},
+        )
     else:
-        trainer = CountingSFTTrainer(model=model, args=sft_args, train_dataset=ds, processing_class=tok,
-                                     peft_config=peft_config, callbacks=[timer])
+        trainer = CountingSFTTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
     # TRL casts a quantized model's trainable adapter weights to bf16 while the trainer is built; fp16 mixed precision
     # then dies in the grad scaler at the first step, and fp32 base LoRA must stay fp32. Cast back after the build.
     if via_lora_kit is None and (precision in ("fp16", "fp32") or fp32_adapters):
@@ -464,20 +554,22 @@ def run_recipe(args, shape, recipe, ckpt):
         result["peak_breakdown"] = peak_breakdown(torch.cuda.memory._snapshot(), before_recording)
         torch.cuda.memory._record_memory_history(enabled=None)
 
-    times = timer.times[args.warmup:args.warmup + args.steps]
-    toks = [sum(t) for t in step_tokens[args.warmup:args.warmup + args.steps]]
+    times = timer.times[args.warmup : args.warmup + args.steps]
+    toks = [sum(t) for t in step_tokens[args.warmup : args.warmup + args.steps]]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result.update({
-        "status": "ok",
-        "timed_steps": len(times),
-        "median_step_s": round(statistics.median(times), 4) if times else None,
-        "tokens_per_s": round(sum(toks) / sum(times), 1) if times and sum(times) > 0 else None,
-        "real_tokens_per_step": round(statistics.mean(toks), 1) if toks else None,
-        "step_times_s": [round(t, 4) for t in times],
-        "losses": [round(x, 4) for x in losses],
-        "loss_finite": all(math.isfinite(x) for x in losses) and len(losses) > 0,
-        "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if on_cuda else None,
-    })
+    result.update(
+        {
+            "status": "ok",
+            "timed_steps": len(times),
+            "median_step_s": round(statistics.median(times), 4) if times else None,
+            "tokens_per_s": round(sum(toks) / sum(times), 1) if times and sum(times) > 0 else None,
+            "real_tokens_per_step": round(statistics.mean(toks), 1) if toks else None,
+            "step_times_s": [round(t, 4) for t in times],
+            "losses": [round(x, 4) for x in losses],
+            "loss_finite": all(math.isfinite(x) for x in losses) and len(losses) > 0,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if on_cuda else None,
+        }
+    )
     if on_cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
     return result
@@ -506,10 +598,25 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
     levers = replace(decided, **via_lora_kit["forced"])
     lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
     settings = lk_train.TrainSettings(
-        learning_rate=2e-4, micro_batch_size=mb, gradient_accumulation_steps=ga, max_steps=total_steps,
-        max_length=args.seq_len, optim="paged_adamw_32bit", lr_scheduler_type="constant", warmup_ratio=0.0,
-        max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=True, logging_steps=1, save_steps=10**9,
-        output_dir=tempfile.mkdtemp(prefix="bench_lk_"), seed=args.seed, fast=True, levers=levers, report_to="none")
+        learning_rate=2e-4,
+        micro_batch_size=mb,
+        gradient_accumulation_steps=ga,
+        max_steps=total_steps,
+        max_length=args.seq_len,
+        optim="paged_adamw_32bit",
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        save_steps=10**9,
+        output_dir=tempfile.mkdtemp(prefix="bench_lk_"),
+        seed=args.seed,
+        fast=True,
+        levers=levers,
+        report_to="none",
+    )
     trainer = lk_train.build_trainer(model, tok, ds, lora=lora, train=settings, precision=precision)
     if via_lora_kit["whole_layers"] and decided.compile_blocks:
         compile_whole_layers(trainer.model, levers.autotune_pointwise)
@@ -547,7 +654,7 @@ def peak_breakdown(snapshot, before_recording, top=14):
         elif e["action"] == "free_completed":
             cur -= live.pop(e["addr"], e["size"])
     live, groups = {}, {}
-    for e in trace[:peak_at + 1]:
+    for e in trace[: peak_at + 1]:
         if e["action"] == "alloc":
             live[e["addr"]] = e
         elif e["action"] == "free_completed":
@@ -565,9 +672,13 @@ def peak_breakdown(snapshot, before_recording, top=14):
         size, n = groups.get(key, (0, 0))
         groups[key] = (size + e["size"], n + 1)
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"peak_gib": round(peak / GIB, 3), "before_training_gib": round(before_recording / GIB, 3),
-            "allocated_during_training_alive_at_peak": [
-                {"gib": round(size / GIB, 3), "tensors": n, "where": key} for key, (size, n) in rows]}
+    return {
+        "peak_gib": round(peak / GIB, 3),
+        "before_training_gib": round(before_recording / GIB, 3),
+        "allocated_during_training_alive_at_peak": [
+            {"gib": round(size / GIB, 3), "tensors": n, "where": key} for key, (size, n) in rows
+        ],
+    }
 
 
 def start_profiler(on_cuda):
@@ -584,12 +695,17 @@ def write_profile(prof, out_dir, name, wall_s, steps):
     prof.__exit__(None, None, None)
     events = prof.key_averages()
     gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
-    syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item"
-             or e.key == "aten::_local_scalar_dense"}
+    syncs = {
+        e.key: e.count
+        for e in events
+        if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item" or e.key == "aten::_local_scalar_dense"
+    }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(out_dir) / f"profile_{name}.txt", "w") as fh:
-        fh.write(f"{steps} steps, wall {wall_s:.3f} s, GPU kernel time {gpu_us / 1e6:.3f} s "
-                 f"({100 * gpu_us / 1e6 / wall_s:.0f}% busy)\nsync/copy calls: {json.dumps(syncs)}\n\n")
+        fh.write(
+            f"{steps} steps, wall {wall_s:.3f} s, GPU kernel time {gpu_us / 1e6:.3f} s "
+            f"({100 * gpu_us / 1e6 / wall_s:.0f}% busy)\nsync/copy calls: {json.dumps(syncs)}\n\n"
+        )
         fh.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
         fh.write("\n\n")
         fh.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
@@ -602,21 +718,27 @@ def run_in_subprocess(args, shape, recipe, argv):
     env = dict(os.environ)
     if args.cold_compile:
         cache = tempfile.mkdtemp(prefix="bench_cold_")
-        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+        env.update(
+            TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), TRITON_CACHE_DIR=os.path.join(cache, "triton")
+        )
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.recipe_timeout, env=env)
     except subprocess.TimeoutExpired as e:
-        return {"shape": shape, "recipe": recipe, "status": "error", "error": f"timeout after {args.recipe_timeout}s",
-                "log_tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else ""}
+        return {
+            "shape": shape,
+            "recipe": recipe,
+            "status": "error",
+            "error": f"timeout after {args.recipe_timeout}s",
+            "log_tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else "",
+        }
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
-            res = json.loads(line[len(RESULT_TAG):])
+            res = json.loads(line[len(RESULT_TAG) :])
             res["wall_s"] = round(time.time() - t0, 1)
             return res
     tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3500:]).strip()
-    return {"shape": shape, "recipe": recipe, "status": "error", "error": f"exit {proc.returncode}",
-            "log_tail": tail}
+    return {"shape": shape, "recipe": recipe, "status": "error", "error": f"exit {proc.returncode}", "log_tail": tail}
 
 
 def summarize(results):
@@ -651,8 +773,10 @@ def summarize(results):
 
 
 def print_table(results, ratios):
-    hdr = f"{'shape':6} {'recipe':14} {'mb x ga':8} {'tokens/s':>9} {'x stock':>7} {'step s':>7} {'peak GiB':>8} " \
-          f"{'x stock':>7} {'loss first->last':>18}"
+    hdr = (
+        f"{'shape':6} {'recipe':14} {'mb x ga':8} {'tokens/s':>9} {'x stock':>7} {'step s':>7} {'peak GiB':>8} "
+        f"{'x stock':>7} {'loss first->last':>18}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -662,10 +786,12 @@ def print_table(results, ratios):
         rt = ratios.get(f"{r['shape']}/{r['recipe']}", {})
         losses = r.get("losses") or [float("nan")]
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
-        print(f"{r['shape']:6} {r['recipe']:14} {str(r['micro_batch']) + 'x' + str(r['grad_accum']):8} "
-              f"{r['tokens_per_s']:9.1f} {rt.get('tokens_per_s', 1.0) if r['recipe'] != 'stock' else 1.0:7.2f} "
-              f"{r['median_step_s']:7.3f} {peak:>8} {rt.get('peak', '-') if r['recipe'] != 'stock' else 1.0!s:>7} "
-              f"{losses[0]:8.3f}->{losses[-1]:8.3f}")
+        print(
+            f"{r['shape']:6} {r['recipe']:14} {str(r['micro_batch']) + 'x' + str(r['grad_accum']):8} "
+            f"{r['tokens_per_s']:9.1f} {rt.get('tokens_per_s', 1.0) if r['recipe'] != 'stock' else 1.0:7.2f} "
+            f"{r['median_step_s']:7.3f} {peak:>8} {rt.get('peak', '-') if r['recipe'] != 'stock' else 1.0!s:>7} "
+            f"{losses[0]:8.3f}->{losses[-1]:8.3f}"
+        )
     for key, entry in ratios.items():
         if key.endswith(" vs stock_fp32base"):
             print(f"{key}: tokens/s x{entry.get('tokens_per_s', '-')}, peak x{entry.get('peak', '-')}")
@@ -682,7 +808,9 @@ def main(argv=None):
         # RAM-backed /dev/shm when it has room for a 7B bf16 checkpoint (13.5 GB): reloads cost no disk reads.
         shm_ok = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 20 * GIB
         root = "/dev/shm" if shm_ok and info["device"] == "cuda" else tempfile.gettempdir()
-        args.ckpt_dir = os.path.join(root, f"lora_kit_bench_{args.model_size}_{'bf16' if precision != 'fp32' else 'fp32'}")
+        args.ckpt_dir = os.path.join(
+            root, f"lora_kit_bench_{args.model_size}_{'bf16' if precision != 'fp32' else 'fp32'}"
+        )
 
     if args.worker:
         shape, recipe = args.worker
@@ -703,8 +831,11 @@ def main(argv=None):
         raise SystemExit(f"unknown recipe/shape {unknown}: recipes are {sorted(RECIPES)}, shapes fixed,mixed")
     # The checkpoint stores 16-bit weights for GPU runs (what a hub checkpoint holds), fp32 on CPU.
     ckpt, build_s = ensure_checkpoint(args, "bf16" if precision != "fp32" else "fp32")
-    print(f"# device {info['name']} | precision {precision} | method {args.method} | model {args.model_size} | "
-          f"checkpoint {ckpt} (built in {build_s:.0f}s)", flush=True)
+    print(
+        f"# device {info['name']} | precision {precision} | method {args.method} | model {args.model_size} | "
+        f"checkpoint {ckpt} (built in {build_s:.0f}s)",
+        flush=True,
+    )
     in_process = args.in_process or info["device"] == "cpu"
     worker_argv = [a for a in argv if a != "--in-process"] + ["--ckpt-dir", str(ckpt)]
     results = []
@@ -723,16 +854,24 @@ def main(argv=None):
             if args.json_out:  # one line per recipe as it finishes: survives a run cut short
                 with open(str(args.json_out) + ".partial.jsonl", "a") as fh:
                     fh.write(json.dumps(res) + "\n")
-            brief = {k: res.get(k) for k in ("shape", "recipe", "status", "tokens_per_s", "median_step_s",
-                                            "peak_gib", "wall_s", "error")}
+            brief = {
+                k: res.get(k)
+                for k in ("shape", "recipe", "status", "tokens_per_s", "median_step_s", "peak_gib", "wall_s", "error")
+            }
             print("# " + json.dumps(brief), flush=True)
             if res.get("status") != "ok" and res.get("log_tail"):
                 print(res["log_tail"][-3000:], flush=True)
     ratios = summarize(results)
     print()
     print_table(results, ratios)
-    out = {"device": info, "precision": precision, "args": {k: v for k, v in vars(args).items() if k != "worker"},
-           "versions": versions(), "results": results, "ratios": ratios}
+    out = {
+        "device": info,
+        "precision": precision,
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "versions": versions(),
+        "results": results,
+        "ratios": ratios,
+    }
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")

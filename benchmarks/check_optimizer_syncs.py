@@ -9,6 +9,7 @@ Prints one JSON line. Needs CUDA and bitsandbytes.
 
     python benchmarks/check_optimizer_syncs.py --steps 5 --timed 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,12 @@ def main(argv=None):
 
     # stock bnb; one sync per step (skip_optimizer_syncs); + lean_update_step (what lora_kit runs on a GPU with
     # room); the same with bnb's prefetch hints kept (what it runs on a GPU that came near full)
-    variants = {"stock": variant(), "one_sync": variant(one_sync=True),
-                "one_sync_lean": variant(one_sync=True, lean=True),
-                "one_sync_lean_prefetch": variant(one_sync=True, lean=True, prefetch_always=True)}
+    variants = {
+        "stock": variant(),
+        "one_sync": variant(one_sync=True),
+        "one_sync_lean": variant(one_sync=True, lean=True),
+        "one_sync_lean_prefetch": variant(one_sync=True, lean=True, prefetch_always=True),
+    }
     for _ in range(args.steps):
         grads = [torch.randn_like(t) for t in base]
         for params, opt in variants.values():
@@ -69,8 +73,11 @@ def main(argv=None):
             opt.step()
     torch.cuda.synchronize()
     stock = variants["stock"][0]
-    equal = {name: all(torch.equal(a, b) for a, b in zip(stock, params))
-             for name, (params, _) in variants.items() if name != "stock"}
+    equal = {
+        name: all(torch.equal(a, b) for a, b in zip(stock, params))
+        for name, (params, _) in variants.items()
+        if name != "stock"
+    }
     moved = max(float((a.detach().float() - t.float()).abs().max()) for a, t in zip(stock, base))
 
     def timed(opt):
@@ -84,9 +91,16 @@ def main(argv=None):
         return statistics.median(times)
 
     step_ms = {name: round(timed(opt) * 1e3, 2) for name, (_, opt) in variants.items()}
-    out = {"tensors": len(shapes), "params_m": round(sum(a.numel() for a in stock) / 1e6, 1),
-           "bitwise_equal_to_stock_after_steps": equal, "steps_compared": args.steps, "max_param_change": moved,
-           "step_ms": step_ms, "device": torch.cuda.get_device_name(0), "bitsandbytes": bnb.__version__}
+    out = {
+        "tensors": len(shapes),
+        "params_m": round(sum(a.numel() for a in stock) / 1e6, 1),
+        "bitwise_equal_to_stock_after_steps": equal,
+        "steps_compared": args.steps,
+        "max_param_change": moved,
+        "step_ms": step_ms,
+        "device": torch.cuda.get_device_name(0),
+        "bitsandbytes": bnb.__version__,
+    }
     print(json.dumps(out))
     return 0 if all(equal.values()) and moved > 0 else 1
 

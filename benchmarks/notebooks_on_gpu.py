@@ -32,6 +32,7 @@ CPU dry run of the whole pipeline (tiny model, CPU profile of the notebooks, a f
 What the T4 proxy cannot tell: a T4's speed; and the paged optimizer's states live in managed memory, which the
 allocator cap does not count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # lora_kit from this clone, as the notebooks use it
     sys.path.insert(0, str(ROOT))
+from lora_kit import memory  # noqa: E402  (after the path above)
+
 NOTEBOOKS = {"qlora": "qlora_finetune.ipynb", "lora": "lora_finetune.ipynb", "lora8": "lora_finetune.ipynb"}
 PROFILES = {"t4": True, "big": False}  # profile -> T4 proxy on?
 ALL_RUNS = "qlora:t4,lora8:t4,lora:t4,qlora:big,lora8:big,lora:big"
@@ -65,21 +68,25 @@ KERNEL_NAME = "lora-kit-gpu-run"
 # The default models' shapes (course.SEED_QLORA_MODEL and course.T4_LORA_MODEL). The vocabulary is the embedded
 # tokenizer's, so that the notebooks' chat template, pad token and data all work.
 SHAPES = {
-    "Llama-2-7b-chat-hf-random": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False),
-    "SmolLM2-1.7B-Instruct-random": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=130000.0,
-        tie_word_embeddings=True),
+    "Llama-2-7b-chat-hf-random": dict(memory.LLAMA2_7B, rms_norm_eps=1e-5, rope_theta=10000.0),
+    "SmolLM2-1.7B-Instruct-random": dict(memory.SMOLLM2_1_7B, rms_norm_eps=1e-5, rope_theta=130000.0),
     "tiny-llama-random": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
 }
-MODEL_FOR = {"qlora": "Llama-2-7b-chat-hf-random", "lora8": "Llama-2-7b-chat-hf-random",
-             "lora": "SmolLM2-1.7B-Instruct-random"}
+MODEL_FOR = {
+    "qlora": "Llama-2-7b-chat-hf-random",
+    "lora8": "Llama-2-7b-chat-hf-random",
+    "lora": "SmolLM2-1.7B-Instruct-random",
+}
 
 # Wheels whose files for other platforms we drop before carrying them (see slim_wheel).
 SLIM = {"bitsandbytes": r"bitsandbytes/libbitsandbytes_(cpu|cuda13\d*)\.so$"}
@@ -103,16 +110,23 @@ def build_checkpoint(folder, shape: str, tokenizer_source: str = "embedded", dev
 
     folder = Path(folder)
     # A tokenizer-only folder (carried to the GPU machine) is no model folder: load it as a tokenizer.
-    tokenizer = (load_tokenizer(tokenizer_source) if tokenizer_source == "embedded"
-                 else prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source)))
-    recipe = {"shape": shape, "vocab_size": len(tokenizer), "dtype": "float16", **SHAPES[shape]}
+    tokenizer = (
+        load_tokenizer(tokenizer_source)
+        if tokenizer_source == "embedded"
+        else prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
+    )
+    recipe = {"shape": shape, "dtype": "float16", **SHAPES[shape], "vocab_size": len(tokenizer)}
     marker = folder / "built.json"  # written last: a folder without it is an interrupted build
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **{**SHAPES[shape], "vocab_size": len(tokenizer)},  # the embedded tokenizer's vocabulary, not the model's
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
@@ -126,10 +140,12 @@ def build_checkpoint(folder, shape: str, tokenizer_source: str = "embedded", dev
     return folder
 
 
-WORDS = ("the model data train answer question layer weight memory token learn chat write explain short long "
-         "simple example code python list number river city music history science plant animal water light "
-         "energy market language story reason result method paper test value change small large first next "
-         "because however therefore often usually always never people world time year day way part place").split()
+WORDS = (
+    "the model data train answer question layer weight memory token learn chat write explain short long "
+    "simple example code python list number river city music history science plant animal water light "
+    "energy market language story reason result method paper test value change small large first next "
+    "because however therefore often usually always never people world time year day way part place"
+).split()
 
 
 def write_chat_file(path, rows: int = 400, seed: int = 0) -> Path:
@@ -163,6 +179,7 @@ def set_knobs(nb, method: str, overrides: dict) -> None:
     cells = [c for c in nb.cells if c.cell_type == "code" and re.search(r"^OVERRIDES = dict\(", c.source, re.M)]
     if len(cells) != 1 or not re.search(r"^METHOD = ", cells[0].source, re.M):
         raise ValueError(f"expected one knobs cell with METHOD = and OVERRIDES = dict(...), found {len(cells)}")
+
     def literal(value):  # strings in double quotes, as the notebook writes them
         return json.dumps(value) if isinstance(value, str) else repr(value)
 
@@ -247,8 +264,10 @@ def apply_t4_proxy(cap_gib: float = PROXY_CAP_GIB) -> None:
             return getattr(self._real, item)
 
         def __repr__(self):
-            return f"T4Properties(name={self.name!r}, major={self.major}, minor={self.minor}, " \
-                   f"total_memory={self.total_memory // 2**20}MB, real={self._real.name!r})"
+            return (
+                f"T4Properties(name={self.name!r}, major={self.major}, minor={self.minor}, "
+                f"total_memory={self.total_memory // 2**20}MB, real={self._real.name!r})"
+            )
 
     def get_device_properties(device=None):
         return T4Properties(real_properties(device))
@@ -346,7 +365,7 @@ def install_probe(shell, probe_file, t4_proxy: bool = False) -> None:
         f.write(json.dumps({"kernel_pid": os.getpid(), "t4_proxy": proxied}) + "\n")
 
 
-STARTUP = '''\
+STARTUP = """\
 # Written by notebooks_on_gpu.py: T4 proxy (if asked) and per-cell probe, before any cell runs.
 def _notebooks_on_gpu_probe():
     import importlib.util
@@ -356,7 +375,7 @@ def _notebooks_on_gpu_probe():
     module.install_probe(get_ipython(), {probe!r}, t4_proxy={t4_proxy!r})
 _notebooks_on_gpu_probe()
 del _notebooks_on_gpu_probe
-'''
+"""
 
 
 def prepare_kernel_dirs(run_dir: Path, probe_file: Path, t4_proxy: bool) -> dict:
@@ -368,14 +387,25 @@ def prepare_kernel_dirs(run_dir: Path, probe_file: Path, t4_proxy: bool) -> dict
     startup = run_dir / "ipython" / "profile_default" / "startup"
     startup.mkdir(parents=True, exist_ok=True)
     (startup / "00-notebooks-on-gpu.py").write_text(
-        STARTUP.format(script=str(Path(__file__).resolve()), probe=str(probe_file), t4_proxy=t4_proxy))
+        STARTUP.format(script=str(Path(__file__).resolve()), probe=str(probe_file), t4_proxy=t4_proxy)
+    )
     spec_dir = run_dir / "jupyter" / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True, exist_ok=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (notebooks_on_gpu)", "language": "python"}))
-    return {"IPYTHONDIR": str(run_dir / "ipython"), "JUPYTER_PATH": str(run_dir / "jupyter"),
-            "JUPYTER_RUNTIME_DIR": str(run_dir / "runtime"), "JUPYTER_PLATFORM_DIRS": "1"}
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (notebooks_on_gpu)",
+                "language": "python",
+            }
+        )
+    )
+    return {
+        "IPYTHONDIR": str(run_dir / "ipython"),
+        "JUPYTER_PATH": str(run_dir / "jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(run_dir / "runtime"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+    }
 
 
 def kernel_env(extra: dict, threads: int | None = None) -> dict:
@@ -407,9 +437,16 @@ def execute_one(spec_file) -> int:
         nbformat.write(nb, spec["executed"])
 
     client = NotebookClient(
-        nb, kernel_name=KERNEL_NAME, timeout_func=lambda cell: max(1, int(deadline - time.time())),
-        startup_timeout=300, allow_errors=spec["allow_errors"], record_timing=True, shutdown_kernel="immediate",
-        resources={"metadata": {"path": spec["run_dir"]}}, on_cell_executed=save)
+        nb,
+        kernel_name=KERNEL_NAME,
+        timeout_func=lambda cell: max(1, int(deadline - time.time())),
+        startup_timeout=300,
+        allow_errors=spec["allow_errors"],
+        record_timing=True,
+        shutdown_kernel="immediate",
+        resources={"metadata": {"path": spec["run_dir"]}},
+        on_cell_executed=save,
+    )
     status = {"completed": False, "error": None}
     try:
         client.execute()
@@ -453,13 +490,22 @@ def cell_rows(nb, probe: list[dict]) -> list[dict]:
         record = queue.pop(0)
         text = output_text(cell)
         first = next((line for line in cell.source.splitlines() if line.strip()), "")
-        rows.append({"index": index, "section": names[index], "first_line": first[:80],
-                     "wall_s": record["wall_s"], "peak_allocated_gib": record["peak_allocated_gib"],
-                     "peak_reserved_gib": record["peak_reserved_gib"],
-                     "allocated_end_gib": record["allocated_end_gib"], "peak_rss_gib": record["peak_rss_gib"],
-                     "peak_rss_anon_gib": record.get("peak_rss_anon_gib"),
-                     "rss_anon_start_gib": record.get("rss_anon_start_gib"),
-                     "error": record["error"], "flags": flags_in(text)})
+        rows.append(
+            {
+                "index": index,
+                "section": names[index],
+                "first_line": first[:80],
+                "wall_s": record["wall_s"],
+                "peak_allocated_gib": record["peak_allocated_gib"],
+                "peak_reserved_gib": record["peak_reserved_gib"],
+                "allocated_end_gib": record["allocated_end_gib"],
+                "peak_rss_gib": record["peak_rss_gib"],
+                "peak_rss_anon_gib": record.get("peak_rss_anon_gib"),
+                "rss_anon_start_gib": record.get("rss_anon_start_gib"),
+                "error": record["error"],
+                "flags": flags_in(text),
+            }
+        )
     return rows
 
 
@@ -480,12 +526,23 @@ def run_record(method, profile, nb, probe, status, wall_s, log_tail="") -> dict:
     error = status.get("error") or next((r["error"] for r in cells if r["error"]), None)
     if not error and len(cells) < n_code:  # e.g. the startup file failed: its traceback is in the kernel log
         error = f"the probe recorded {len(cells)} of {n_code} code cells"
-    return {"notebook": NOTEBOOKS[method], "method": method, "profile": profile, "t4_proxy": PROFILES[profile],
-            "completed": bool(status.get("completed")) and not error,
-            "peak_allocated_gib": _peak(cells, "peak_allocated_gib"),
-            "peak_reserved_gib": _peak(cells, "peak_reserved_gib"), "peak_rss_gib": _peak(cells, "peak_rss_gib"),
-            "wall_s": round(wall_s, 1), "cells_run": len(cells), "code_cells": n_code, "error": error,
-            "flags": flags, "cells": cells, "log_tail": log_tail[-3000:]}
+    return {
+        "notebook": NOTEBOOKS[method],
+        "method": method,
+        "profile": profile,
+        "t4_proxy": PROFILES[profile],
+        "completed": bool(status.get("completed")) and not error,
+        "peak_allocated_gib": _peak(cells, "peak_allocated_gib"),
+        "peak_reserved_gib": _peak(cells, "peak_reserved_gib"),
+        "peak_rss_gib": _peak(cells, "peak_rss_gib"),
+        "wall_s": round(wall_s, 1),
+        "cells_run": len(cells),
+        "code_cells": n_code,
+        "error": error,
+        "flags": flags,
+        "cells": cells,
+        "log_tail": log_tail[-3000:],
+    }
 
 
 def _fmt(value, digits=2):
@@ -501,24 +558,37 @@ def write_summary(runs: list[dict], out_dir, info: dict | None = None) -> tuple[
     lines = ["# Notebooks in their GPU profile", ""]
     if info:
         lines += [", ".join(f"{k}: {v}" for k, v in info.items()), ""]
-    lines += ["| notebook | METHOD | T4 proxy | completed | cells | wall s | peak alloc GiB | peak reserved GiB "
-              "| peak RSS GiB | error | flags |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| notebook | METHOD | T4 proxy | completed | cells | wall s | peak alloc GiB | peak reserved GiB "
+        "| peak RSS GiB | error | flags |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         flags = ", ".join(f"{k} x{n}" for k, n in r["flags"].items())
-        lines.append(f"| {r['notebook']} | {r['method']} | {'yes' if r['t4_proxy'] else 'no'} | "
-                     f"{'yes' if r['completed'] else '**no**'} | {r['cells_run']}/{r['code_cells']} | "
-                     f"{_fmt(r['wall_s'], 0)} | {_fmt(r['peak_allocated_gib'])} | {_fmt(r['peak_reserved_gib'])} | "
-                     f"{_fmt(r['peak_rss_gib'])} | {_cell_text(r['error'])} | {flags} |")
+        lines.append(
+            f"| {r['notebook']} | {r['method']} | {'yes' if r['t4_proxy'] else 'no'} | "
+            f"{'yes' if r['completed'] else '**no**'} | {r['cells_run']}/{r['code_cells']} | "
+            f"{_fmt(r['wall_s'], 0)} | {_fmt(r['peak_allocated_gib'])} | {_fmt(r['peak_reserved_gib'])} | "
+            f"{_fmt(r['peak_rss_gib'])} | {_cell_text(r['error'])} | {flags} |"
+        )
     for r in runs:
-        lines += ["", f"## {r['method']}, {'T4 proxy' if r['t4_proxy'] else 'no proxy'} ({r['notebook']})", "",
-                  "| cell | section | first line | s | peak alloc | peak reserved | alloc at end | peak RSS "
-                  "| error / flags |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {r['method']}, {'T4 proxy' if r['t4_proxy'] else 'no proxy'} ({r['notebook']})",
+            "",
+            "| cell | section | first line | s | peak alloc | peak reserved | alloc at end | peak RSS "
+            "| error / flags |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in r["cells"]:
-            note = "; ".join(x for x in (_cell_text(c["error"]),
-                                         ", ".join(f"{k} x{n}" for k, n in c["flags"].items())) if x)
-            lines.append(f"| {c['index']} | {c['section']} | `{_cell_text(c['first_line'])}` | {_fmt(c['wall_s'], 1)} "
-                         f"| {_fmt(c['peak_allocated_gib'])} | {_fmt(c['peak_reserved_gib'])} "
-                         f"| {_fmt(c['allocated_end_gib'])} | {_fmt(c['peak_rss_gib'])} | {note} |")
+            note = "; ".join(
+                x for x in (_cell_text(c["error"]), ", ".join(f"{k} x{n}" for k, n in c["flags"].items())) if x
+            )
+            lines.append(
+                f"| {c['index']} | {c['section']} | `{_cell_text(c['first_line'])}` | {_fmt(c['wall_s'], 1)} "
+                f"| {_fmt(c['peak_allocated_gib'])} | {_fmt(c['peak_reserved_gib'])} "
+                f"| {_fmt(c['allocated_end_gib'])} | {_fmt(c['peak_rss_gib'])} | {note} |"
+            )
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
 
@@ -531,15 +601,19 @@ def summary_text(runs: list[dict]) -> str:
     """A compact summary for stdout: one line per run, then errors and flagged output."""
     lines = [f"{'run':<12} {'done':<5} {'cells':>7} {'wall s':>7} {'alloc':>6} {'resv':>6} {'rss':>6}  error"]
     for r in runs:
-        lines.append(f"{r['method'] + ':' + r['profile']:<12} {'yes' if r['completed'] else 'NO':<5} "
-                     f"{str(r['cells_run']) + '/' + str(r['code_cells']):>7} {_fmt(r['wall_s'], 0):>7} "
-                     f"{_fmt(r['peak_allocated_gib']):>6} {_fmt(r['peak_reserved_gib']):>6} "
-                     f"{_fmt(r['peak_rss_gib']):>6}  {_cell_text(r['error'])[:100]}")
+        lines.append(
+            f"{r['method'] + ':' + r['profile']:<12} {'yes' if r['completed'] else 'NO':<5} "
+            f"{str(r['cells_run']) + '/' + str(r['code_cells']):>7} {_fmt(r['wall_s'], 0):>7} "
+            f"{_fmt(r['peak_allocated_gib']):>6} {_fmt(r['peak_reserved_gib']):>6} "
+            f"{_fmt(r['peak_rss_gib']):>6}  {_cell_text(r['error'])[:100]}"
+        )
     for r in runs:
         for c in r["cells"]:
             if c["flags"]:
-                lines.append(f"  FLAG {r['method']}:{r['profile']} cell {c['index']} ({c['section']}): "
-                             + ", ".join(f"{k} x{n}" for k, n in c["flags"].items()))
+                lines.append(
+                    f"  FLAG {r['method']}:{r['profile']} cell {c['index']} ({c['section']}): "
+                    + ", ".join(f"{k} x{n}" for k, n in c["flags"].items())
+                )
         for k, n in r["flags"].items():
             if k.startswith("log: "):
                 lines.append(f"  FLAG {r['method']}:{r['profile']} kernel log: {k[5:]} x{n}")
@@ -552,8 +626,10 @@ def parse_runs(text: str) -> list[tuple[str, str]]:
     for item in (s.strip() for s in text.split(",") if s.strip()):
         method, _, profile = item.partition(":")
         if method not in NOTEBOOKS or profile not in PROFILES:
-            raise SystemExit(f"--runs: {item!r} is not METHOD:PROFILE with METHOD in {sorted(NOTEBOOKS)} "
-                             f"and PROFILE in {sorted(PROFILES)}")
+            raise SystemExit(
+                f"--runs: {item!r} is not METHOD:PROFILE with METHOD in {sorted(NOTEBOOKS)} "
+                f"and PROFILE in {sorted(PROFILES)}"
+            )
         runs.append((method, profile))
     return runs
 
@@ -571,9 +647,15 @@ def prepare_run(method, profile, work: Path, out: Path, overrides: dict, args) -
     nbformat.write(nb, run_dir / NOTEBOOKS[method])
     probe = run_dir / "probe.jsonl"
     env = prepare_kernel_dirs(run_dir, probe, PROFILES[profile])
-    spec = {"notebook": str(run_dir / NOTEBOOKS[method]), "executed": str(out / f"{name}.ipynb"),
-            "run_dir": str(run_dir), "status": str(run_dir / "status.json"), "timeout_s": args.timeout,
-            "allow_errors": args.continue_on_error, "max_image_kb": args.max_image_kb}
+    spec = {
+        "notebook": str(run_dir / NOTEBOOKS[method]),
+        "executed": str(out / f"{name}.ipynb"),
+        "run_dir": str(run_dir),
+        "status": str(run_dir / "status.json"),
+        "timeout_s": args.timeout,
+        "allow_errors": args.continue_on_error,
+        "max_image_kb": args.max_image_kb,
+    }
     (run_dir / "spec.json").write_text(json.dumps(spec))
     return {"method": method, "profile": profile, "run_dir": run_dir, "probe": probe, "env": env, "spec": spec}
 
@@ -582,7 +664,11 @@ def start_run(run: dict, threads: int) -> None:
     log = open(run["run_dir"] / "kernel.log", "w")
     run["proc"] = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--execute-one", str(run["run_dir"] / "spec.json")],
-        env=kernel_env(run["env"], threads), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=kernel_env(run["env"], threads),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     run["log"], run["started"] = log, time.time()
 
 
@@ -604,8 +690,14 @@ def finish_run(run: dict, args) -> dict:
     run["log"].close()
     wall = time.time() - run["started"]
     status_file = Path(run["spec"]["status"])
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {
-        "completed": False, "error": f"the run was stopped after {wall:.0f} s (child exit {run['proc'].returncode})"}
+    status = (
+        json.loads(status_file.read_text())
+        if status_file.is_file()
+        else {
+            "completed": False,
+            "error": f"the run was stopped after {wall:.0f} s (child exit {run['proc'].returncode})",
+        }
+    )
     executed = Path(run["spec"]["executed"])
     nb = nbformat.read(executed if executed.is_file() else run["spec"]["notebook"], as_version=4)
     probe, _ = read_probe(run["probe"])
@@ -624,8 +716,17 @@ def environment_info() -> dict:
     import importlib.metadata as md
 
     info = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "nbclient",
-                 "ipykernel"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "datasets",
+        "accelerate",
+        "nbclient",
+        "ipykernel",
+    ):
         try:
             info[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -665,8 +766,9 @@ def drive(args) -> list[dict]:
     pending = []
     for method, profile in runs_wanted:
         shape = "tiny-llama-random" if args.tiny else MODEL_FOR[method]
-        overrides = dict(model=str(models[shape]), dataset=str(chat), max_steps=args.max_steps,
-                         eval_samples=args.eval_samples)
+        overrides = dict(
+            model=str(models[shape]), dataset=str(chat), max_steps=args.max_steps, eval_samples=args.eval_samples
+        )
         pending.append(prepare_run(method, profile, work, out, overrides, args))
     parallel = args.parallel or len(pending)
     threads = max(2, (os.cpu_count() or 2) // min(parallel, len(pending)))
@@ -685,8 +787,11 @@ def drive(args) -> list[dict]:
                 running.remove(run)
                 record = finish_run(run, args)
                 records[(run["method"], run["profile"])] = record
-                print(f"finished {run['method']}:{run['profile']} in {record['wall_s']:.0f} s, "
-                      f"completed={record['completed']} {record['error'] or ''}", flush=True)
+                print(
+                    f"finished {run['method']}:{run['profile']} in {record['wall_s']:.0f} s, "
+                    f"completed={record['completed']} {record['error'] or ''}",
+                    flush=True,
+                )
                 write_summary([records[k] for k in runs_wanted if k in records], out, info)
     ordered = [records[k] for k in runs_wanted]
     write_summary(ordered, out, info)
@@ -707,8 +812,9 @@ def slim_wheel(wheel, keep_pattern: str) -> Path:
                 continue
             data = src.read(item)
             if item.filename.endswith(".dist-info/RECORD"):
-                data = "".join(line for line in data.decode().splitlines(keepends=True)
-                               if line.split(",")[0] not in dropped).encode()
+                data = "".join(
+                    line for line in data.decode().splitlines(keepends=True) if line.split(",")[0] not in dropped
+                ).encode()
             dst.writestr(item, data)
     os.replace(tmp, wheel)
     return wheel
@@ -719,10 +825,27 @@ def prepare(folder) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     platforms = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28)] + ["manylinux2014_x86_64"]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp",
-                    *[a for p in platforms for a in ("--platform", p)],
-                    "-d", str(folder), "-r", str(ROOT / "benchmarks" / "gpu_wheels.txt")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *[a for p in platforms for a in ("--platform", p)],
+            "-d",
+            str(folder),
+            "-r",
+            str(ROOT / "benchmarks" / "gpu_wheels.txt"),
+        ],
+        check=True,
+    )
     for name, pattern in SLIM.items():
         for wheel in folder.glob(f"{name}-*.whl"):
             slim_wheel(wheel, pattern)

@@ -8,6 +8,7 @@
 Every function returns the ecosystem's own objects (PreTrainedModel, PeftModel, SFTTrainer,
 Dataset), so you can always drop down a level.
 """
+
 from .data import demo_task, json_exact_match, split_train_eval, tokenize_conversations
 from .errors import DataFormatError, LoraKitError
 from .evaluate import GenerationSettings, adapter_disabled, compare_answers, generate, perplexity, task_score
@@ -21,10 +22,36 @@ from .train import LoraSettings, Recipe, TrainSettings, add_lora, build_trainer,
 
 __version__ = "0.1.0"
 __all__ = [
-    "load_model", "load_tokenizer", "embedded_model_path", "load_data", "demo_task", "split_train_eval",
-    "tokenize_conversations", "json_exact_match", "LoraSettings", "TrainSettings", "Recipe", "preset",
-    "find_target_modules", "add_lora", "build_trainer", "perplexity", "generate", "task_score", "compare_answers",
-    "GenerationSettings", "adapter_disabled", "save_adapter", "merge_adapter", "merge_in_place", "describe",
-    "compare_merge_bases", "push_to_hub", "chat_box", "ChatSession",
-    "detect_hardware", "LoraKitError", "DataFormatError",
+    "load_model",
+    "load_tokenizer",
+    "embedded_model_path",
+    "load_data",
+    "demo_task",
+    "split_train_eval",
+    "tokenize_conversations",
+    "json_exact_match",
+    "LoraSettings",
+    "TrainSettings",
+    "Recipe",
+    "preset",
+    "find_target_modules",
+    "add_lora",
+    "build_trainer",
+    "perplexity",
+    "generate",
+    "task_score",
+    "compare_answers",
+    "GenerationSettings",
+    "adapter_disabled",
+    "save_adapter",
+    "merge_adapter",
+    "merge_in_place",
+    "describe",
+    "compare_merge_bases",
+    "push_to_hub",
+    "chat_box",
+    "ChatSession",
+    "detect_hardware",
+    "LoraKitError",
+    "DataFormatError",
 ]

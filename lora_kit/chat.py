@@ -7,6 +7,7 @@ Where no widget can render (a plain script, pytest/nbmake, ``LORA_KIT_SMOKE=1``)
 runs the scripted exchange instead and prints it, through the same ``ChatSession`` the widget
 uses. ``ChatSession`` is plain Python, so the turn logic is tested without a browser.
 """
+
 from __future__ import annotations
 
 import html
@@ -59,8 +60,14 @@ class ChatSession:
     prompt (they stay in ``history``).
     """
 
-    def __init__(self, model, tokenizer, settings: GenerationSettings | None = None, system: str | None = None,
-                 max_prompt_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: GenerationSettings | None = None,
+        system: str | None = None,
+        max_prompt_tokens: int | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         _SESSIONS.add(self)
         self.settings = settings or GenerationSettings()
@@ -93,7 +100,9 @@ class ChatSession:
         if not text:
             raise LoraKitError("ChatSession.send: the message is empty; type something to send.")
         if self.model is None:
-            raise LoraKitError("This chat's model was freed (free_memory). Run the chat cell again with a loaded model.")
+            raise LoraKitError(
+                "This chat's model was freed (free_memory). Run the chat cell again with a loaded model."
+            )
         messages = self.conversation(text)
         self.last_prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         pieces = []
@@ -161,10 +170,12 @@ class ChatBox:
         import ipywidgets as widgets
 
         self.session = session
-        self.output = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto", border="1px solid #ddd",
-                                                         padding="4px"))
-        self.input = widgets.Text(placeholder="Type a message, then Send (or Enter)",
-                                  layout=widgets.Layout(flex="1 1 auto"))
+        self.output = widgets.HTML(
+            layout=widgets.Layout(max_height="420px", overflow="auto", border="1px solid #ddd", padding="4px")
+        )
+        self.input = widgets.Text(
+            placeholder="Type a message, then Send (or Enter)", layout=widgets.Layout(flex="1 1 auto")
+        )
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.reset_button = widgets.Button(description="Reset", icon="refresh", tooltip="Clear the conversation")
         self.send_button.on_click(self._on_send)
@@ -252,8 +263,14 @@ def run_script(session: ChatSession, script: list[str], out=None) -> ChatSession
     return session
 
 
-def chat_box(model, tokenizer, settings: GenerationSettings | None = None, system: str | None = None,
-             script: list[str] | None = None, mode: str = "auto"):
+def chat_box(
+    model,
+    tokenizer,
+    settings: GenerationSettings | None = None,
+    system: str | None = None,
+    script: list[str] | None = None,
+    mode: str = "auto",
+):
     """Chat with ``model``: a widget in a notebook, a scripted, printed exchange elsewhere.
 
     In a notebook (``mode="widget"``, or ``"auto"`` when ``widgets_can_render()``) it shows a chat
@@ -278,6 +295,7 @@ def chat_box(model, tokenizer, settings: GenerationSettings | None = None, syste
     box._hide_next_display = True
     shell = get_ipython()
     if shell is not None:
+
         def _clear_flag(*_args):
             box._hide_next_display = False
             shell.events.unregister("post_run_cell", _clear_flag)

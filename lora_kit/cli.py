@@ -24,8 +24,9 @@ RUN_HELP = "KEY=VALUE: override one knob by its dotted name, e.g. train.max_step
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-kit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lora-kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="fine-tune the embedded model on the demo task and report before/after")
@@ -37,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--r", type=int, help="LoRA rank (default 16; alpha follows as 2 r)")
     demo.add_argument("--n-eval", type=int, help="held-out examples, all answered before and after (default 40)")
     demo.add_argument("--output-dir", help="where the adapter and merged model go (default outputs/demo)")
-    demo.add_argument("--no-fast", dest="fast", action="store_false", default=None,
-                      help="the stock TRL path, no speed levers")
+    demo.add_argument(
+        "--no-fast", dest="fast", action="store_false", default=None, help="the stock TRL path, no speed levers"
+    )
 
     config = sub.add_parser("config", help="print a method's recipe as a config file, with the reason for each value")
     config.add_argument("method", choices=["lora", "lora8", "qlora"])
@@ -57,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge an adapter into its base's weights, streamed and checked")
     merge.add_argument("adapter_dir")
     merge.add_argument("out_dir")
-    merge.add_argument("--base", choices=["original", "dequantized"], default="original",
-                       help="the base's own weights, or the quantized weights training saw (QLoRA, 8-bit)")
+    merge.add_argument(
+        "--base",
+        choices=["original", "dequantized"],
+        default="original",
+        help="the base's own weights, or the quantized weights training saw (QLoRA, 8-bit)",
+    )
     merge.add_argument("--base-model", help="where the base is when the adapter's recorded name no longer finds it")
 
     chat = sub.add_parser("chat", help="talk to a model or adapter folder in the terminal (empty line or Ctrl-D ends)")
@@ -70,8 +76,14 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args) -> dict:
     from .demo import demo_settings, run
 
-    knobs = {"model": args.model, "max_steps": args.steps, "micro_batch_size": args.batch_size,
-             "learning_rate": args.lr, "output_dir": args.output_dir, "fast": args.fast}
+    knobs = {
+        "model": args.model,
+        "max_steps": args.steps,
+        "micro_batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "output_dir": args.output_dir,
+        "fast": args.fast,
+    }
     if args.r:
         knobs.update(r=args.r, alpha=2 * args.r)
     if args.n_eval:
@@ -82,10 +94,13 @@ def _demo(args) -> dict:
 def _estimate(settings) -> str:
     from .course import memory_estimates, memory_summary, model_config
 
-    breakdowns = memory_estimates(model_config(settings), r=settings.r, micro_batch=settings.micro_batch_size,
-                                  seq_len=settings.max_length)
-    return (f"{settings.model}, r={settings.r}, {settings.micro_batch_size} x {settings.max_length} tokens per "
-            f"micro-batch, gradient checkpointing:\n{memory_summary(breakdowns)}")
+    breakdowns = memory_estimates(
+        model_config(settings), r=settings.r, micro_batch=settings.micro_batch_size, seq_len=settings.max_length
+    )
+    return (
+        f"{settings.model}, r={settings.r}, {settings.micro_batch_size} x {settings.max_length} tokens per "
+        f"micro-batch, gradient checkpointing:\n{memory_summary(breakdowns)}"
+    )
 
 
 def _load_for_chat(name: str):
@@ -143,7 +158,10 @@ def main(argv=None) -> int:
             from .config import config_text, recipe
 
             settings = recipe(args.method, args.set)
-            print(config_text(settings, f"The {args.method} recipe for this machine; every value with its reason."), end="")
+            print(
+                config_text(settings, f"The {args.method} recipe for this machine; every value with its reason."),
+                end="",
+            )
         elif args.command == "train":
             from .config import config_text, load_config
             from .demo import run

@@ -34,14 +34,33 @@ SECTIONS = {
     "": ("method", "model", "output_dir"),
     "data": ("dataset", "n_train", "n_eval"),
     "lora": ("r", "alpha", "dropout", "target_modules", "bias"),
-    "train": ("learning_rate", "max_steps", "num_epochs", "micro_batch_size", "gradient_accumulation_steps",
-              "max_length", "optim", "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "seed",
-              "gradient_checkpointing", "fast", "save_steps", "resume"),
+    "train": (
+        "learning_rate",
+        "max_steps",
+        "num_epochs",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+        "optim",
+        "lr_scheduler_type",
+        "warmup_ratio",
+        "max_grad_norm",
+        "seed",
+        "gradient_checkpointing",
+        "fast",
+        "save_steps",
+        "resume",
+    ),
     "eval": ("eval_samples", "max_new_tokens"),
 }
 SECTION_OF = {knob: section for section, knobs in SECTIONS.items() for knob in knobs}
-EXAMPLES = {"int": "a whole number, e.g. 16", "float": "a number, e.g. 2.0e-4", "str": 'a string, e.g. "cosine"',
-            "bool": "true or false", "str | list": 'a string ("all-linear") or a list of module names'}
+EXAMPLES = {
+    "int": "a whole number, e.g. 16",
+    "float": "a number, e.g. 2.0e-4",
+    "str": 'a string, e.g. "cosine"',
+    "bool": "true or false",
+    "str | list": 'a string ("all-linear") or a list of module names',
+}
 # Machines the shipped configs are written for (the recipes depend on the GPU's memory).
 T4 = Hardware(device="cuda", name="Tesla T4", compute_capability=(7, 5), vram_gib=15.0, gpu_count=1)
 CPU = Hardware(device="cpu", name="cpu", compute_capability=None, vram_gib=None, gpu_count=0)
@@ -60,16 +79,20 @@ def read_config(path, sets=()) -> tuple[dict, dict]:
     """(knob -> value, knob -> where it was set) from a YAML file and ``--set key=value`` strings."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist. Write one with `lora-kit config lora > {path.name}` "
-                          "or pick one from configs/.")
+        raise ConfigError(
+            f"Config file {path} does not exist. Write one with `lora-kit config lora > {path.name}` "
+            "or pick one from configs/."
+        )
     text = path.read_text(encoding="utf-8")
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}). A config is a mapping "
-                          "of keys to values, e.g. `method: qlora`, with sections such as `train:` indented below.") from None
+        raise ConfigError(
+            f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}). A config is a mapping "
+            "of keys to values, e.g. `method: qlora`, with sections such as `train:` indented below."
+        ) from None
     if root is None:
         raise ConfigError(f"{path} is empty. Give at least `method: lora` (or lora8, qlora).")
     values, where = {}, {}
@@ -102,8 +125,9 @@ def _check_key(key: str, section: str, path: str, place: str) -> None:
     if key in SECTION_OF:
         raise ConfigError(f"{place}: {path} is not a knob there; {key} belongs at {dotted(key)}.")
     allowed = ", ".join(SECTIONS[section]) if section else ", ".join(list(SECTIONS[""]) + [s for s in SECTIONS if s])
-    raise ConfigError(f"{place}: unknown key {path!r}. Allowed {'under ' + section + ':' if section else 'at the top'}: "
-                      f"{allowed}.")
+    raise ConfigError(
+        f"{place}: unknown key {path!r}. Allowed {'under ' + section + ':' if section else 'at the top'}: {allowed}."
+    )
 
 
 def _apply_set(item: str, values: dict, where: dict) -> None:
@@ -152,7 +176,9 @@ def _typed(knob: str, value, place: str):
         except ValueError:
             pass
     if not ok:
-        raise ConfigError(f"{place}, {dotted(knob)}: got {value!r} ({type(value).__name__}); expected {EXAMPLES[kind]}.")
+        raise ConfigError(
+            f"{place}, {dotted(knob)}: got {value!r} ({type(value).__name__}); expected {EXAMPLES[kind]}."
+        )
     return value  # an int stays an int where a float is allowed, as in the recipes (the checkpoint name hashes it)
 
 
@@ -174,8 +200,10 @@ def _settings(values: dict, where: dict, source: str, hardware: Hardware | None)
     values = dict(values)
     method = values.pop("method", "lora")
     if method not in METHODS:
-        raise ConfigError(f"{where.get('method', source)}, method: got {method!r}; expected one of "
-                          f"{', '.join(METHODS)} (LoRA on a 16-bit base, on an 8-bit base, QLoRA on an NF4 base).")
+        raise ConfigError(
+            f"{where.get('method', source)}, method: got {method!r}; expected one of "
+            f"{', '.join(METHODS)} (LoRA on a 16-bit base, on an 8-bit base, QLoRA on an NF4 base)."
+        )
     knobs = {k: _typed(k, v, where[k]) for k, v in values.items()}
     settings = course_settings(method, smoke=False, hardware=hardware, **knobs)
     for knob in knobs:
@@ -214,12 +242,15 @@ def shipped_configs() -> dict[str, str]:
     made = {}
     for method in METHODS:
         settings = course_settings(method, smoke=False, hardware=T4)
-        made[f"{method}-t4.yaml"] = config_text(settings, f"The {method} notebook's recipe on a 15 GB T4 GPU.\n"
-                                                          f"Run: lora-kit train configs/{method}-t4.yaml")
+        made[f"{method}-t4.yaml"] = config_text(
+            settings, f"The {method} notebook's recipe on a 15 GB T4 GPU.\nRun: lora-kit train configs/{method}-t4.yaml"
+        )
     from .demo import demo_settings  # the demo imports this module
 
     demo = demo_settings()
-    made["demo.yaml"] = config_text(demo, "The main job: the embedded model learns the demo task on a CPU, offline.\n"
-                                          "Run: lora-kit train configs/demo.yaml (what `python -m lora_kit demo` runs)")
+    made["demo.yaml"] = config_text(
+        demo,
+        "The main job: the embedded model learns the demo task on a CPU, offline.\n"
+        "Run: lora-kit train configs/demo.yaml (what `python -m lora_kit demo` runs)",
+    )
     return made
-

@@ -6,6 +6,7 @@ conversation with the tokenizer's own chat template, the same one used at infere
 keeps the loss on the assistant's answers only, end-of-turn token included, so the model
 learns to answer and to stop, not to parrot the question.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,9 @@ class TokenizeReport:
         )
 
 
-def tokenize_conversations(dataset: Dataset, tokenizer, max_length: int | None = 2048) -> tuple[Dataset, TokenizeReport]:
+def tokenize_conversations(
+    dataset: Dataset, tokenizer, max_length: int | None = 2048
+) -> tuple[Dataset, TokenizeReport]:
     """Tokenize a ``messages`` dataset for training; returns the dataset and a truncation report."""
     if "messages" not in dataset.column_names:
         raise LoraKitError(
@@ -107,8 +110,11 @@ def tokenize_conversations(dataset: Dataset, tokenizer, max_length: int | None =
     )
     if not kept:
         cut = sum(r["truncated"] for r in rows)
-        fix = ("Raise max_length: the answers were cut off." if cut == len(rows) else
-               "Every conversation needs an assistant turn with some text (role 'assistant').")
+        fix = (
+            "Raise max_length: the answers were cut off."
+            if cut == len(rows)
+            else "Every conversation needs an assistant turn with some text (role 'assistant')."
+        )
         raise LoraKitError(f"No conversation has an assistant answer left to learn from ({report}). {fix}")
     out = Dataset.from_dict({"input_ids": [r["input_ids"] for r in kept], "labels": [r["labels"] for r in kept]})
     return out, report
@@ -122,12 +128,18 @@ def tokenize_texts(dataset: Dataset, tokenizer, max_length: int | None = 2048) -
     if "text" not in dataset.column_names or len(dataset) == 0:
         raise LoraKitError(
             f"tokenize_texts needs a non-empty 'text' column; the dataset has {dataset.column_names} and "
-            f"{len(dataset)} rows. Load a folder of .txt/.md files with lora_kit.load_data.")
+            f"{len(dataset)} rows. Load a folder of .txt/.md files with lora_kit.load_data."
+        )
     ids = [tokenizer(text)["input_ids"] for text in dataset["text"]]
     kept = [i[:max_length] if max_length else i for i in ids if i]
-    report = TokenizeReport(samples=len(ids), truncated=sum(max_length is not None and len(i) > max_length for i in ids),
-                            dropped=len(ids) - len(kept), max_length=max_length,
-                            longest=max(map(len, kept), default=0), unit="text chunks")
+    report = TokenizeReport(
+        samples=len(ids),
+        truncated=sum(max_length is not None and len(i) > max_length for i in ids),
+        dropped=len(ids) - len(kept),
+        max_length=max_length,
+        longest=max(map(len, kept), default=0),
+        unit="text chunks",
+    )
     if not kept:
         raise LoraKitError(f"Every text chunk is empty ({report}). Add some text to the files.")
     return Dataset.from_dict({"input_ids": kept, "labels": [list(i) for i in kept]}), report
@@ -145,14 +157,86 @@ def split_train_eval(dataset: Dataset, eval_fraction: float = 0.1, seed: int = 0
 # The demo task: sentence in, JSON out
 # ---------------------------------------------------------------------------------------------
 DEMO_SYSTEM = "Extract person, city, date (YYYY-MM-DD) and amount (a number) as JSON."
-_FIRST = ["Maria", "John", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Ivan", "Grace", "Kwame",
-          "Sofia", "Liam", "Mei", "Noah", "Zara", "Lucas", "Anya", "Diego"]
-_LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Fischer", "Silva", "Patel", "Brown", "Khan", "Petrov", "Okafor",
-         "Mensah", "Rossi", "Murphy", "Chen", "Weber", "Ali", "Martin", "Novak", "Garcia"]
-_CITIES = ["Lisbon", "Paris", "Tokyo", "Cairo", "Berlin", "Madrid", "Mumbai", "London", "Nairobi", "Moscow", "Lagos",
-           "Accra", "Rome", "Dublin", "Beijing", "Vienna", "Dubai", "Lyon", "Prague", "Lima"]
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December"]
+_FIRST = [
+    "Maria",
+    "John",
+    "Aiko",
+    "Omar",
+    "Lena",
+    "Carlos",
+    "Priya",
+    "Tom",
+    "Fatima",
+    "Ivan",
+    "Grace",
+    "Kwame",
+    "Sofia",
+    "Liam",
+    "Mei",
+    "Noah",
+    "Zara",
+    "Lucas",
+    "Anya",
+    "Diego",
+]
+_LAST = [
+    "Lopez",
+    "Smith",
+    "Tanaka",
+    "Haddad",
+    "Fischer",
+    "Silva",
+    "Patel",
+    "Brown",
+    "Khan",
+    "Petrov",
+    "Okafor",
+    "Mensah",
+    "Rossi",
+    "Murphy",
+    "Chen",
+    "Weber",
+    "Ali",
+    "Martin",
+    "Novak",
+    "Garcia",
+]
+_CITIES = [
+    "Lisbon",
+    "Paris",
+    "Tokyo",
+    "Cairo",
+    "Berlin",
+    "Madrid",
+    "Mumbai",
+    "London",
+    "Nairobi",
+    "Moscow",
+    "Lagos",
+    "Accra",
+    "Rome",
+    "Dublin",
+    "Beijing",
+    "Vienna",
+    "Dubai",
+    "Lyon",
+    "Prague",
+    "Lima",
+]
+_MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 # Every sentence holds all four facts, in a different order and wording each time; the model must
 # copy the name and city, rewrite the date as YYYY-MM-DD and the amount as a plain number.
 _TEMPLATES = [

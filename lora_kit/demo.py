@@ -19,8 +19,10 @@ from .course import CourseSettings, course_settings, load_course_data, scorer_fo
 def demo_settings(method: str = "lora", **overrides) -> CourseSettings:
     """The demo's knobs (configs/demo.yaml): the notebooks' CPU recipe on any machine (the embedded model and
     the demo task), in outputs/demo, trained from scratch each time; ``overrides`` replace knobs by name."""
-    own = {"output_dir": ("outputs/demo", "the demo's folder"),
-           "resume": (False, "the demo trains from scratch every time: it is the proof that training works")}
+    own = {
+        "output_dir": ("outputs/demo", "the demo's folder"),
+        "resume": (False, "the demo trains from scratch every time: it is the proof that training works"),
+    }
     knobs = {name: value for name, (value, _) in own.items()}
     settings = course_settings(method, smoke=False, hardware=CPU, **{**knobs, **overrides})
     for name, (_, why) in own.items():
@@ -45,8 +47,10 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict:
         score = evaluate.task_score(model, tokenizer, sample, scorer=scorer, settings=gen, batch_size=len(sample))
         return score.score, evaluate.perplexity(model, eval_ds, tokenizer, max_length=settings.max_length)
 
-    log(f"[lora_kit] {settings.method}: {model.get_nb_trainable_parameters()[0]:,} trainable parameters; "
-        "evaluating the base")
+    log(
+        f"[lora_kit] {settings.method}: {model.get_nb_trainable_parameters()[0]:,} trainable parameters; "
+        "evaluating the base"
+    )
     before, before_ppl = measure(model)
     log(f"[lora_kit] before: {name} {before:.3f}, perplexity {before_ppl:.3f}")
     trainer = train.build_trainer(model, tokenizer, train_ds, lora=settings.lora, train=settings.train)
@@ -55,23 +59,42 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict:
     train_seconds = time.time() - t_train
     model = trainer.model
     after, after_ppl = measure(model)
-    log(f"[lora_kit] after {trainer.state.global_step} steps ({train_seconds:.0f} s): {name} {after:.3f}, "
-        f"perplexity {after_ppl:.3f}")
+    log(
+        f"[lora_kit] after {trainer.state.global_step} steps ({train_seconds:.0f} s): {name} {after:.3f}, "
+        f"perplexity {after_ppl:.3f}"
+    )
 
-    metrics = {"score": name, "before_score": before, "after_score": after,
-               "before_perplexity": round(before_ppl, 4), "after_perplexity": round(after_ppl, 4)}
-    card = {"base_model": settings.model, "method": settings.method, "steps": trainer.state.global_step,
-            "metrics": metrics, "lora": {"r": settings.r, "alpha": settings.alpha, "targets": settings.target_modules},
-            "data": f"{settings.dataset} ({len(train_ds)} train / {len(eval_ds)} held out)"}
+    metrics = {
+        "score": name,
+        "before_score": before,
+        "after_score": after,
+        "before_perplexity": round(before_ppl, 4),
+        "after_perplexity": round(after_ppl, 4),
+    }
+    card = {
+        "base_model": settings.model,
+        "method": settings.method,
+        "steps": trainer.state.global_step,
+        "metrics": metrics,
+        "lora": {"r": settings.r, "alpha": settings.alpha, "targets": settings.target_modules},
+        "data": f"{settings.dataset} ({len(train_ds)} train / {len(eval_ds)} held out)",
+    }
     adapter_dir = merging.save_adapter(model, tokenizer, settings.adapter_dir, card)
-    result = {"model": settings.model, "method": settings.method, "steps": trainer.state.global_step,
-              "train_seconds": round(train_seconds, 1), **metrics, "adapter_dir": str(adapter_dir)}
+    result = {
+        "model": settings.model,
+        "method": settings.method,
+        "steps": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 1),
+        **metrics,
+        "adapter_dir": str(adapter_dir),
+    }
     merging.free_memory(trainer, model)
     del trainer, model
     merging.free_memory()
     if merge:
         check = merging.merge_adapter(adapter_dir, settings.merged_dir, base="original", card=card)
-        result.update(merged_dir=str(settings.merged_dir), merged_matches_adapter=check.ok,
-                      merge_max_rel_diff=check.max_rel_diff)
+        result.update(
+            merged_dir=str(settings.merged_dir), merged_matches_adapter=check.ok, merge_max_rel_diff=check.max_rel_diff
+        )
     result["total_seconds"] = round(time.time() - t0, 1)
     return result

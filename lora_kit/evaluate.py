@@ -10,6 +10,7 @@ model, ``adapter_disabled(model)`` gives the base's behaviour without a second l
     table = compare_answers(model, tokenizer, prompts)       # base vs fine-tuned, side by side
     knobs = decoding_showcase(model, tokenizer, "Write a haiku about autumn.")
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,9 @@ def perplexity(model, dataset, tokenizer=None, batch_size: int = 8, max_length: 
         from .data import tokenize_conversations
 
         if tokenizer is None:
-            raise LoraKitError("perplexity on a 'messages' dataset needs the tokenizer: perplexity(model, ds, tokenizer).")
+            raise LoraKitError(
+                "perplexity on a 'messages' dataset needs the tokenizer: perplexity(model, ds, tokenizer)."
+            )
         dataset, _ = tokenize_conversations(dataset, tokenizer, max_length)
     missing = {"input_ids", "labels"} - set(dataset.column_names)
     if missing:
@@ -160,12 +163,17 @@ class GenerationSettings:
         if not self.do_sample and changed:
             warnings.warn(
                 f"{', '.join(changed)} set but do_sample=False: greedy decoding ignores them. "
-                "Pass do_sample=True to sample.", stacklevel=3,
+                "Pass do_sample=True to sample.",
+                stacklevel=3,
             )
 
     def as_kwargs(self) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                      repetition_penalty=self.repetition_penalty, do_sample=self.do_sample)
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+            do_sample=self.do_sample,
+        )
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
@@ -224,8 +232,9 @@ class Generation:
 
 
 @torch.no_grad()
-def generate_details(model, tokenizer, prompts, settings: GenerationSettings | None = None, batch_size: int = 16,
-                     **overrides) -> list[Generation]:
+def generate_details(
+    model, tokenizer, prompts, settings: GenerationSettings | None = None, batch_size: int = 16, **overrides
+) -> list[Generation]:
     """Like ``generate``, but each answer comes with its token count and whether it hit EOS."""
     settings = _settings(settings, overrides)
     conversations = _prompts_to_messages(prompts)
@@ -242,23 +251,31 @@ def generate_details(model, tokenizer, prompts, settings: GenerationSettings | N
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             for start in range(0, len(conversations), batch_size):
-                texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                         for m in conversations[start : start + batch_size]]
+                texts = [
+                    tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                    for m in conversations[start : start + batch_size]
+                ]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(**enc, **settings.as_kwargs(), pad_token_id=pad_id, eos_token_id=eos_ids)
-                for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                for row in out[:, enc["input_ids"].shape[1] :].tolist():
                     end = next((k for k, t in enumerate(row) if t in eos_ids), None)
                     if end is None:
                         kept = [t for t in row if t != pad_id]
-                        results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), False))
+                        results.append(
+                            Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), False)
+                        )
                     else:
-                        results.append(Generation(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end + 1, True))
+                        results.append(
+                            Generation(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end + 1, True)
+                        )
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return results
 
 
-def generate(model, tokenizer, prompts, settings: GenerationSettings | None = None, batch_size: int = 16, **overrides) -> list[str]:
+def generate(
+    model, tokenizer, prompts, settings: GenerationSettings | None = None, batch_size: int = 16, **overrides
+) -> list[str]:
     """Answers to a list of prompts (strings or message lists), batched with left padding.
 
     Each prompt goes through the tokenizer's chat template (the one used in training); each
@@ -305,8 +322,14 @@ def stream_generate(model, tokenizer, messages, settings: GenerationSettings | N
         try:
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            model.generate(**enc, **settings.as_kwargs(), pad_token_id=_pad_id(tokenizer, eos_ids), eos_token_id=eos_ids,
-                           streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
+            model.generate(
+                **enc,
+                **settings.as_kwargs(),
+                pad_token_id=_pad_id(tokenizer, eos_ids),
+                eos_token_id=eos_ids,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+            )
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread below
             errors.append(exc)
             streamer.end()  # unblock the consumer
@@ -369,7 +392,9 @@ class TaskScore:
         return {"score": self.score, "n": self.n, "failures": self.failures}
 
 
-def task_score(model, tokenizer, dataset, scorer=None, settings: GenerationSettings | None = None, batch_size: int = 16) -> TaskScore:
+def task_score(
+    model, tokenizer, dataset, scorer=None, settings: GenerationSettings | None = None, batch_size: int = 16
+) -> TaskScore:
     """Generate answers for a ``messages`` dataset and average ``scorer(prediction, reference)``.
 
     The reference is each conversation's last (assistant) message; the model answers the
@@ -401,8 +426,13 @@ def task_score(model, tokenizer, dataset, scorer=None, settings: GenerationSetti
         except Exception:  # noqa: BLE001 - a user's scorer may fail on odd text; count it, do not crash
             scores.append(0.0)
             failures += 1
-    return TaskScore(score=sum(scores) / max(len(scores), 1), n=len(scores), failures=failures,
-                     predictions=predictions, scores=scores)
+    return TaskScore(
+        score=sum(scores) / max(len(scores), 1),
+        n=len(scores),
+        failures=failures,
+        predictions=predictions,
+        scores=scores,
+    )
 
 
 def compare_answers(model, tokenizer, prompts, settings: GenerationSettings | None = None):
@@ -414,11 +444,13 @@ def compare_answers(model, tokenizer, prompts, settings: GenerationSettings | No
     import pandas as pd
 
     if not hasattr(model, "disable_adapter"):
-        warnings.warn("compare_answers: this model has no LoRA adapter, so both columns come from the same weights.",
-                      stacklevel=2)
+        warnings.warn(
+            "compare_answers: this model has no LoRA adapter, so both columns come from the same weights.", stacklevel=2
+        )
     with adapter_disabled(model):
         before = generate(model, tokenizer, prompts, settings)
     after = generate(model, tokenizer, prompts, settings)
     shown = [m[-1]["content"] for m in _prompts_to_messages(prompts)]
-    return pd.DataFrame({"prompt": shown, "base model": before, "fine-tuned": after,
-                         "changed": [b != a for b, a in zip(before, after)]})
+    return pd.DataFrame(
+        {"prompt": shown, "base model": before, "fine-tuned": after, "changed": [b != a for b, a in zip(before, after)]}
+    )

@@ -5,6 +5,7 @@ temporary name beside its target and renamed into place when complete. Each one 
 hidden file, ``.lora_kit_output.json``, listing the files lora_kit put there: a later save may
 replace such a folder, and only such a folder, and only while it holds nothing else.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,12 +71,14 @@ def check_target(target: str | os.PathLike, inputs: tuple = ()) -> Path:
     if _within(Path.cwd().resolve(), target.resolve()):
         raise LoraKitError(
             f"Output folder {given!r} is the current folder or one above it ({target}); a save replaces the whole "
-            "folder, with everything in it. Pass a new subfolder instead, e.g. 'outputs/adapter'.")
+            "folder, with everything in it. Pass a new subfolder instead, e.g. 'outputs/adapter'."
+        )
     for source in inputs:
         if _within(_absolute(source).resolve(), target.resolve()):
             raise LoraKitError(
                 f"Output folder {given!r} holds {os.fspath(source)!r}, which this save reads from; writing there would "
-                "replace it. Pass a folder beside it instead, e.g. 'outputs/merged'.")
+                "replace it. Pass a folder beside it instead, e.g. 'outputs/merged'."
+            )
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise LoraKitError(f"Output folder {given!r} exists and is not a folder ({target}). Pass a folder path.")
     if not target.is_dir() or not any(target.iterdir()):
@@ -85,12 +88,14 @@ def check_target(target: str | os.PathLike, inputs: tuple = ()) -> Path:
         present = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
         raise LoraKitError(
             f"Output folder {given!r} already holds files that lora_kit did not write ({_listing(present)}); saving "
-            "there would delete them. Pass a new or empty folder, e.g. 'outputs/adapter', or move those files away.")
+            "there would delete them. Pass a new or empty folder, e.g. 'outputs/adapter', or move those files away."
+        )
     extra = [f for f in _files_in(target) if f not in recorded and f != MARKER]
     if extra:
         raise LoraKitError(
             f"Output folder {given!r} is an earlier lora_kit output, but it now also holds files lora_kit did not write "
-            f"({_listing(extra)}); replacing it would delete them. Move those files away, or pass another folder.")
+            f"({_listing(extra)}); replacing it would delete them. Move those files away, or pass another folder."
+        )
     return target
 
 
@@ -104,7 +109,7 @@ def _leftovers(target: Path, kind: str) -> list[Path]:
     prefix = f".{target.name}.{kind}-"
     found = []
     for path in sorted(target.parent.glob(f"{prefix}*")):
-        parts = path.name[len(prefix):].split("-")
+        parts = path.name[len(prefix) :].split("-")
         if len(parts) < 2 or parts[0] != _host_tag() or not parts[1].isdigit():
             continue
         if int(parts[1]) != os.getpid() and _pid_alive(int(parts[1])):

@@ -138,10 +138,11 @@ def _clean(value, what: str, *, required: bool = True) -> str:
         if required:
             raise _Problem(f"{what} is null (empty)", f"Give {what} some text.")
         return ""
-    if isinstance(value, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in value
-    ) and value:
+    if (
+        isinstance(value, list)
+        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value)
+        and value
+    ):
         # OpenAI "content parts": keep the text parts, in order.
         value = "\n".join(p["text"] for p in value)
     if not isinstance(value, str):
@@ -207,15 +208,16 @@ def _finish(messages: list[dict]) -> tuple[list[dict], bool]:
     return messages, trimmed
 
 
-def _turns(turns, fmt: str, list_field: str, role_key: str, content_key: str,
-           alt_role: str, alt_content: str) -> list[dict]:
+def _turns(
+    turns, fmt: str, list_field: str, role_key: str, content_key: str, alt_role: str, alt_content: str
+) -> list[dict]:
     if not isinstance(turns, list):
         raise _Problem(
-            f"'{list_field}' must be a list of {{{role_key}, {content_key}}} objects, "
-            f"got {type(turns).__name__}",
+            f"'{list_field}' must be a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}",
             "A string is not a list of turns; CSV cells cannot hold lists, so store "
             "conversations in JSON Lines (.jsonl), one object per line."
-            if isinstance(turns, str) else f"Make '{list_field}' a list of turns.",
+            if isinstance(turns, str)
+            else f"Make '{list_field}' a list of turns.",
         )
     if not turns:
         raise _Problem(f"'{list_field}' is an empty list", "Drop this record or give it turns.")
@@ -224,15 +226,14 @@ def _turns(turns, fmt: str, list_field: str, role_key: str, content_key: str,
         if not isinstance(turn, dict):
             raise _Problem(
                 f"turn {n} of '{list_field}' is a {type(turn).__name__}, not an object",
-                f"Write each turn as {{\"{role_key}\": ..., \"{content_key}\": ...}}.",
+                f'Write each turn as {{"{role_key}": ..., "{content_key}": ...}}.',
             )
         rk = role_key if role_key in turn else alt_role
         ck = content_key if content_key in turn else alt_content
         if rk not in turn or ck not in turn:
             raise _Problem(
-                f"turn {n} of '{list_field}' has keys {list(turn.keys())!r}, "
-                f"expected '{role_key}' and '{content_key}'",
-                f"Write each turn as {{\"{role_key}\": ..., \"{content_key}\": ...}}.",
+                f"turn {n} of '{list_field}' has keys {list(turn.keys())!r}, expected '{role_key}' and '{content_key}'",
+                f'Write each turn as {{"{role_key}": ..., "{content_key}": ...}}.',
             )
         raw_role = turn[rk]
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
@@ -262,31 +263,28 @@ def _from_alpaca(record: dict) -> list[dict]:
     output = _clean(_field(record, "output", "alpaca"), "'output'")
     system = _clean(record.get("system"), "'system'", required=False)
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _with_system(system, [{"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": output}])
+    return _with_system(system, [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
 
 
 def _from_instruction(record: dict) -> list[dict]:
     instruction = _clean(_field(record, "instruction", "instruction"), "'instruction'")
     response = _clean(_field(record, "response", "instruction"), "'response'")
     system = _clean(record.get("system"), "'system'", required=False)
-    return _with_system(system, [{"role": "user", "content": instruction},
-                                 {"role": "assistant", "content": response}])
+    return _with_system(system, [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
 
 
 def _from_sharegpt(record: dict) -> list[dict]:
-    turns = _turns(_field(record, "conversations", "sharegpt"), "sharegpt", "conversations",
-                   "from", "value", "role", "content")
+    turns = _turns(
+        _field(record, "conversations", "sharegpt"), "sharegpt", "conversations", "from", "value", "role", "content"
+    )
     system = _clean(record.get("system"), "'system'", required=False)
     if system and turns[0]["role"] == "system":
-        raise _Problem("both a 'system' field and a system turn are given",
-                       "Keep only one system prompt.")
+        raise _Problem("both a 'system' field and a system turn are given", "Keep only one system prompt.")
     return _with_system(system, turns)
 
 
 def _from_messages(record: dict) -> list[dict]:
-    return _turns(_field(record, "messages", "messages"), "messages", "messages",
-                  "role", "content", "role", "content")
+    return _turns(_field(record, "messages", "messages"), "messages", "messages", "role", "content", "role", "content")
 
 
 def _from_prompt_completion(record: dict) -> list[dict]:
@@ -294,13 +292,17 @@ def _from_prompt_completion(record: dict) -> list[dict]:
     completion = _field(record, "completion", "prompt_completion")
     if isinstance(prompt, list) and isinstance(completion, list):
         # TRL's conversational prompt-completion: two lists of {role, content}.
-        return (_turns(prompt, "prompt_completion", "prompt", "role", "content", "role", "content")
-                + _turns(completion, "prompt_completion", "completion",
-                         "role", "content", "role", "content"))
+        return _turns(prompt, "prompt_completion", "prompt", "role", "content", "role", "content") + _turns(
+            completion, "prompt_completion", "completion", "role", "content", "role", "content"
+        )
     system = _clean(record.get("system"), "'system'", required=False)
-    return _with_system(system, [{"role": "user", "content": _clean(prompt, "'prompt'")},
-                                 {"role": "assistant",
-                                  "content": _clean(completion, "'completion'")}])
+    return _with_system(
+        system,
+        [
+            {"role": "user", "content": _clean(prompt, "'prompt'")},
+            {"role": "assistant", "content": _clean(completion, "'completion'")},
+        ],
+    )
 
 
 _GUANACO_SPLIT = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
@@ -310,8 +312,10 @@ def _from_guanaco(record: dict) -> list[dict]:
     text = _clean(_field(record, "text", "guanaco"), "'text'")
     pieces = _GUANACO_SPLIT.split(text)
     if len(pieces) < 3:
-        raise _Problem("'text' has no '### Human:' / '### Assistant:' markers",
-                       "Pass format='text' if this is raw text, or add the markers.")
+        raise _Problem(
+            "'text' has no '### Human:' / '### Assistant:' markers",
+            "Pass format='text' if this is raw text, or add the markers.",
+        )
     out = []
     lead = pieces[0].strip()
     if lead:  # text before the first marker reads as a system prompt
@@ -320,8 +324,7 @@ def _from_guanaco(record: dict) -> list[dict]:
         role = "user" if pieces[i].lower() == "human" else "assistant"
         content = pieces[i + 1].strip()
         if not content:
-            raise _Problem(f"turn {n} ('### {pieces[i]}:') of 'text' is empty",
-                           "Give every turn some text.")
+            raise _Problem(f"turn {n} ('### {pieces[i]}:') of 'text' is empty", "Give every turn some text.")
         out.append({"role": role, "content": content})
     return out
 
@@ -343,13 +346,16 @@ def _from_llama2(record: dict) -> list[dict]:
     text = _clean(_field(record, "text", "llama2"), "'text'")
     parts = _LLAMA2_SPLIT.split(text)
     if _strip_bos_eos(parts[0]):
-        raise _Problem("'text' has text before the first [INST]",
-                       "Start each example with '<s>[INST]', or pass format='text' for raw text.")
+        raise _Problem(
+            "'text' has text before the first [INST]",
+            "Start each example with '<s>[INST]', or pass format='text' for raw text.",
+        )
     markers = parts[1::2]
-    if not markers or any(m != ("[INST]" if k % 2 == 0 else "[/INST]")
-                          for k, m in enumerate(markers)):
-        raise _Problem("'text' has unbalanced [INST] ... [/INST] markers",
-                       "Each turn must read '[INST] prompt [/INST] answer </s>'.")
+    if not markers or any(m != ("[INST]" if k % 2 == 0 else "[/INST]") for k, m in enumerate(markers)):
+        raise _Problem(
+            "'text' has unbalanced [INST] ... [/INST] markers",
+            "Each turn must read '[INST] prompt [/INST] answer </s>'.",
+        )
     bodies = parts[2::2]  # user, assistant, user, assistant, ...
     out = []
     for k, body in enumerate(bodies):
@@ -358,15 +364,18 @@ def _from_llama2(record: dict) -> list[dict]:
             m = _SYS.match(content)
             if m:
                 if k != 0:
-                    raise _Problem("<<SYS>> appears after the first turn",
-                                   "Put the system prompt in the first [INST] only.")
+                    raise _Problem(
+                        "<<SYS>> appears after the first turn", "Put the system prompt in the first [INST] only."
+                    )
                 system = m.group(1).strip()
                 if system:
                     out.append({"role": "system", "content": system})
                 content = m.group(2).strip()
             if "<<SYS>>" in content or "<</SYS>>" in content:
-                raise _Problem("'text' has an unclosed or misplaced <<SYS>> block",
-                               "Write '<<SYS>>\\nsystem prompt\\n<</SYS>>' right after [INST].")
+                raise _Problem(
+                    "'text' has an unclosed or misplaced <<SYS>> block",
+                    "Write '<<SYS>>\\nsystem prompt\\n<</SYS>>' right after [INST].",
+                )
             role = "user"
         else:
             role = "assistant"
@@ -402,8 +411,10 @@ CONVERTERS = {
 # --------------------------------------------------------------------------------------------
 def _detect(record) -> str:
     if not isinstance(record, dict):
-        raise _Problem(f"the item is a {type(record).__name__}, not an object",
-                       "Each example must be a JSON object / dict of fields.")
+        raise _Problem(
+            f"the item is a {type(record).__name__}, not an object",
+            "Each example must be a JSON object / dict of fields.",
+        )
     keys = set(record)
     if "messages" in keys:
         return "messages"
@@ -423,11 +434,11 @@ def _detect(record) -> str:
             if _GUANACO_SPLIT.search(text):
                 return "guanaco"
         return "text"
-    hints = [f"'{k}' -> '{_RENAME_HINTS[k]}'" for k in record
-             if isinstance(k, str) and k in _RENAME_HINTS]
+    hints = [f"'{k}' -> '{_RENAME_HINTS[k]}'" for k in record if isinstance(k, str) and k in _RENAME_HINTS]
     hint = f" (e.g. {', '.join(hints)})" if hints else ""
-    raise _Problem(f"fields seen {list(record.keys())!r} match no known format",
-                   f"Rename the fields{hint} or pass format=...")
+    raise _Problem(
+        f"fields seen {list(record.keys())!r} match no known format", f"Rename the fields{hint} or pass format=..."
+    )
 
 
 def detect_format(record: dict) -> str:
@@ -443,19 +454,27 @@ def detect_format(record: dict) -> str:
 
 def _normalise_format(fmt) -> str:
     name = fmt.strip().lower().replace("-", "_") if isinstance(fmt, str) else fmt
-    name = {"openai": "messages", "chat": "messages", "raw": "text",
-            "llama_2": "llama2", "prompt_and_completion": "prompt_completion"}.get(name, name)
+    name = {
+        "openai": "messages",
+        "chat": "messages",
+        "raw": "text",
+        "llama_2": "llama2",
+        "prompt_and_completion": "prompt_completion",
+    }.get(name, name)
     if name != "auto" and name not in CONVERTERS:
         raise DataFormatError(
             f"format={fmt!r} is not a format lora_kit knows. Pass format='auto' to detect it, "
-            f"or one of {sorted(CONVERTERS)!r}. {ACCEPTED}")
+            f"or one of {sorted(CONVERTERS)!r}. {ACCEPTED}"
+        )
     return name
 
 
 def _convert(record, fmt: str) -> tuple[list[dict], bool]:
     if not isinstance(record, dict):
-        raise _Problem(f"the item is a {type(record).__name__}, not an object",
-                       "Each example must be a JSON object / dict of fields.")
+        raise _Problem(
+            f"the item is a {type(record).__name__}, not an object",
+            "Each example must be a JSON object / dict of fields.",
+        )
     return _finish(CONVERTERS[fmt](record))
 
 
@@ -483,16 +502,14 @@ def _token_spans(text: str, tokenizer) -> list[tuple[int, int]] | None:
     if tokenizer is None:
         return [m.span() for m in re.finditer(r"\S+", text)]
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        verbose=False)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         spans = [tuple(s) for s in enc["offset_mapping"]]
     except Exception:  # slow tokenizers cannot give offsets
         return None
     return [s for s in spans if s[1] > s[0]] or []
 
 
-def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64,
-               tokenizer=None) -> list[str]:
+def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64, tokenizer=None) -> list[str]:
     """Split ``text`` into pieces of at most ``chunk_tokens`` tokens; neighbours share
     ``overlap_tokens`` tokens. Tokens come from ``tokenizer`` when given, else whitespace.
     The pieces are slices of the original text, so inner spacing and newlines survive."""
@@ -503,7 +520,7 @@ def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64,
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         pieces = []
         for i in range(0, len(ids), step):
-            piece = tokenizer.decode(ids[i:i + chunk_tokens], skip_special_tokens=True).strip()
+            piece = tokenizer.decode(ids[i : i + chunk_tokens], skip_special_tokens=True).strip()
             if piece:
                 pieces.append(piece)
             if i + chunk_tokens >= len(ids):
@@ -512,7 +529,7 @@ def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64,
     pieces = []
     for i in range(0, len(spans), step):
         j = min(i + chunk_tokens, len(spans))
-        piece = text[spans[i][0]:spans[j - 1][1]].strip()
+        piece = text[spans[i][0] : spans[j - 1][1]].strip()
         if piece:
             pieces.append(piece)
         if j == len(spans):
@@ -521,13 +538,19 @@ def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64,
 
 
 def _check_chunking(chunk_tokens, overlap_tokens) -> None:
-    if (not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1
-            or not isinstance(overlap_tokens, int) or isinstance(overlap_tokens, bool)
-            or not 0 <= overlap_tokens < chunk_tokens):
+    if (
+        not isinstance(chunk_tokens, int)
+        or isinstance(chunk_tokens, bool)
+        or chunk_tokens < 1
+        or not isinstance(overlap_tokens, int)
+        or isinstance(overlap_tokens, bool)
+        or not 0 <= overlap_tokens < chunk_tokens
+    ):
         raise DataFormatError(
             f"text_chunk_tokens={chunk_tokens!r}, text_overlap_tokens={overlap_tokens!r}: the "
             "chunk size must be a whole number >= 1 and the overlap a whole number from 0 up "
-            "to (not including) the chunk size, e.g. 512 and 64.")
+            "to (not including) the chunk size, e.g. 512 and 64."
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,14 +563,15 @@ def _read_text(path: Path, name: str) -> str:
             return raw.decode("utf-16")
         except UnicodeDecodeError:
             raise DataFormatError(
-                f"{name}: starts with a UTF-16 byte-order mark but is not valid UTF-16. "
-                "Re-save the file as UTF-8.") from None
+                f"{name}: starts with a UTF-16 byte-order mark but is not valid UTF-16. Re-save the file as UTF-8."
+            ) from None
     if b"\x00" in raw:
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
         raise DataFormatError(
             f"{name}, line {line}: holds NUL bytes, so it looks like a binary file, not text. "
             "Pass a UTF-8 text file (.jsonl, .json, .csv, .txt, .md) or a .parquet file with "
-            "the .parquet extension.")
+            "the .parquet extension."
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -559,11 +583,14 @@ def _read_text(path: Path, name: str) -> str:
             raise DataFormatError(
                 f"{name}, line {line}: not UTF-8 text (byte 0x{bad:02x} cannot be decoded), "
                 "nor Windows-1252. Re-save the file as UTF-8 (in Excel: 'CSV UTF-8'; in an "
-                "editor: 'Save with encoding UTF-8').") from None
+                "editor: 'Save with encoding UTF-8')."
+            ) from None
         warnings.warn(
             f"{name}, line {line}: not valid UTF-8 (byte 0x{bad:02x}); read the file as "
             "Windows-1252 instead. If accented letters look wrong, re-save it as UTF-8.",
-            UnicodeWarning, stacklevel=4)
+            UnicodeWarning,
+            stacklevel=4,
+        )
         return text.removeprefix("\ufeff")
 
 
@@ -623,7 +650,8 @@ def _json_error(name: str, text: str, e: Exception, offset_line: int = 0) -> Dat
         return DataFormatError(
             f"{where}, column {e.colno}: not valid JSON ({e.msg}) in {shown}. Fix that line "
             "(common causes: a missing comma or quote, single quotes instead of double quotes, "
-            "a trailing comma, a line cut in two).")
+            "a trailing comma, a line cut in two)."
+        )
     if isinstance(e, RecursionError):
         return DataFormatError(f"{name}: JSON nested too deeply to read. Flatten the data.")
     return DataFormatError(f"{name}: not valid JSON ({e}). Fix the file.")
@@ -678,8 +706,7 @@ def _records_json(path: Path, name: str, text: str, fallback: bool = True):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         # {"conversations": [record, ...]}: whole records, not the turns of one conversation.
         nested = [k for k in ("conversations", "messages") if k in lists and _holds_records(data[k])]
-        preferred = nested + [k for k in ("data", "train", "examples", "rows", "records", "items")
-                              if k in lists]
+        preferred = nested + [k for k in ("data", "train", "examples", "rows", "records", "items") if k in lists]
         key = preferred[0] if preferred else (lists[0] if len(lists) == 1 else None)
         try:
             _detect(data)
@@ -692,7 +719,8 @@ def _records_json(path: Path, name: str, text: str, fallback: bool = True):
             raise DataFormatError(
                 f"{name}: the top-level JSON object has keys {list(data.keys())!r} but no list "
                 "of examples under a key such as 'data'. Write the file as a list of objects "
-                "[{...}, {...}], or put that list under \"data\". " + ACCEPTED)
+                '[{...}, {...}], or put that list under "data". ' + ACCEPTED
+            )
         try:
             value_at = _value_offset(text, start, key)
             offsets = _array_offsets(text, value_at)
@@ -711,7 +739,8 @@ def _records_json(path: Path, name: str, text: str, fallback: bool = True):
         raise DataFormatError(
             f"{name}: the JSON holds a single {type(data).__name__}, not a list of examples. "
             "Write it as a list of objects [{...}, {...}] (or use JSON Lines, one object per "
-            "line, in a .jsonl file). " + ACCEPTED)
+            "line, in a .jsonl file). " + ACCEPTED
+        )
     out = []
     for i, item in enumerate(items):
         loc = f"{prefix} {i + 1}"
@@ -745,7 +774,8 @@ def _records_csv(path: Path, name: str, text: str):
                 if dupes:
                     raise DataFormatError(
                         f"{name}, line {start}: the header repeats column(s) {dupes!r}. "
-                        "Give every column a different name.")
+                        "Give every column a different name."
+                    )
                 start = reader.line_num + 1
                 continue
             if len(row) != len(header):
@@ -753,16 +783,16 @@ def _records_csv(path: Path, name: str, text: str):
                     f"{name}, line {start}: {len(row)} values but the header (line 1) has "
                     f"{len(header)} columns {header!r}. Quote values that contain "
                     f"'{delimiter}' or line breaks with double quotes, and give every row "
-                    "every column.")
+                    "every column."
+                )
             records.append((f"{name}, line {start}", dict(zip(header, row))))
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataFormatError(
-            f"{name}, line {reader.line_num}: cannot read this CSV ({e}). Check the quoting "
-            "on that line.") from None
+            f"{name}, line {reader.line_num}: cannot read this CSV ({e}). Check the quoting on that line."
+        ) from None
     if header is not None and not records:
-        raise DataFormatError(
-            f"{name}: has a header {header!r} but no rows. Add examples below the header.")
+        raise DataFormatError(f"{name}: has a header {header!r} but no rows. Add examples below the header.")
     return records
 
 
@@ -774,26 +804,35 @@ def _records_parquet(path: Path, name: str):
     except Exception as e:
         raise DataFormatError(
             f"{name}: cannot read as Parquet ({type(e).__name__}: {e}). Check that the file is "
-            "a Parquet file, or give it the extension of its real type.") from None
+            "a Parquet file, or give it the extension of its real type."
+        ) from None
     return [(f"{name}, row {i + 1}", r) for i, r in enumerate(rows)]
 
 
 def _raw_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in (".txt", ".md")
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in (".txt", ".md")
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _looks_like_path(s: str) -> bool:
-    return (s.startswith((".", "/", "~")) or "\\" in s or s.count("/") > 1
-            or Path(s).suffix.lower() in _SUFFIXES or ":" in s)
+    return (
+        s.startswith((".", "/", "~"))
+        or "\\" in s
+        or s.count("/") > 1
+        or Path(s).suffix.lower() in _SUFFIXES
+        or ":" in s
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # The public loader.
 # --------------------------------------------------------------------------------------------
-def load_data(source, format="auto", *, split="train", text_chunk_tokens=512,
-              text_overlap_tokens=64, tokenizer=None):
+def load_data(source, format="auto", *, split="train", text_chunk_tokens=512, text_overlap_tokens=64, tokenizer=None):
     """Load conversational data (or raw text) from ``source`` into a ``datasets.Dataset``.
 
     Args:
@@ -813,14 +852,13 @@ def load_data(source, format="auto", *, split="train", text_chunk_tokens=512,
 
     fmt = _normalise_format(format)
     _check_chunking(text_chunk_tokens, text_overlap_tokens)
-    chunking = dict(chunk_tokens=text_chunk_tokens, overlap_tokens=text_overlap_tokens,
-                    tokenizer=tokenizer)
+    chunking = dict(chunk_tokens=text_chunk_tokens, overlap_tokens=text_overlap_tokens, tokenizer=tokenizer)
 
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise DataFormatError(
-                f"the DatasetDict has splits {list(source)!r}, not {split!r}. "
-                f"Pass split= one of those.")
+                f"the DatasetDict has splits {list(source)!r}, not {split!r}. Pass split= one of those."
+            )
         source = source[split]
 
     if isinstance(source, (str, os.PathLike)):
@@ -834,25 +872,24 @@ def load_data(source, format="auto", *, split="train", text_chunk_tokens=512,
                 raise DataFormatError(
                     f"{name}: files of type {path.suffix or '(no extension)'!r} are not "
                     f"supported. Use one of {sorted(_SUFFIXES)!r} (from Excel: save as "
-                    "'CSV UTF-8'), or a folder of .txt/.md files.")
+                    "'CSV UTF-8'), or a folder of .txt/.md files."
+                )
             if kind == "raw":
-                return _raw_dataset([(f"{name}", _read_text(path, name))], name, fmt,
-                                    chunking, datasets)
+                return _raw_dataset([(f"{name}", _read_text(path, name))], name, fmt, chunking, datasets)
             if kind == "parquet":
                 records = _records_parquet(path, name)
             else:
                 text = _read_text(path, name)
                 if not text.strip():
-                    raise DataFormatError(
-                        f"{name}, line 1: the file is empty. Put examples in it. " + ACCEPTED)
-                reader = {"json": _records_json, "jsonl": _records_jsonl,
-                          "csv": _records_csv}[kind]
+                    raise DataFormatError(f"{name}, line 1: the file is empty. Put examples in it. " + ACCEPTED)
+                reader = {"json": _records_json, "jsonl": _records_jsonl, "csv": _records_csv}[kind]
                 records = reader(path, name, text)
             return _records_dataset(records, name, fmt, chunking, datasets)
         if isinstance(source, os.PathLike) or _looks_like_path(name):
             raise DataFormatError(
                 f"{name}: no such file or folder (looked in {os.getcwd()}). Check the path; "
-                "in Colab, upload the file or mount Drive first.")
+                "in Colab, upload the file or mount Drive first."
+            )
         return _load_hub(name, split, fmt, chunking, datasets)
 
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
@@ -865,11 +902,11 @@ def load_data(source, format="auto", *, split="train", text_chunk_tokens=512,
         records = [(f"{name}, item {i + 1}", r) for i, r in enumerate(source)]
         return _records_dataset(records, name, fmt, chunking, datasets)
 
-    hint = (" For a pandas DataFrame use df.to_dict('records')."
-            if type(source).__name__ == "DataFrame" else "")
+    hint = " For a pandas DataFrame use df.to_dict('records')." if type(source).__name__ == "DataFrame" else ""
     raise DataFormatError(
         f"source is a {type(source).__name__}; load_data takes a file path, a folder of "
-        f".txt/.md files, a Hub dataset name, a list of dicts or a datasets.Dataset.{hint}")
+        f".txt/.md files, a Hub dataset name, a list of dicts or a datasets.Dataset.{hint}"
+    )
 
 
 def _load_hub(name, split, fmt, chunking, datasets):
@@ -881,7 +918,8 @@ def _load_hub(name, split, fmt, chunking, datasets):
             f"{name}: not a local file or folder, and loading it as a Hugging Face Hub dataset "
             f"failed: the Hub was unreachable or has no such dataset/split "
             f"({type(e).__name__}: {msg}). Download the data and pass a local file "
-            "(.jsonl, .json, .csv, .parquet) or a folder of .txt/.md files instead.") from None
+            "(.jsonl, .json, .csv, .parquet) or a folder of .txt/.md files instead."
+        ) from None
     label = f"{name} (Hub)"
     records = [(f"{label}, row {i + 1}", row) for i, row in enumerate(ds)]
     return _records_dataset(records, label, fmt, chunking, datasets)
@@ -893,9 +931,12 @@ def _load_folder(path: Path, name: str, fmt: str, chunking, datasets):
         others = sorted(p.name for p in path.iterdir())[:8]
         raise DataFormatError(
             f"{name}: the folder has no .txt or .md files (found {others!r}). Put raw text "
-            "documents in it, or pass a data file (.jsonl, .json, .csv, .parquet) directly.")
-    docs = [(os.path.join(name, str(p.relative_to(path))),
-             _read_text(p, os.path.join(name, str(p.relative_to(path))))) for p in files]
+            "documents in it, or pass a data file (.jsonl, .json, .csv, .parquet) directly."
+        )
+    docs = [
+        (os.path.join(name, str(p.relative_to(path))), _read_text(p, os.path.join(name, str(p.relative_to(path)))))
+        for p in files
+    ]
     return _raw_dataset(docs, name, fmt, chunking, datasets)
 
 
@@ -903,7 +944,8 @@ def _raw_dataset(docs, name, fmt, chunking, datasets):
     if fmt not in ("auto", "text"):
         raise DataFormatError(
             f"{name}: .txt/.md files hold raw text, which is format 'text', not {fmt!r}. Pass "
-            "format='auto' or 'text', or give the conversations as .jsonl/.json/.csv.")
+            "format='auto' or 'text', or give the conversations as .jsonl/.json/.csv."
+        )
     chunks = []
     for _, text in docs:
         chunks.extend(chunk_text(text, **chunking))
@@ -922,15 +964,17 @@ def _records_dataset(records, name, fmt, chunking, datasets):
             fmt = _detect(first)
         except _Problem as p:
             raise DataFormatError(_message(first_loc, first, p.problem, p.fix)) from None
-        detected_from = first_loc[len(name) + 2:]
+        detected_from = first_loc[len(name) + 2 :]
 
     if fmt == "text":
         chunks = []
         for loc, rec in records:
             try:
                 if not isinstance(rec, dict):
-                    raise _Problem(f"the item is a {type(rec).__name__}, not an object",
-                                   "Each example must be a JSON object / dict of fields.")
+                    raise _Problem(
+                        f"the item is a {type(rec).__name__}, not an object",
+                        "Each example must be a JSON object / dict of fields.",
+                    )
                 text = _clean(_field(rec, "text", "text"), "'text'", required=False)
             except _Problem as p:
                 raise DataFormatError(_message(loc, rec, p.problem, p.fix, "text")) from None
@@ -953,8 +997,10 @@ def _records_dataset(records, name, fmt, chunking, datasets):
                 except _Problem:
                     other = None
                 if other and other != fmt:
-                    fix = (f"This row looks like {other}, but every row must use one format: "
-                           f"convert this row to {fmt}, or split the file by format.")
+                    fix = (
+                        f"This row looks like {other}, but every row must use one format: "
+                        f"convert this row to {fmt}, or split the file by format."
+                    )
             raise DataFormatError(_message(loc, rec, p.problem, fix, note)) from None
         if cut:
             trimmed.append(loc)
@@ -962,5 +1008,7 @@ def _records_dataset(records, name, fmt, chunking, datasets):
     if trimmed:
         warnings.warn(
             f"{name}: {len(trimmed)} conversation(s) ended with a user turn with no answer "
-            f"(first: {trimmed[0]}); those trailing turns were dropped.", stacklevel=3)
+            f"(first: {trimmed[0]}); those trailing turns were dropped.",
+            stacklevel=3,
+        )
     return datasets.Dataset.from_dict({"messages": conversations})

@@ -5,6 +5,7 @@ The one rule that trips most learners: decide bf16 from the GPU's compute capabi
 yes on a T4 (sm_75) because bf16 can be emulated there, slowly and without the fused
 kernels training needs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

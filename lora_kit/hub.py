@@ -6,6 +6,7 @@ error on the way) it sends nothing and returns the reason instead of raising.
 
     push_to_hub("out/merged", "me/my-model")   # private by default; a falsy result says why not
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,10 +63,21 @@ def write_model_card(folder, info: dict) -> None:
     if str(info.get("method", "")).lower() == "qlora":
         header.append("- qlora")
     header.append("---")
-    lines = header + ["", f"# {info.get('title', 'Fine-tuned with lora_kit')}", "",
-                      f"A {info.get('kind', 'model')} made with lora_kit.", ""]
-    labels = {"base_model": "base model", "method": "method", "lora": "LoRA settings", "data": "data",
-              "steps": "training steps", "merge_check": "merge check (merged vs base+adapter logits)"}
+    lines = header + [
+        "",
+        f"# {info.get('title', 'Fine-tuned with lora_kit')}",
+        "",
+        f"A {info.get('kind', 'model')} made with lora_kit.",
+        "",
+    ]
+    labels = {
+        "base_model": "base model",
+        "method": "method",
+        "lora": "LoRA settings",
+        "data": "data",
+        "steps": "training steps",
+        "merge_check": "merge check (merged vs base+adapter logits)",
+    }
     for key, label in labels.items():
         if key in info:
             lines.append(f"- **{label}**: {_format(info[key])}")
@@ -77,18 +89,33 @@ def write_model_card(folder, info: dict) -> None:
         lines += ["", "## Evaluation (held out)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k.replace('_', ' ')} | {_format(v)} |" for k, v in metrics.items()]
     usage = (
-        ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
-         "model = AutoPeftModelForCausalLM.from_pretrained(FOLDER)  # loads the base, then the adapter"]
-        if is_adapter else
-        ["from transformers import AutoModelForCausalLM, AutoTokenizer",
-         "model = AutoModelForCausalLM.from_pretrained(FOLDER)"]
+        [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "model = AutoPeftModelForCausalLM.from_pretrained(FOLDER)  # loads the base, then the adapter",
+        ]
+        if is_adapter
+        else [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(FOLDER)",
+        ]
     )
-    usage += ["tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
-              "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"...\"}], add_generation_prompt=True, return_tensors=\"pt\")",
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))"]
-    lines += ["", "## Use", "", "```python", *usage, "```", "",
-              "Use the same chat template as in training: it is saved with the tokenizer in this folder "
-              "(chat_template.jinja). Serving with vLLM, TGI, llama.cpp or Ollama: see lora_kit's docs/deploy.md."]
+    usage += [
+        "tokenizer = AutoTokenizer.from_pretrained(FOLDER)",
+        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True, return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+    ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        *usage,
+        "```",
+        "",
+        "Use the same chat template as in training: it is saved with the tokenizer in this folder "
+        "(chat_template.jinja). Serving with vLLM, TGI, llama.cpp or Ollama: see lora_kit's docs/deploy.md.",
+    ]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -124,8 +151,9 @@ def _hub_token(token: str | None) -> str | None:
         return None
 
 
-def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = True,
-                commit_message: str = "Upload with lora_kit") -> PushResult:
+def push_to_hub(
+    folder, repo_id: str, token: str | None = None, private: bool = True, commit_message: str = "Upload with lora_kit"
+) -> PushResult:
     """Upload a finished adapter or merged folder to the Hugging Face Hub as one commit.
 
     The token comes from ``token``, else HF_TOKEN, else huggingface_hub's stored login
@@ -136,7 +164,9 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise LoraKitError(f"push_to_hub: {folder} is not a folder. Pass the folder written by save_adapter or merge_adapter.")
+        raise LoraKitError(
+            f"push_to_hub: {folder} is not a folder. Pass the folder written by save_adapter or merge_adapter."
+        )
     if ".partial-" in folder.name or not any((folder / f).is_file() for f in ("adapter_config.json", "config.json")):
         raise LoraKitError(
             f"push_to_hub: {folder} is not a finished adapter or model folder (no adapter_config.json or config.json). "
@@ -157,7 +187,9 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
         return refuse("huggingface_hub is not installed (pip install huggingface_hub).")
     token = _hub_token(token)
     if _env_flag("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
-        return refuse("offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine with internet and call push_to_hub again.")
+        return refuse(
+            "offline mode is on (HF_HUB_OFFLINE=1). Unset it on a machine with internet and call push_to_hub again."
+        )
     if not token:
         return refuse(
             "no Hugging Face token found. Pass token=..., set HF_TOKEN (in Colab: the Secrets panel), or run "
@@ -166,12 +198,15 @@ def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = 
     try:
         api = huggingface_hub.HfApi(token=token)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                          ignore_patterns=[".*", "**/.*"])
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=[".*", "**/.*"]
+        )
     except Exception as err:  # noqa: BLE001 - network, auth and permission errors all end the same way
         first = str(err).splitlines()[0] if str(err) else ""
-        return refuse(f"the upload failed ({type(err).__name__}: {first}). Check the token's write access, the repo "
-                      "name and your connection.")
+        return refuse(
+            f"the upload failed ({type(err).__name__}: {first}). Check the token's write access, the repo "
+            "name and your connection."
+        )
     message = f"Pushed {folder} to {url}"
     logger.info(message)
     return PushResult(True, message, str(url))

@@ -82,6 +82,18 @@ _COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activati
 # --- Model shapes ---------------------------------------------------------------------------
 
 
+def decoder_shape(hidden, mlp, layers, heads, kv_heads, vocabulary, tied, context=4096) -> dict:
+    """A dense decoder's ``LlamaConfig`` keyword arguments, in the order a model card lists them."""
+    return dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocabulary, tie_word_embeddings=tied,
+                max_position_embeddings=context)  # fmt: skip
+
+
+# The default models' shapes, as their config.json files give them (no download needed to count them).
+LLAMA2_7B = decoder_shape(4096, 11008, 32, 32, 32, 32000, tied=False)
+SMOLLM2_1_7B = decoder_shape(2048, 8192, 24, 32, 32, 49152, tied=True, context=8192)
+
+
 def llama2_7b_config():
     """A ``transformers.LlamaConfig`` with Llama-2-7B's shape, built from numbers (no download).
 
@@ -90,16 +102,7 @@ def llama2_7b_config():
     """
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+    return LlamaConfig(**LLAMA2_7B)
 
 
 def llama_65b_config():
@@ -423,8 +426,12 @@ def format_breakdowns(breakdowns: dict[str, MemoryBreakdown]) -> str:
     """A plain-text table (GiB) of several breakdowns, for printing in a notebook."""
     header = ["method", *_COMPONENTS, "total", "trainable"]
     rows = [
-        [label, *(f"{value:.2f}" for value in b.components().values()), f"{b.total_gib:.2f}",
-         f"{b.trainable_parameters / b.parameters:.2%}"]
+        [
+            label,
+            *(f"{value:.2f}" for value in b.components().values()),
+            f"{b.total_gib:.2f}",
+            f"{b.trainable_parameters / b.parameters:.2%}",
+        ]
         for label, b in breakdowns.items()
     ]
     widths = [max(len(str(row[k])) for row in [header, *rows]) for k in range(len(header))]
@@ -455,8 +462,15 @@ def plot_memory_breakdown(breakdowns: dict[str, MemoryBreakdown], title: str = "
         ax.bar(positions, heights, bottom=bottoms, label=name.replace("_", " "), width=0.6)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     for x, total in zip(positions, bottoms):
-        ax.annotate(f"{total:.1f} GiB", (x, total), xytext=(0, 3), textcoords="offset points",
-                    ha="center", va="bottom", fontsize="small")
+        ax.annotate(
+            f"{total:.1f} GiB",
+            (x, total),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
     ax.set_xticks(positions, labels)
     ax.set_xlabel("method")
     ax.set_ylabel("memory (GiB)")
@@ -495,23 +509,50 @@ def seed_claims(config_7b=None, config_65b=None, tolerance: float = 0.15) -> lis
     rows = []
 
     def add(seed, claim, settings, computed, low, high, unit="GB", params=None):
-        row = dict(seed=seed, claim=claim, settings=settings, computed=round(computed, 2), unit=unit,
-                   verdict=_verdict(computed, low, high, tolerance, unit))
+        row = dict(
+            seed=seed,
+            claim=claim,
+            settings=settings,
+            computed=round(computed, 2),
+            unit=unit,
+            verdict=_verdict(computed, low, high, tolerance, unit),
+        )
         if params:
             row["claim_bytes_per_param"] = round((low + high) / 2 * GB / params, 1)
         rows.append(row)
 
     base = dict(micro_batch=1, seq_len=2048, gradient_checkpointing=True)
     full7 = memory_breakdown(c7, "full", **base)
-    add("000", "full fine-tuning of a 7B needs 40-60 GB", "AdamW, batch 1 x 2048, checkpointing",
-        full7.total_gb, 40, 60, params=p7)
+    add(
+        "000",
+        "full fine-tuning of a 7B needs 40-60 GB",
+        "AdamW, batch 1 x 2048, checkpointing",
+        full7.total_gb,
+        40,
+        60,
+        params=p7,
+    )
 
     qlora7 = memory_breakdown(c7, "qlora", r=64, **base)
-    add("000", "QLoRA cuts memory by about 75% (vs full fine-tuning)", "r=64 all-linear vs full, batch 1 x 2048",
-        100 * (1 - qlora7.total_gib / full7.total_gib), 75, 75, unit="%")
+    add(
+        "000",
+        "QLoRA cuts memory by about 75% (vs full fine-tuning)",
+        "r=64 all-linear vs full, batch 1 x 2048",
+        100 * (1 - qlora7.total_gib / full7.total_gib),
+        75,
+        75,
+        unit="%",
+    )
     lora_7 = memory_breakdown(c7, "lora", r=64, **base)
-    add("000", "QLoRA cuts memory by about 75% (weights only, vs 16-bit)", "NF4 + double quant vs bf16",
-        100 * (1 - qlora7.weights / lora_7.weights), 75, 75, unit="%")
+    add(
+        "000",
+        "QLoRA cuts memory by about 75% (weights only, vs 16-bit)",
+        "NF4 + double quant vs bf16",
+        100 * (1 - qlora7.weights / lora_7.weights),
+        75,
+        75,
+        unit="%",
+    )
 
     for method, claim, low, high in (
         ("lora", "LoRA on a 16-bit 7B needs about 12-16 GB", 12, 16),
@@ -522,15 +563,33 @@ def seed_claims(config_7b=None, config_65b=None, tolerance: float = 0.15) -> lis
         add("001", claim, "r=16 all-linear, batch 1 x 2048, checkpointing", b.total_gb, low, high)
 
     lora_seed002 = memory_breakdown(c7, "lora", r=16, micro_batch=1, seq_len=2048)
-    add("002", "LoRA on a 16-bit 7B needs about 15 GB", "the seed's table: r=16, batch 1 x 2048",
-        lora_seed002.total_gb, 15, 15)
+    add(
+        "002",
+        "LoRA on a 16-bit 7B needs about 15 GB",
+        "the seed's table: r=16, batch 1 x 2048",
+        lora_seed002.total_gb,
+        15,
+        15,
+    )
     qlora_seed002 = memory_breakdown(c7, "qlora", r=64, micro_batch=4, seq_len=2048)
-    add("002", "7B QLoRA fits in about 6 GB", "the seed's table: r=64, batch 4 x 2048",
-        qlora_seed002.total_gb, 6, 6)
-    add("002", "7B QLoRA fits in about 6 GB", "r=64, batch 1 x 2048 (the Llama-2 QLoRA Colab tutorial's recipe)",
-        qlora7.total_gb, 6, 6)
+    add("002", "7B QLoRA fits in about 6 GB", "the seed's table: r=64, batch 4 x 2048", qlora_seed002.total_gb, 6, 6)
+    add(
+        "002",
+        "7B QLoRA fits in about 6 GB",
+        "r=64, batch 1 x 2048 (the Llama-2 QLoRA Colab tutorial's recipe)",
+        qlora7.total_gb,
+        6,
+        6,
+    )
 
     full65 = memory_breakdown(c65, "full", **base)
-    add("004", "full fine-tuning of a 65B needs about 780 GB", "AdamW, batch 1 x 2048, checkpointing",
-        full65.total_gb, 780, 780, params=p65)
+    add(
+        "004",
+        "full fine-tuning of a 65B needs about 780 GB",
+        "AdamW, batch 1 x 2048, checkpointing",
+        full65.total_gb,
+        780,
+        780,
+        params=p65,
+    )
     return rows

@@ -21,6 +21,7 @@ when complete, never over files lora_kit did not write.
 
 The model card both folders carry, and the upload to the Hub, live in ``hub.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -133,8 +134,10 @@ def base_fingerprint(model) -> dict:
     """A few values of the base's input embeddings (never quantized), to recognise the base at merge time."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weight = base.get_input_embeddings().weight
-    return {"hidden_size": int(weight.shape[1]),
-            "values": [round(float(v), 6) for v in weight[list(_FINGERPRINT_ROWS), :8].detach().float().flatten()]}
+    return {
+        "hidden_size": int(weight.shape[1]),
+        "values": [round(float(v), 6) for v in weight[list(_FINGERPRINT_ROWS), :8].detach().float().flatten()],
+    }
 
 
 def _check_fingerprint(adapter_dir: Path, base_name: str, weight_files: dict[str, Path]) -> None:
@@ -147,13 +150,15 @@ def _check_fingerprint(adapter_dir: Path, base_name: str, weight_files: dict[str
     embeddings = _read_tensor(weight_files[name], name)
     values = embeddings[list(_FINGERPRINT_ROWS), :8].float().flatten()
     same = embeddings.shape[1] == recorded["hidden_size"] and torch.allclose(
-        values, torch.tensor(recorded["values"]), rtol=2e-2, atol=1e-4)
+        values, torch.tensor(recorded["values"]), rtol=2e-2, atol=1e-4
+    )
     if not same:
         raise LoraKitError(
             f"The adapter in {adapter_dir} was trained on other weights than those of the base {base_name!r} found now "
             f"({weight_files[name].parent}): their input embeddings differ. The name in adapter_config.json "
             "(base_model_name_or_path) now points at another model. Pass base_model='...' with the model the adapter "
-            "was trained on; nothing was written.")
+            "was trained on; nothing was written."
+        )
 
 
 def _adapter_config(adapter_dir: Path) -> dict:
@@ -173,8 +178,12 @@ def _adapter_base_name(adapter_dir: Path) -> str:
 def _lora_settings_of(adapter_dir: Path) -> dict:
     config = _adapter_config(adapter_dir)
     targets = config.get("target_modules")
-    return {"r": config.get("r"), "alpha": config.get("lora_alpha"), "dropout": config.get("lora_dropout"),
-            "targets": sorted(targets) if isinstance(targets, (list, set)) else targets}
+    return {
+        "r": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "dropout": config.get("lora_dropout"),
+        "targets": sorted(targets) if isinstance(targets, (list, set)) else targets,
+    }
 
 
 def _adapter_quantization(adapter_dir: Path) -> str:
@@ -252,8 +261,9 @@ def dequantize_model(model, dtype: torch.dtype | None = None):
         else:
             continue
         out_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
-        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                device=weight.device, dtype=out_dtype)
+        dense = torch.nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=out_dtype
+        )
         dense.weight.copy_(weight.to(out_dtype))
         if module.bias is not None:
             dense.bias.copy_(module.bias.data.to(out_dtype))
@@ -336,14 +346,22 @@ class MergeCheck:
         return self.__dict__.copy()
 
     def __str__(self) -> str:
-        text = (f"Merge into the {self.base} weights: {'ok' if self.ok else 'FAILED'}. {self.tensors_merged} weights got "
-                f"the update W + (alpha/r)·B·A, {self.tensors_written} tensors written and read back; at worst "
-                f"{self.update_kept:.1%} of an update survived rounding to the stored precision.")
+        text = (
+            f"Merge into the {self.base} weights: {'ok' if self.ok else 'FAILED'}. {self.tensors_merged} weights got "
+            f"the update W + (alpha/r)·B·A, {self.tensors_written} tensors written and read back; at worst "
+            f"{self.update_kept:.1%} of an update survived rounding to the stored precision."
+        )
         if self.logits_checked:
-            text += (f"\nLogits on {len(CHECK_PROMPTS)} prompts, merged vs base + adapter: max relative difference "
-                     f"{self.max_rel_diff:.1e}, same most-likely token wherever it is clear: {self.same_argmax}")
-            text += (f" ({self.near_ties} of {self.positions} positions are near-ties, where 16-bit rounding alone may "
-                     "swap the top two)." if self.near_ties else " (at every position).")
+            text += (
+                f"\nLogits on {len(CHECK_PROMPTS)} prompts, merged vs base + adapter: max relative difference "
+                f"{self.max_rel_diff:.1e}, same most-likely token wherever it is clear: {self.same_argmax}"
+            )
+            text += (
+                f" ({self.near_ties} of {self.positions} positions are near-ties, where 16-bit rounding alone may "
+                "swap the top two)."
+                if self.near_ties
+                else " (at every position)."
+            )
         elif self.note:
             text += f"\n({self.note}.)"
         return text
@@ -354,8 +372,10 @@ CHECK_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn."
 
 @torch.no_grad()
 def _logits(model, tokenizer, prompts) -> torch.Tensor:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
@@ -380,12 +400,19 @@ def compare_logits(reference: torch.Tensor, merged: torch.Tensor, tolerance: flo
     top2 = reference.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > tolerance * scale
     same = bool((merged.argmax(-1) == reference.argmax(-1))[clear].all())
-    return MergeCheck(max_abs_diff=diff, max_rel_diff=diff / scale, same_argmax=same, ok=same and diff / scale < tolerance,
-                      near_ties=int((~clear).sum()), positions=clear.numel())
+    return MergeCheck(
+        max_abs_diff=diff,
+        max_rel_diff=diff / scale,
+        same_argmax=same,
+        ok=same and diff / scale < tolerance,
+        near_ties=int((~clear).sum()),
+        positions=clear.numel(),
+    )
 
 
-def merged_model(adapter_dir, *, base: str = "original", precision: str = "auto", tolerance: float = LOGITS_TOLERANCE,
-                 prompts=None):
+def merged_model(
+    adapter_dir, *, base: str = "original", precision: str = "auto", tolerance: float = LOGITS_TOLERANCE, prompts=None
+):
     """Load the base, apply the adapter, merge, and prove it; return ``(merged, tokenizer, check)``.
 
     The merge and its check run in fp32, so the check measures the merge and not 16-bit rounding;
@@ -440,16 +467,28 @@ def _check_export(folder: Path) -> None:
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         missing += sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
     has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
-        (folder / "tokenizer_config.json").read_text() if (folder / "tokenizer_config.json").is_file() else "{}")
+        (folder / "tokenizer_config.json").read_text() if (folder / "tokenizer_config.json").is_file() else "{}"
+    )
     if not has_template:
         missing.append("chat template")
     if missing:
-        raise LoraKitError(f"The export in {folder} is incomplete (missing: {', '.join(missing)}); nothing was moved into place.")
+        raise LoraKitError(
+            f"The export in {folder} is incomplete (missing: {', '.join(missing)}); nothing was moved into place."
+        )
 
 
-def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: str = "auto", card: dict | None = None,
-                  tolerance: float = LOGITS_TOLERANCE, max_shard_size: str = "1GB", check_logits: str | bool = "auto",
-                  base_model: str | None = None) -> MergeCheck:
+def merge_adapter(
+    adapter_dir,
+    out_dir,
+    *,
+    base: str = "original",
+    precision: str = "auto",
+    card: dict | None = None,
+    tolerance: float = LOGITS_TOLERANCE,
+    max_shard_size: str = "1GB",
+    check_logits: str | bool = "auto",
+    base_model: str | None = None,
+) -> MergeCheck:
     """Write W' = W + (alpha/r)·B·A into a plain model folder, one tensor at a time.
 
     Each weight is read from the base's safetensors files, merged in fp32 (on the GPU when there
@@ -519,7 +558,8 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
                 if not torch.isfinite(out).all():
                     raise LoraKitError(
                         f"Merging {name} overflowed {w.dtype} (inf or NaN in W + (alpha/r)·B·A); nothing was saved. "
-                        "The adapter's update is far larger than the weight: check how it was trained.")
+                        "The adapter's update is far larger than the weight: check how it was trained."
+                    )
                 written[name] = out.cpu().contiguous()
             safetensors_torch.save_file(written, str(tmp / file_name), metadata={"format": "pt"})
             _read_back(tmp / file_name, written)
@@ -530,11 +570,13 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
         if missing:
             raise LoraKitError(
                 f"The adapter in {adapter_dir} updates {len(missing)} weights that the base {base_name} does not have "
-                f"(first: {missing[0]}); nothing was saved. Was it trained on another model? Pass base_model=... .")
+                f"(first: {missing[0]}); nothing was saved. Was it trained on another model? Pass base_model=... ."
+            )
         check.tensors_merged = len(merged_names)
         if len(plan) > 1:
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": needed}, "weight_map": index}, indent=2) + "\n")
+                json.dumps({"metadata": {"total_size": needed}, "weight_map": index}, indent=2) + "\n"
+            )
         _write_config_files(base_dir, tmp, tokenizer, replaced)
         info = dict(card or {})
         info.setdefault("base_model", base_name)
@@ -549,10 +591,13 @@ def merge_adapter(adapter_dir, out_dir, *, base: str = "original", precision: st
                 raise LoraKitError(
                     f"The merged model disagrees with base+adapter (max relative difference {logits.max_rel_diff:.2e}, "
                     f"tolerance {tolerance}; same argmax: {logits.same_argmax}); nothing was saved. "
-                    f"Was the adapter in {adapter_dir} trained on {base_name}?")
+                    f"Was the adapter in {adapter_dir} trained on {base_name}?"
+                )
         else:
-            check.note = ("logits not compared: an fp32 copy of this model does not fit the free memory with room to "
-                          "spare; every merged weight was checked as written")
+            check.note = (
+                "logits not compared: an fp32 copy of this model does not fit the free memory with room to "
+                "spare; every merged weight was checked as written"
+            )
         check.ok = True
         info["merge_check"] = check.as_dict()
         write_model_card(tmp, info)
@@ -579,8 +624,10 @@ def _adapter_tensors(adapter_dir: Path, config: dict) -> tuple[dict[str, _Update
     if not file.is_file():
         raise LoraKitError(f"{adapter_dir} has no adapter_model.safetensors: pass the folder written by save_adapter.")
     if config.get("use_dora"):
-        raise LoraKitError(f"{adapter_dir} is a DoRA adapter (use_dora=true): lora_kit merges plain LoRA adapters only. "
-                           "Merge it with peft: PeftModel.from_pretrained(base, folder).merge_and_unload().")
+        raise LoraKitError(
+            f"{adapter_dir} is a DoRA adapter (use_dora=true): lora_kit merges plain LoRA adapters only. "
+            "Merge it with peft: PeftModel.from_pretrained(base, folder).merge_and_unload()."
+        )
     pairs: dict[str, dict] = {}
     replaced = {}
     for key, tensor in safetensors_torch.load_file(str(file)).items():
@@ -589,8 +636,10 @@ def _adapter_tensors(adapter_dir: Path, config: dict) -> tuple[dict[str, _Update
         if sep and rest[:2] in ("A.", "B."):
             pairs.setdefault(module, {})[rest[0]] = tensor
         elif sep:
-            raise LoraKitError(f"{file}: the tensor {key} is not a plain LoRA matrix (lora_A / lora_B); lora_kit cannot "
-                               "merge it. Merge it with peft's merge_and_unload instead.")
+            raise LoraKitError(
+                f"{file}: the tensor {key} is not a plain LoRA matrix (lora_A / lora_B); lora_kit cannot "
+                "merge it. Merge it with peft's merge_and_unload instead."
+            )
         else:
             replaced[name.replace(".modules_to_save.default", "")] = tensor
     updates = {}
@@ -616,8 +665,12 @@ def _base_weight_files(base_name: str, adapter_dir: Path) -> tuple[Path, dict[st
 
     def find(file_name):
         try:
-            found = cached_file(path, file_name, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
+            found = cached_file(
+                path,
+                file_name,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
         except OSError:
             return None
         return Path(found) if found else None
@@ -627,7 +680,8 @@ def _base_weight_files(base_name: str, adapter_dir: Path) -> tuple[Path, dict[st
         raise LoraKitError(
             f"The adapter in {adapter_dir} was trained on {base_name!r} (adapter_config.json, base_model_name_or_path), "
             "which is neither a local model folder nor in the Hugging Face cache, and could not be downloaded. "
-            "Pass merge_adapter(..., base_model='path/to/the/base') or go online once to download it.")
+            "Pass merge_adapter(..., base_model='path/to/the/base') or go online once to download it."
+        )
     index_file = find("model.safetensors.index.json")
     if index_file is not None:
         weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -637,14 +691,16 @@ def _base_weight_files(base_name: str, adapter_dir: Path) -> tuple[Path, dict[st
             raise LoraKitError(
                 f"The base {base_name!r} is incomplete: {len(missing)} of its {len(files)} weight shards are missing "
                 f"({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}), listed in {index_file}. "
-                "Download it again (huggingface-cli download NAME) or copy the missing files; nothing was written.")
+                "Download it again (huggingface-cli download NAME) or copy the missing files; nothing was written."
+            )
         return config_file.parent, {name: files[shard] for name, shard in weight_map.items()}
     single = find("model.safetensors")
     if single is None:
         raise LoraKitError(
             f"The base {base_name!r} ({config_file.parent}) has no safetensors weights (model.safetensors or an index "
             "of shards). lora_kit merges from safetensors one tensor at a time; convert the base with "
-            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...) first.")
+            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...) first."
+        )
     with safe_open(str(single), framework="pt") as f:
         return config_file.parent, {name: single for name in f.keys()}
 
@@ -685,8 +741,10 @@ def _read_back(file: Path, written: dict) -> None:
     with safe_open(str(file), framework="pt") as f:
         for name, tensor in written.items():
             if not torch.equal(f.get_tensor(name), tensor):
-                raise LoraKitError(f"{file}: {name} reads back different from what was written (disk error?); "
-                                   "nothing was moved into place. Check the disk and merge again.")
+                raise LoraKitError(
+                    f"{file}: {name} reads back different from what was written (disk error?); "
+                    "nothing was moved into place. Check the disk and merge again."
+                )
 
 
 def _update_kept(out: torch.Tensor, W: torch.Tensor, delta: torch.Tensor) -> float:
@@ -704,7 +762,9 @@ def _quantized_weight_names(base_dir: Path) -> set[str]:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
     head = skeleton.get_output_embeddings()
-    return {f"{name}.weight" for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return {
+        f"{name}.weight" for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+    }
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:
@@ -715,7 +775,8 @@ def _check_disk_space(out_dir: Path, needed: int) -> None:
     if needed * 1.02 + 2**20 > free:
         raise LoraKitError(
             f"Not enough disk space for the merged model: it needs {needed / 2**30:.2f} GiB in {folder}, and "
-            f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_dir; nothing was written.")
+            f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_dir; nothing was written."
+        )
 
 
 def _write_config_files(base_dir: Path, folder: Path, tokenizer, replaced: dict) -> None:
@@ -811,9 +872,12 @@ class MergeComparison:
         cells = "".join(
             f"<tr><td>{r['model']}</td><td>{r['exact_match']:.3f}</td><td>{r['perplexity']:.3f}</td>"
             f"<td>{'' if r['same_answers_as_adapter'] is None else format(r['same_answers_as_adapter'], '.3f')}</td></tr>"
-            for r in self.rows)
-        return ("<table><tr><th>model</th><th>exact match</th><th>perplexity</th><th>same answers as adapter</th></tr>"
-                f"{cells}</table><p>{self.n_eval} held-out examples; greedy decoding</p>")
+            for r in self.rows
+        )
+        return (
+            "<table><tr><th>model</th><th>exact match</th><th>perplexity</th><th>same answers as adapter</th></tr>"
+            f"{cells}</table><p>{self.n_eval} held-out examples; greedy decoding</p>"
+        )
 
 
 ADAPTER_ROW = "adapter on the NF4 base (as trained)"
@@ -821,8 +885,17 @@ ORIGINAL_ROW = "merged into the original weights"
 DEQUANTIZED_ROW = "merged into the dequantized NF4 weights"
 
 
-def compare_merge_bases(adapter_dir, eval_ds, tokenizer=None, *, adapter_model=None, settings=None,
-                        batch_size: int = 40, precision: str = "auto", include_base: bool = False) -> MergeComparison:
+def compare_merge_bases(
+    adapter_dir,
+    eval_ds,
+    tokenizer=None,
+    *,
+    adapter_model=None,
+    settings=None,
+    batch_size: int = 40,
+    precision: str = "auto",
+    include_base: bool = False,
+) -> MergeComparison:
     """Measure a QLoRA adapter three ways on ``eval_ds`` (a ``messages`` dataset):
 
     * the adapter on its NF4 base (how it was trained; pass the in-memory model as
@@ -845,8 +918,14 @@ def compare_merge_bases(adapter_dir, eval_ds, tokenizer=None, *, adapter_model=N
     def measure(name, model, tok, reference=None):
         score = task_score(model, tok, eval_ds, settings=settings, batch_size=batch_size)
         ppl = perplexity(model, eval_ds, tok)
-        same = None if reference is None else sum(a == b for a, b in zip(score.predictions, reference)) / max(len(reference), 1)
-        table.rows.append({"model": name, "exact_match": score.score, "perplexity": ppl, "same_answers_as_adapter": same})
+        same = (
+            None
+            if reference is None
+            else sum(a == b for a, b in zip(score.predictions, reference)) / max(len(reference), 1)
+        )
+        table.rows.append(
+            {"model": name, "exact_match": score.score, "perplexity": ppl, "same_answers_as_adapter": same}
+        )
         return score.predictions
 
     if adapter_model is None:

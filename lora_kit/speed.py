@@ -84,8 +84,14 @@ class Levers:
         """The names of the levers that are on."""
         return [f.name for f in fields(self) if getattr(self, f.name) is True]
 
-    def decide(self, hardware_capability, precision: str, method: str | None = None, lengths=None,
-               max_length: int | None = None) -> tuple[Levers, list[str]]:
+    def decide(
+        self,
+        hardware_capability,
+        precision: str,
+        method: str | None = None,
+        lengths=None,
+        max_length: int | None = None,
+    ) -> tuple[Levers, list[str]]:
         """These levers with every None answered for this machine and these data, and one line per lever that was
         forced on but cannot run here (it is switched off).
 
@@ -104,8 +110,12 @@ class Levers:
         gpu = cap is not None
         triton = gpu and cap >= _MIN_CAPABILITY_FOR_TRITON
         sixteen_bit = precision in ("bf16", "fp16")
-        no_triton = (None if triton else "it is Triton code, which lora_kit runs on CUDA sm_80 or newer only "
-                     f"(this machine: {'sm_%d%d' % cap if gpu else 'CPU'})")
+        no_triton = (
+            None
+            if triton
+            else "it is Triton code, which lora_kit runs on CUDA sm_80 or newer only "
+            f"(this machine: {'sm_%d%d' % cap if gpu else 'CPU'})"
+        )
         notes = []
 
         def choose(name, auto, cannot=None):
@@ -118,22 +128,39 @@ class Levers:
             return wanted
 
         packing = choose("packing", gpu and (lengths is None or packing_pays(lengths, max_length)))
-        flex = choose("flex_attention", packing and sixteen_bit,
-                      no_triton or (None if _flex_available() else "this torch has no FlexAttention"))
+        flex = choose(
+            "flex_attention",
+            packing and sixteen_bit,
+            no_triton or (None if _flex_available() else "this torch has no FlexAttention"),
+        )
         eight_bit = "8-bit bases (bitsandbytes' Linear8bitLt) were never run compiled" if method == "lora8" else None
         compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit)
-        liger = choose("liger", True, no_triton or (None if _importable("liger_kernel") else
-                                                    "liger-kernel is not installed"))
+        liger = choose(
+            "liger", True, no_triton or (None if _importable("liger_kernel") else "liger-kernel is not installed")
+        )
         # Liger's RoPE stays out of compiled blocks; an 8-bit base, whose blocks would compile but for the base, keeps
         # the torch RoPE it has been run with.
         rope = liger and choose("liger_rope", not (compiled or (eight_bit and triton and sixteen_bit and not packing)))
-        not_bf16 = None if precision == "bf16" else (
-            "fp16's grad scaler cannot unscale bf16 gradients" if precision == "fp16" else
-            "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)")
+        not_bf16 = (
+            None
+            if precision == "bf16"
+            else (
+                "fp16's grad scaler cannot unscale bf16 gradients"
+                if precision == "fp16"
+                else "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)"
+            )
+        )
         decided = replace(
-            self, packing=packing, flex_attention=flex, liger=liger, liger_rope=rope, compile_blocks=compiled,
-            one_sync_optimizer=choose("one_sync_optimizer", gpu), lean_update=choose("lean_update", gpu),
-            bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16))
+            self,
+            packing=packing,
+            flex_attention=flex,
+            liger=liger,
+            liger_rope=rope,
+            compile_blocks=compiled,
+            one_sync_optimizer=choose("one_sync_optimizer", gpu),
+            lean_update=choose("lean_update", gpu),
+            bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16),
+        )
         return decided, notes
 
 
@@ -213,9 +240,13 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
     if levers.one_sync_optimizer or levers.lean_update:
         trainer.add_callback(OptimizerLevers(levers.one_sync_optimizer, levers.lean_update))
-        done.append("bitsandbytes optimizer: " + ", ".join(
-            ["one synchronisation per step instead of one per tensor"] * levers.one_sync_optimizer
-            + ["update kernels called without bnb's per-tensor Python"] * levers.lean_update))
+        done.append(
+            "bitsandbytes optimizer: "
+            + ", ".join(
+                ["one synchronisation per step instead of one per tensor"] * levers.one_sync_optimizer
+                + ["update kernels called without bnb's per-tensor Python"] * levers.lean_update
+            )
+        )
     return done
 
 
@@ -350,15 +381,37 @@ def lean_update_step(optimizer) -> bool:
 
     def update_step(group, p, gindex, pindex):
         state, grad = inner.state[p], p.grad
-        if (args.max_unorm > 0.0 or state["state1"].dtype != torch.float32 or state.get("state2") is None
-                or not (p.is_contiguous() and grad.is_contiguous())
-                or (gindex, pindex) in mng.index2config or id(p) in mng.pid2config):
+        if (
+            args.max_unorm > 0.0
+            or state["state1"].dtype != torch.float32
+            or state.get("state2") is None
+            or not (p.is_contiguous() and grad.is_contiguous())
+            or (gindex, pindex) in mng.index2config
+            or id(p) in mng.pid2config
+        ):
             return bnb_update_step(group, p, gindex, pindex)
         state["step"] += 1
         betas = group["betas"]
-        update(name, grad, p, state["state1"], state["state2"], None, 0.0, 0.0, betas[0], betas[1],
-               betas[2] if len(betas) >= 3 else 0.0, group.get("alpha", 0.0), group["eps"], group["weight_decay"],
-               state["step"], group["lr"], 1.0, args.skip_zeros)
+        update(
+            name,
+            grad,
+            p,
+            state["state1"],
+            state["state2"],
+            None,
+            0.0,
+            0.0,
+            betas[0],
+            betas[1],
+            betas[2] if len(betas) >= 3 else 0.0,
+            group.get("alpha", 0.0),
+            group["eps"],
+            group["weight_decay"],
+            state["step"],
+            group["lr"],
+            1.0,
+            args.skip_zeros,
+        )
 
     bnb_prefetch_state, bnb_step = inner.prefetch_state, inner.step
     decided = {"prefetch": True, "paged_tensors": -1, "paged_bytes": 0}

@@ -4,6 +4,7 @@
 ``state.log_history``, save it. lora_kit only chooses good settings and fixes the two things
 that break learners' runs (adapter dtype under fp16, NaN/zero losses that go unnoticed).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ class LoraSettings:
         if not (isinstance(self.r, int) and self.r > 0):
             raise LoraKitError(f"LoraSettings.r={self.r!r}: the rank must be a positive integer (8, 16, 64...).")
         if self.alpha <= 0:
-            raise LoraKitError(f"LoraSettings.alpha={self.alpha!r} must be positive; the update is scaled by alpha / r.")
+            raise LoraKitError(
+                f"LoraSettings.alpha={self.alpha!r} must be positive; the update is scaled by alpha / r."
+            )
         if not 0 <= self.dropout < 1:
             raise LoraKitError(f"LoraSettings.dropout={self.dropout!r} must be in [0, 1).")
         if self.bias not in BIASES:
@@ -114,35 +117,75 @@ class TrainSettings:
             value = getattr(self, name)
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-        need(number("learning_rate") and self.learning_rate > 0, "learning_rate",
-             "must be a positive number; adapters train well at 1e-4 to 5e-4.")
-        need(whole("micro_batch_size", 1), "micro_batch_size", "must be a whole number >= 1 (samples per forward pass).")
-        need(whole("gradient_accumulation_steps", 1), "gradient_accumulation_steps",
-             "must be a whole number >= 1 (1 means one micro-batch per optimizer step).")
-        need(whole("max_steps", -1) and self.max_steps != 0, "max_steps",
-             "must be a positive number of optimizer steps, or -1 to run num_epochs over the data.")
-        need(number("num_epochs") and (self.num_epochs > 0 or self.max_steps > 0), "num_epochs",
-             "must be positive when max_steps is -1, or nothing would be trained. Give num_epochs (e.g. 1) or max_steps.")
-        need(whole("max_length", 1), "max_length",
-             "must be a whole number of tokens >= 1; samples longer than that are cut (e.g. 512 or 2048).")
-        need(self.optim in {o.value for o in OptimizerNames}, "optim",
-             "is not an optimizer transformers knows. Use 'adamw_torch', or 'paged_adamw_32bit' for QLoRA on a GPU.")
-        need(self.lr_scheduler_type in {t.value for t in SchedulerType}, "lr_scheduler_type",
-             "is not a scheduler transformers knows. Use 'constant_with_warmup', 'cosine' or 'linear'.")
-        need(number("warmup_ratio") and 0 <= self.warmup_ratio < 1, "warmup_ratio",
-             "is the fraction of steps spent warming up and must be in [0, 1), e.g. 0.03.")
-        need(number("max_grad_norm") and self.max_grad_norm >= 0, "max_grad_norm",
-             "must be >= 0 (0 turns clipping off; 0.3 is the QLoRA paper's value).")
-        need(number("weight_decay") and self.weight_decay >= 0, "weight_decay", "must be >= 0 (0 is usual for adapters).")
+        need(
+            number("learning_rate") and self.learning_rate > 0,
+            "learning_rate",
+            "must be a positive number; adapters train well at 1e-4 to 5e-4.",
+        )
+        need(
+            whole("micro_batch_size", 1), "micro_batch_size", "must be a whole number >= 1 (samples per forward pass)."
+        )
+        need(
+            whole("gradient_accumulation_steps", 1),
+            "gradient_accumulation_steps",
+            "must be a whole number >= 1 (1 means one micro-batch per optimizer step).",
+        )
+        need(
+            whole("max_steps", -1) and self.max_steps != 0,
+            "max_steps",
+            "must be a positive number of optimizer steps, or -1 to run num_epochs over the data.",
+        )
+        need(
+            number("num_epochs") and (self.num_epochs > 0 or self.max_steps > 0),
+            "num_epochs",
+            "must be positive when max_steps is -1, or nothing would be trained. Give num_epochs (e.g. 1) or max_steps.",
+        )
+        need(
+            whole("max_length", 1),
+            "max_length",
+            "must be a whole number of tokens >= 1; samples longer than that are cut (e.g. 512 or 2048).",
+        )
+        need(
+            self.optim in {o.value for o in OptimizerNames},
+            "optim",
+            "is not an optimizer transformers knows. Use 'adamw_torch', or 'paged_adamw_32bit' for QLoRA on a GPU.",
+        )
+        need(
+            self.lr_scheduler_type in {t.value for t in SchedulerType},
+            "lr_scheduler_type",
+            "is not a scheduler transformers knows. Use 'constant_with_warmup', 'cosine' or 'linear'.",
+        )
+        need(
+            number("warmup_ratio") and 0 <= self.warmup_ratio < 1,
+            "warmup_ratio",
+            "is the fraction of steps spent warming up and must be in [0, 1), e.g. 0.03.",
+        )
+        need(
+            number("max_grad_norm") and self.max_grad_norm >= 0,
+            "max_grad_norm",
+            "must be >= 0 (0 turns clipping off; 0.3 is the QLoRA paper's value).",
+        )
+        need(
+            number("weight_decay") and self.weight_decay >= 0, "weight_decay", "must be >= 0 (0 is usual for adapters)."
+        )
         need(whole("logging_steps", 1), "logging_steps", "must be a whole number of steps >= 1.")
         need(whole("save_steps", 1), "save_steps", "must be a whole number of steps >= 1 (checkpoint every N steps).")
-        need(isinstance(self.output_dir, (str, os.PathLike)) and os.fspath(self.output_dir) != "", "output_dir",
-             "must name a folder for checkpoints, e.g. 'outputs/run' (on Colab, a folder on Drive survives a disconnect).")
+        need(
+            isinstance(self.output_dir, (str, os.PathLike)) and os.fspath(self.output_dir) != "",
+            "output_dir",
+            "must name a folder for checkpoints, e.g. 'outputs/run' (on Colab, a folder on Drive survives a disconnect).",
+        )
         need(whole("seed", 0) and self.seed < 2**32, "seed", "must be a whole number from 0 to 2**32 - 1.")
-        need(self.levers is None or isinstance(self.levers, Levers), "levers",
-             "must be a lora_kit.speed.Levers, e.g. Levers(compile_blocks=False), or None to let the machine decide.")
-        need(self.fast or self.levers in (None, Levers.off()), "levers",
-             "asks for levers while fast=False switches every lever off. Keep fast=True to choose levers one by one.")
+        need(
+            self.levers is None or isinstance(self.levers, Levers),
+            "levers",
+            "must be a lora_kit.speed.Levers, e.g. Levers(compile_blocks=False), or None to let the machine decide.",
+        )
+        need(
+            self.fast or self.levers in (None, Levers.off()),
+            "levers",
+            "asks for levers while fast=False switches every lever off. Keep fast=True to choose levers one by one.",
+        )
 
     @property
     def chosen_levers(self) -> Levers:
@@ -392,9 +435,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         print(f"Speed levers on: {', '.join(levers.on())} (TrainSettings(fast=False) switches them off)")
     micro, accum = speed.batch_shape(train.micro_batch_size, train.gradient_accumulation_steps, levers)
     if accum != train.gradient_accumulation_steps:
-        print(f"Packing: each of the {micro} rows per step holds several samples of up to max_length tokens, so "
-              f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 "
-              "(TrainSettings(levers=Levers(packing=False)) keeps it).")
+        print(
+            f"Packing: each of the {micro} rows per step holds several samples of up to max_length tokens, so "
+            f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 "
+            "(TrainSettings(levers=Levers(packing=False)) keeps it)."
+        )
     train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
     model = speed.prepare_model(model, levers)
     trainer = SFTTrainer(
@@ -427,7 +472,8 @@ def _tokenized(dataset, tokenizer, max_length: int, name: str):
         return dataset, None
     raise LoraKitError(
         f"{name} has columns {columns}; build_trainer needs 'messages' (conversations), 'text' (raw text) or "
-        "'input_ids' (already tokenized). Load data with lora_kit.load_data, which gives one of the first two.")
+        "'input_ids' (already tokenized). Load data with lora_kit.load_data, which gives one of the first two."
+    )
 
 
 def _checkpoint_problem(folder: str) -> str | None:
@@ -455,8 +501,11 @@ def find_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
     """
     if not os.path.isdir(output_dir):
         return None, []
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name)))
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
     skipped = []
     for _, name in reversed(steps):
         folder = os.path.join(output_dir, name)
@@ -501,8 +550,9 @@ def plot_loss(trainer, title: str = "Training loss"):
     if rates:
         # A second y axis: the rate is around 1e-4 and the loss around 1, so one axis would flatten the rate.
         lr_ax = ax.twinx()
-        lines += lr_ax.plot([r[0] for r in rates], [r[1] for r in rates], color="tab:orange", linestyle="--",
-                            label="learning rate")
+        lines += lr_ax.plot(
+            [r[0] for r in rates], [r[1] for r in rates], color="tab:orange", linestyle="--", label="learning rate"
+        )
         lr_ax.set_ylabel("learning rate (dashed)")
         lr_ax.set_ylim(bottom=0)
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
@@ -514,6 +564,19 @@ def plot_loss(trainer, title: str = "Training loss"):
 
 
 __all__ = [
-    "LoraSettings", "TrainSettings", "Levers", "Recipe", "preset", "find_target_modules", "add_lora", "build_trainer",
-    "seed_fresh_adapters", "train", "find_checkpoint", "last_checkpoint", "loss_history", "plot_loss", "replace",
+    "LoraSettings",
+    "TrainSettings",
+    "Levers",
+    "Recipe",
+    "preset",
+    "find_target_modules",
+    "add_lora",
+    "build_trainer",
+    "seed_fresh_adapters",
+    "train",
+    "find_checkpoint",
+    "last_checkpoint",
+    "loss_history",
+    "plot_loss",
+    "replace",
 ]

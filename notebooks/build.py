@@ -7,6 +7,7 @@ both. Logic does not live here either: every cell calls into ``lora_kit`` (mostl
 
     python notebooks/build.py            # rewrite both notebooks, without outputs
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -37,8 +38,9 @@ OTHER = {"lora": "qlora_finetune.ipynb", "qlora": "lora_finetune.ipynb"}
 
 CELLS = [
     # ------------------------------------------------------------------------------------------ title
-    md({
-        "lora": """
+    md(
+        {
+            "lora": """
         # Fine-tune a chat model with LoRA
 
         LoRA (low-rank adaptation) teaches a chat model something new without touching its own
@@ -51,7 +53,7 @@ CELLS = [
         stores it in 8 bits instead. The companion notebook, `qlora_finetune.ipynb`, goes further and
         stores it in 4 bits.
         """,
-        "qlora": """
+            "qlora": """
         # Fine-tune a chat model with QLoRA
 
         QLoRA (Dettmers et al., 2023) is LoRA on a base model stored in 4 bits. The frozen weights
@@ -63,7 +65,8 @@ CELLS = [
 
         The companion notebook, `lora_finetune.ipynb`, does the same on a 16-bit (or 8-bit) base.
         """,
-    }),
+        }
+    ),
     md("""
     **How to use this notebook.** Run the cells from top to bottom. Each section starts by saying which
     variables it takes from earlier sections, so you always know where a name comes from. With a CUDA
@@ -111,8 +114,9 @@ CELLS = [
     print(course.environment_report())
     """),
     # ------------------------------------------------------------------------------------------ 2 knobs
-    md({
-        "*": """
+    md(
+        {
+            "*": """
         ## 2. The knobs
 
         Every choice of this run is made in the one cell below. `course_settings` fills in the values
@@ -125,9 +129,11 @@ CELLS = [
         it. With Drive mounted, checkpoints and outputs are written to your Google Drive, and training
         resumes from the last checkpoint when you run the notebook again.
         """,
-    }),
-    code({
-        "lora": """
+        }
+    ),
+    code(
+        {
+            "lora": """
         METHOD = "lora"    # LoRA on a 16-bit base; "lora8" puts the same adapters on an 8-bit base
         SMOKE = None       # None: follow LORA_KIT_SMOKE and the hardware; True: the small CPU run
         USE_DRIVE = False  # Colab: keep checkpoints and outputs on Google Drive across disconnects
@@ -137,7 +143,7 @@ CELLS = [
         print(cfg)
         print(course.mount_drive(cfg))
         """,
-        "qlora": """
+            "qlora": """
         METHOD = "qlora"   # LoRA on an NF4 (4-bit) base with double quantization
         SMOKE = None       # None: follow LORA_KIT_SMOKE and the hardware; True: the small CPU run
         USE_DRIVE = False  # Colab: keep checkpoints and outputs on Google Drive across disconnects
@@ -147,7 +153,8 @@ CELLS = [
         print(cfg)
         print(course.mount_drive(cfg))
         """,
-    }),
+        }
+    ),
     md("""
     The LoRA knobs, in a sentence each (section 4 shows them at work):
 
@@ -212,6 +219,16 @@ CELLS = [
     code("""
     course.claims_table()
     """),
+    md("""
+    Which other models would fit? The next table runs the same estimate, with this run's rank, batch and
+    length, for a few open chat models (ungated ones first), and marks whether each fits this machine's GPU
+    with room to spare for what the estimate does not count (CUDA's own memory, the allocator's cache,
+    generation). On a machine without a GPU it answers for a T4. To try one, set
+    `OVERRIDES = dict(model="...")` in section 2 and run the notebook again.
+    """),
+    code("""
+    course.model_menu(cfg)
+    """),
     # ------------------------------------------------------------------------------------------ 4 LoRA
     md("""
     ## 4. LoRA on the live model
@@ -263,8 +280,9 @@ CELLS = [
     without loading a second copy.
     """),
     # ------------------------------------------------------------------------------------------ 5
-    md({
-        "lora": """
+    md(
+        {
+            "lora": """
         ## 5. The base in 16 bits, in 8 bits, or in 4 bits
 
         *Uses `cfg` (section 2), `config` (section 3) and `model` (section 4).*
@@ -275,7 +293,7 @@ CELLS = [
         The QLoRA notebook stores them in 4 bits and shows what that costs. The next cell measures what
         the loaded model really occupies, next to what its parameters would take in 16 bits.
         """,
-        "qlora": """
+            "qlora": """
         ## 5. Four bits: NF4, double quantization and paged optimizers
 
         *Uses `cfg` (section 2), `config` (section 3) and `model` (section 4).*
@@ -287,33 +305,50 @@ CELLS = [
         paper) places its levels at quantiles of a normal distribution, so each level is used about equally
         often; plain int4 spaces them evenly, and FP4 spaces them like a tiny floating-point number.
         """,
-    }),
-    code("""
+        }
+    ),
+    code(
+        """
     print(course.footprint_report(model, config))
-    """, only="lora"),
-    md("""
+    """,
+        only="lora",
+    ),
+    md(
+        """
     Quantization touches only the linear layers inside the decoder blocks: the embeddings and the output
     layer keep their precision. In a small model they are a large share of all parameters, so 8 bits save
     less there than on a 7B. (On a CPU the base is fp32, 4 bytes per parameter: CPUs have no fast 16-bit
     matrix multiply.)
-    """, only="lora"),
-    code("""
+    """,
+        only="lora",
+    ),
+    code(
+        """
     from lora_kit import quant
 
     quant.plot_nf4_levels(title="The 16 levels of NF4, FP4 and int4 (value / block absmax)")
-    """, only="qlora"),
-    md("""
+    """,
+        only="qlora",
+    ),
+    md(
+        """
     NF4's dots sit on the normal-quantile curve: dense near zero, where most weights are, sparse in the
     tails. Does that help on real weights? The next cell reads one weight matrix of this model exactly as
     it is stored in the checkpoint, before any quantization, and rounds it with each of the three formats
     (blocks of 64, the same for all).
-    """, only="qlora"),
-    code("""
+    """,
+        only="qlora",
+    ),
+    code(
+        """
     weight = course.original_weight(cfg.model, "model.layers.0.mlp.down_proj.weight")
     print(f"model.layers.0.mlp.down_proj.weight: shape {tuple(weight.shape)}, stored as {weight.dtype}")
     course.quantization_table(weight)
-    """, only="qlora"),
-    md("""
+    """,
+        only="qlora",
+    ),
+    md(
+        """
     The table is sorted from smallest to largest error; the relative RMS error is the size of the rounding
     error compared with the size of the weights. Each format's error is measured on the same matrix.
 
@@ -321,21 +356,32 @@ CELLS = [
     per 64 weights. QLoRA quantizes those constants again, to 8 bits, in groups of 256 that share one fp32
     constant (the paper's settings, which bitsandbytes uses). The next cell computes the bits per parameter both ways and what they mean for this model's
     quantized layers, then measures the model as loaded.
-    """, only="qlora"),
-    code("""
+    """,
+        only="qlora",
+    ),
+    code(
+        """
     display(course.bits_table(config))
     print(course.footprint_report(model, config))
-    """, only="qlora"),
-    md("""
+    """,
+        only="qlora",
+    ),
+    md(
+        """
     **Paged optimizers.** Memory use during training is spiky: a long sequence can briefly need more than
     the GPU has. A paged optimizer (`paged_adamw_32bit`, from bitsandbytes) keeps its states in CUDA
     unified memory, which the driver can move page by page to CPU RAM when the GPU runs short and back when
     needed, so a spike slows one step down instead of ending the run with "CUDA out of memory". It needs a
     CUDA GPU; elsewhere lora_kit uses plain AdamW, and says so:
-    """, only="qlora"),
-    code("""
+    """,
+        only="qlora",
+    ),
+    code(
+        """
     print(course.optimizer_report(cfg))
-    """, only="qlora"),
+    """,
+        only="qlora",
+    ),
     # ------------------------------------------------------------------------------------------ 6 data
     md("""
     ## 6. The data
@@ -503,27 +549,34 @@ CELLS = [
     save_adapter(model, tok, cfg.adapter_dir, card)
     print(course.folder_report(cfg.adapter_dir))
     """),
-    md("""
+    md(
+        """
     QLoRA only: before the training model is freed, measure the choice of base to merge into. The adapter
     was trained against the NF4-rounded weights, not the original ones. Merging into the **original**
     16-bit weights is what the tutorials do and what users expect; merging into the **dequantized** NF4 weights
     reproduces the trained model exactly. On 7B and larger models the QLoRA paper found 4-bit training
     matches 16-bit fine-tuning, so the choice matters little there; on a small model it can matter a lot. The table scores the adapter as trained and both merges on the held-out examples (the
     exact-match column is meaningful for the demo task only):
-    """, only="qlora"),
-    code("""
+    """,
+        only="qlora",
+    ),
+    code(
+        """
     from lora_kit.merge import compare_merge_bases
 
     fits, why = course.merge_comparison_fits()  # two 16-bit copies of the base must fit beside the training model
     print(why)
     sample = eval_ds.select(range(min(cfg.eval_samples // 2, len(eval_ds))))  # half: three models to score
     compare_merge_bases(cfg.adapter_dir, sample, tok, adapter_model=model) if fits else None
-    """, only="qlora"),
+    """,
+        only="qlora",
+    ),
     md("""
     Now free the training model: on a T4 there is no room for a second copy. Then reload the adapter the way
     the tutorials do, with PEFT's `AutoPeftModelForCausalLM`: it reads the base model's name from the adapter
     folder, loads the base (stored as in training), and puts the adapter on it. The tokenizer comes from
-    the adapter folder, template included. Its answer to the first held-out prompt should match section 8's.
+    the adapter folder, template included. It is asked a held-out question the fine-tuned model answered
+    right in section 8 (the first one, if it answered none right); its answer should match section 8's.
     """),
     code("""
     from peft import AutoPeftModelForCausalLM
@@ -535,12 +588,14 @@ CELLS = [
     free_memory()                # with the last names gone: collect, and give the GPU memory back
     reloaded = AutoPeftModelForCausalLM.from_pretrained(cfg.adapter_dir, **course.reload_kwargs(cfg))
     reloaded_tok = AutoTokenizer.from_pretrained(cfg.adapter_dir)
-    answer = generate(reloaded, reloaded_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0]
-    print(f"reloaded adapter: {answer}\\nsame as section 8: {answer == course.tuned_answer(results, 0)}")
+    i = course.showcase_index(results)
+    answer = generate(reloaded, reloaded_tok, [course.prompt_of(eval_ds, i)], max_new_tokens=cfg.max_new_tokens)[0]
+    print(f"held-out example {i}, reloaded adapter: {answer}\\nsame as section 8: {answer == course.tuned_answer(results, i)}")
     del reloaded; free_memory()
     """),
-    md({
-        "lora": """
+    md(
+        {
+            "lora": """
         To merge, lora_kit reads the base's weights one tensor at a time from its files, adds (alpha / r) B A
         to each adapted weight in 32-bit arithmetic, and writes the result in the base's own 16-bit precision.
         A second whole copy of the model never sits in memory, which is what lets a 7B merge on a free Colab
@@ -549,7 +604,7 @@ CELLS = [
         base + adapter's, and a mismatch saves nothing. With an 8-bit base, merging into the 16-bit weights is
         essential: rounding W + (alpha / r) B A back to 8 bits would throw much of the small update away.
         """,
-        "qlora": """
+            "qlora": """
         To merge, lora_kit reads the base's 16-bit weights one tensor at a time from its files, adds
         (alpha / r) B A to each adapted weight in 32-bit arithmetic, and writes the result in 16 bits, never into
         the 4-bit weights: rounding back to NF4 would erase most of the small update. A second whole copy of the
@@ -558,20 +613,24 @@ CELLS = [
         and back, as training saw it: reproduces the trained model; see the table above). Each written file is
         read back and compared; where a 16-bit copy fits, the merged logits are compared with base + adapter's too.
         """,
-    }),
-    code({
-        "lora": """
-        check = merge_adapter(cfg.adapter_dir, cfg.merged_dir, card=card)
+        }
+    ),
+    code(
+        {
+            "lora": """
+        MERGE_BASE = "original"  # the base's own 16-bit weights
+        check = merge_adapter(cfg.adapter_dir, cfg.merged_dir, base=MERGE_BASE, card=card)
         print(check)
         print(course.folder_report(cfg.merged_dir))
         """,
-        "qlora": """
+            "qlora": """
         MERGE_BASE = "original"  # or "dequantized": the NF4 weights the adapter was trained against
         check = merge_adapter(cfg.adapter_dir, cfg.merged_dir, base=MERGE_BASE, card=card)
         print(check)
         print(course.folder_report(cfg.merged_dir))
         """,
-    }),
+        }
+    ),
     md("""
     The merged folder is a plain transformers model: no PEFT, no lora_kit. Load it like any other and ask the
     same held-out question:
@@ -583,7 +642,9 @@ CELLS = [
     print(why)
     merged = AutoModelForCausalLM.from_pretrained(cfg.merged_dir, **load_kwargs)
     merged_tok = AutoTokenizer.from_pretrained(cfg.merged_dir)
-    print("merged model:", generate(merged, merged_tok, [course.prompt_of(eval_ds, 0)], max_new_tokens=cfg.max_new_tokens)[0])
+    merged_answer = generate(merged, merged_tok, [course.prompt_of(eval_ds, i)], max_new_tokens=cfg.max_new_tokens)[0]
+    print(f"held-out example {i}, merged model: {merged_answer}")
+    print(course.merged_answer_report(merged_answer, answer, eval_ds, i, cfg, MERGE_BASE))
     del merged; free_memory()
     """),
     md("""
@@ -615,22 +676,24 @@ CELLS = [
     | the Colab session disconnected | free sessions time out | set `USE_DRIVE = True`; rerun all cells and training resumes from the last checkpoint |
     | a gated model refuses to load (401) | the licence is not accepted, or no token | accept it on the model's Hub page and set `HF_TOKEN` |
     """),
-    md({
-        "lora": """
+    md(
+        {
+            "lora": """
         ## Where next
 
         - `qlora_finetune.ipynb`: the same arc on a 4-bit base, with a closer look at NF4.
         - Your own data: put a JSONL or CSV file beside the notebook and set `OVERRIDES = dict(dataset="my_data.jsonl")`.
         - Serving the adapter or the merged model (vLLM, TGI, llama.cpp, Ollama): `docs/deploy.md`.
         """,
-        "qlora": """
+            "qlora": """
         ## Where next
 
         - `lora_finetune.ipynb`: the same arc on a 16-bit or 8-bit base.
         - Your own data: put a JSONL or CSV file beside the notebook and set `OVERRIDES = dict(dataset="my_data.jsonl")`.
         - Serving the adapter or the merged model (vLLM, TGI, llama.cpp, Ollama): `docs/deploy.md`.
         """,
-    }),
+        }
+    ),
 ]
 
 

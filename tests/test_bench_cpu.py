@@ -10,11 +10,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_train_tiny_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--model-size", "tiny", "--steps", "1",
-           "--warmup", "1", "--shapes", "fixed,mixed", "--recipes", "stock_fp32base,stock,lora_kit", "--mixed-grad-accum", "1",
-           "--ckpt-dir", str(tmp_path / "ckpt"), "--json-out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_train.py"),
+        "--model-size",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--shapes",
+        "fixed,mixed",
+        "--recipes",
+        "stock_fp32base,stock,lora_kit",
+        "--mixed-grad-accum",
+        "1",
+        "--ckpt-dir",
+        str(tmp_path / "ckpt"),
+        "--json-out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     data = json.loads(last)
@@ -23,8 +46,16 @@ def test_bench_train_tiny_cpu(tmp_path):
     assert len(data["results"]) == 6
     for r in data["results"]:
         assert r["status"] == "ok", r
-        assert {"shape", "recipe", "tokens_per_s", "median_step_s", "peak_gib", "losses", "micro_batch",
-                "grad_accum"} <= set(r)
+        assert {
+            "shape",
+            "recipe",
+            "tokens_per_s",
+            "median_step_s",
+            "peak_gib",
+            "losses",
+            "micro_batch",
+            "grad_accum",
+        } <= set(r)
         assert r["tokens_per_s"] > 0 and r["median_step_s"] > 0 and r["loss_finite"]
     assert {"fixed/lora_kit", "mixed/lora_kit", "fixed/lora_kit vs stock_fp32base"} <= set(data["ratios"])
     fp32base = [r for r in data["results"] if r["recipe"] == "stock_fp32base"]
@@ -38,19 +69,25 @@ def test_peak_breakdown_replays_the_allocation_trace():
     mib = 2**20
 
     def frames(module):
-        return [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
-                {"filename": f"/env/site-packages/peft/{module}.py", "line": 7, "name": "forward"}]
+        return [
+            {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": f"/env/site-packages/peft/{module}.py", "line": 7, "name": "forward"},
+        ]
 
-    trace = [{"action": "alloc", "addr": 1, "size": 100 * mib, "frames": frames("a")},
-             {"action": "alloc", "addr": 2, "size": 300 * mib, "frames": frames("b")},  # the peak: 1 GiB + 400 MiB
-             {"action": "free_completed", "addr": 2, "size": 300 * mib},
-             {"action": "alloc", "addr": 3, "size": 50 * mib, "frames": frames("a")},
-             {"action": "free_completed", "addr": 99, "size": 10 * mib}]  # allocated before recording began
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100 * mib, "frames": frames("a")},
+        {"action": "alloc", "addr": 2, "size": 300 * mib, "frames": frames("b")},  # the peak: 1 GiB + 400 MiB
+        {"action": "free_completed", "addr": 2, "size": 300 * mib},
+        {"action": "alloc", "addr": 3, "size": 50 * mib, "frames": frames("a")},
+        {"action": "free_completed", "addr": 99, "size": 10 * mib},
+    ]  # allocated before recording began
     report = bench_train.peak_breakdown({"device_traces": [trace]}, before_recording=1024 * mib)
     assert report["peak_gib"] == round((1024 + 400) * mib / 2**30, 3)
     alive = {row["where"]: row for row in report["allocated_during_training_alive_at_peak"]}
-    assert alive == {"peft/b.py:7 forward": {"gib": round(300 / 1024, 3), "tensors": 1, "where": "peft/b.py:7 forward"},
-                     "peft/a.py:7 forward": {"gib": round(100 / 1024, 3), "tensors": 1, "where": "peft/a.py:7 forward"}}
+    assert alive == {
+        "peft/b.py:7 forward": {"gib": round(300 / 1024, 3), "tensors": 1, "where": "peft/b.py:7 forward"},
+        "peft/a.py:7 forward": {"gib": round(100 / 1024, 3), "tensors": 1, "where": "peft/a.py:7 forward"},
+    }
 
 
 def test_cold_compile_gives_each_recipe_subprocess_empty_compiler_caches(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Tests for lora_kit.chat: the turn logic (ChatSession), the widget's handlers, the headless path."""
+
 import pytest
 import torch
 
@@ -32,8 +33,11 @@ def test_two_turns_keep_history_and_the_second_prompt_holds_the_first_exchange(m
     prompt = session.last_prompt
     assert "You are terse." in prompt
     assert prompt.index("My name is Ada") < prompt.index(first) < prompt.index("What is my name?")
-    assert prompt.endswith(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                                   add_generation_prompt=True).split("x")[-1])
+    assert prompt.endswith(
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True).split(
+            "x"
+        )[-1]
+    )
 
 
 def test_reset_empties_history_and_the_next_prompt_forgets(model_tok):
@@ -51,7 +55,10 @@ def test_oldest_exchanges_leave_the_prompt_when_it_is_too_long(model_tok):
     model, tok = model_tok
     session = chat.ChatSession(model, tok, settings=SETTINGS, max_prompt_tokens=80)
     for i in range(6):
-        session.history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
+        session.history += [
+            {"role": "user", "content": f"question {i} " * 3},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
     messages = session.conversation("latest")
     assert messages[-1] == {"role": "user", "content": "latest"}
     assert len(messages) < 13 and messages[-2] == {"role": "assistant", "content": "answer 5"}
@@ -133,9 +140,20 @@ def test_free_memory_releases_a_trained_model_held_by_a_chat_session(tmp_path):
     model, tok = lora_kit.load_model("embedded")
     alive = weakref.ref(model)
     model = lora_kit.add_lora(model, lora_kit.LoraSettings(r=4))
-    trainer = lora_kit.build_trainer(model, tok, train_ds, train=lora_kit.TrainSettings(
-        max_steps=1, micro_batch_size=2, gradient_accumulation_steps=1, report_to="none", save_steps=10**6,
-        output_dir=str(tmp_path / "run"), gradient_checkpointing=False))
+    trainer = lora_kit.build_trainer(
+        model,
+        tok,
+        train_ds,
+        train=lora_kit.TrainSettings(
+            max_steps=1,
+            micro_batch_size=2,
+            gradient_accumulation_steps=1,
+            report_to="none",
+            save_steps=10**6,
+            output_dir=str(tmp_path / "run"),
+            gradient_checkpointing=False,
+        ),
+    )
     trainer.train()
     model = trainer.model
     session = ChatSession(model, tok)  # what the chat widget holds

@@ -15,8 +15,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def lora_kit_cli(*args, stdin=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "lora_kit", *args], capture_output=True, text=True, input=stdin,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_kit", *args], capture_output=True, text=True, input=stdin, timeout=timeout
+    )
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -46,20 +47,23 @@ def test_a_short_config_takes_the_rest_from_the_recipe(tmp_path):
     assert settings.reasons["r"] == "set in --set lora.r=8"
 
 
-@pytest.mark.parametrize("text, sets, expected", [
-    ("method: lora\ntrain:\n  lr: 0.1\n", [], ["run.yaml, line 3", "'train.lr'", "learning_rate"]),
-    ("method: lora\ntrain:\n  r: 8\n", [], ["line 3", "train.r is not a knob there", "lora.r"]),
-    ("method: lora\nlora:\n  r: eight\n", [], ["line 3", "lora.r", "'eight'", "a whole number"]),
-    ("method: qlora4\n", [], ["line 1", "method", "'qlora4'", "lora, lora8, qlora"]),
-    ("method: lora\ntrain:\n  learning_rate: -1\n", [], ["line 3", "train.learning_rate", "positive"]),
-    ("method: lora\nlora:\n  dropout: 1.5\n", [], ["line 3", "lora.dropout", "[0, 1)"]),
-    ("method: lora\ntrain: [1, 2]\n", [], ["line 2", "train", "a list", "learning_rate"]),
-    ("method: lora\n  r: 8\n", [], ["line 2", "not valid YAML"]),
-    ("", [], ["empty"]),
-    ("method: lora\n", ["train.max_steps"], ["--set train.max_steps", "KEY=VALUE"]),
-    ("method: lora\n", ["train.max_stepz=3"], ["--set train.max_stepz=3", "unknown key", "max_steps"]),
-    ("method: lora\n", ["train.gradient_checkpointing=maybe"], ["train.gradient_checkpointing", "true or false"]),
-])
+@pytest.mark.parametrize(
+    "text, sets, expected",
+    [
+        ("method: lora\ntrain:\n  lr: 0.1\n", [], ["run.yaml, line 3", "'train.lr'", "learning_rate"]),
+        ("method: lora\ntrain:\n  r: 8\n", [], ["line 3", "train.r is not a knob there", "lora.r"]),
+        ("method: lora\nlora:\n  r: eight\n", [], ["line 3", "lora.r", "'eight'", "a whole number"]),
+        ("method: qlora4\n", [], ["line 1", "method", "'qlora4'", "lora, lora8, qlora"]),
+        ("method: lora\ntrain:\n  learning_rate: -1\n", [], ["line 3", "train.learning_rate", "positive"]),
+        ("method: lora\nlora:\n  dropout: 1.5\n", [], ["line 3", "lora.dropout", "[0, 1)"]),
+        ("method: lora\ntrain: [1, 2]\n", [], ["line 2", "train", "a list", "learning_rate"]),
+        ("method: lora\n  r: 8\n", [], ["line 2", "not valid YAML"]),
+        ("", [], ["empty"]),
+        ("method: lora\n", ["train.max_steps"], ["--set train.max_steps", "KEY=VALUE"]),
+        ("method: lora\n", ["train.max_stepz=3"], ["--set train.max_stepz=3", "unknown key", "max_steps"]),
+        ("method: lora\n", ["train.gradient_checkpointing=maybe"], ["train.gradient_checkpointing", "true or false"]),
+    ],
+)
 def test_bad_configs_name_the_file_line_key_and_what_is_allowed(tmp_path, text, sets, expected):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text), sets, hardware=CPU)
@@ -98,9 +102,12 @@ def test_estimate_prints_each_method_for_the_configs_model():
 
 
 def test_train_merge_and_chat_from_the_command_line(tmp_path):
-    config = write(tmp_path, f"method: lora\noutput_dir: {tmp_path / 'out'}\ndata:\n  n_train: 16\n  n_eval: 4\n"
-                             "train:\n  max_steps: 3\n  micro_batch_size: 2\neval:\n  eval_samples: 4\n"
-                             "  max_new_tokens: 8\n")
+    config = write(
+        tmp_path,
+        f"method: lora\noutput_dir: {tmp_path / 'out'}\ndata:\n  n_train: 16\n  n_eval: 4\n"
+        "train:\n  max_steps: 3\n  micro_batch_size: 2\neval:\n  eval_samples: 4\n"
+        "  max_new_tokens: 8\n",
+    )
     proc = lora_kit_cli("train", str(config), "--set", "train.learning_rate=2e-3")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])

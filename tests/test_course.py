@@ -1,4 +1,5 @@
 """lora_kit.course: the notebooks' knobs per environment and their small views of results."""
+
 from dataclasses import fields, replace
 
 import pytest
@@ -141,7 +142,9 @@ def test_training_report_gives_tokens_per_second_from_the_rows_trained():
     rows = Dataset.from_dict({"input_ids": [[1] * 500, [1] * 1500] * 10})  # 1,000 tokens a row on average
     trainer = SimpleNamespace(args=args, train_dataset=rows, state=SimpleNamespace(log_history=[]))
     result = SimpleNamespace(global_step=10, metrics={"train_runtime": 20.0, "train_steps_per_second": 0.5})
-    assert "About 2,000 tokens/s (4 rows of 1,000 tokens on average per step)" in course.training_report(trainer, result)
+    assert "About 2,000 tokens/s (4 rows of 1,000 tokens on average per step)" in course.training_report(
+        trainer, result
+    )
 
 
 def test_drive_is_only_used_in_colab():
@@ -227,8 +230,14 @@ def tiny_lora():
 
     tok = load_tokenizer("embedded")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     base = LlamaForCausalLM(config)
     table = course.rank_table(base, ranks=(4, 8))
     model = add_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -280,8 +289,10 @@ def test_side_by_side_shows_each_answers_score():
     from lora_kit.evaluate import TaskScore
 
     ds = __import__("lora_kit").demo_task(4, 2, seed=0)[1]
-    results = {"base (adapter off)": (9.0, TaskScore(0.0, 2, 0, ["a", "b"], [0.0, 0.0])),
-               "fine-tuned (adapter on)": (2.0, TaskScore(0.5, 2, 0, ["c", "d"], [1.0, 0.0]))}
+    results = {
+        "base (adapter off)": (9.0, TaskScore(0.0, 2, 0, ["a", "b"], [0.0, 0.0])),
+        "fine-tuned (adapter on)": (2.0, TaskScore(0.5, 2, 0, ["c", "d"], [1.0, 0.0])),
+    }
     table = course.side_by_side(ds, results, n=2)
     assert list(table["fine-tuned score"]) == [1.0, 0.0] and list(table["base score"]) == [0.0, 0.0]
     assert list(table["fine-tuned"]) == ["c", "d"]

@@ -3,17 +3,28 @@ import json
 import pytest
 from datasets import Dataset
 
-from lora_kit.data import (DEMO_SYSTEM, demo_task, json_exact_match, parse_json_answer, split_train_eval,
-                           tokenize_conversation, tokenize_conversations)
+from lora_kit.data import (
+    DEMO_SYSTEM,
+    demo_task,
+    json_exact_match,
+    parse_json_answer,
+    split_train_eval,
+    tokenize_conversation,
+    tokenize_conversations,
+)
 from lora_kit.errors import LoraKitError
 from lora_kit.models import LLAMA2_TEMPLATE
 
 
 def test_only_the_answer_and_its_end_token_carry_loss(embedded_tokenizer):
     tok = embedded_tokenizer
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-            {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Bye?"},
-            {"role": "assistant", "content": "Goodbye."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "Bye?"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]
     row = tokenize_conversation(tok, msgs)
     learned = tok.decode([t for t in row["labels"] if t != -100])
     assert learned.replace("\n", "") == "Hello there.<|im_end|>Goodbye.<|im_end|>"
@@ -23,8 +34,10 @@ def test_only_the_answer_and_its_end_token_carry_loss(embedded_tokenizer):
 
 def test_eos_is_added_when_the_template_does_not_end_turns_with_it(embedded_tokenizer):
     tok = type(embedded_tokenizer).from_pretrained(embedded_tokenizer.name_or_path)
-    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
-                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     row = tokenize_conversation(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     assert row["input_ids"][-1] == tok.eos_token_id and row["labels"][-1] == tok.eos_token_id
 
@@ -65,7 +78,12 @@ def test_demo_task_is_deterministic_and_held_out():
     train_sentences = {m[1]["content"] for m in a_train["messages"]}
     assert not train_sentences & {m[1]["content"] for m in a_eval["messages"]}
     first = a_train[0]["messages"]
-    assert first[0]["content"] == DEMO_SYSTEM and set(json.loads(first[2]["content"])) == {"person", "city", "date", "amount"}
+    assert first[0]["content"] == DEMO_SYSTEM and set(json.loads(first[2]["content"])) == {
+        "person",
+        "city",
+        "date",
+        "amount",
+    }
 
 
 def test_json_exact_match_parses_rather_than_compares_text():

@@ -3,6 +3,7 @@
 One model load and one short training run (10 steps, batch 4, lr 1e-3 on the demo task) are
 shared by the whole module; every test reads from that fixture.
 """
+
 import math
 import warnings
 
@@ -27,9 +28,16 @@ def trained(tmp_path_factory):
     train_ds, eval_ds = lora_kit.demo_task(40, 8)
     ppl_before = [evaluate.perplexity(model, eval_ds, tok, batch_size=4) for _ in range(2)]
     settings = lora_kit.TrainSettings(
-        max_steps=10, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3, max_length=256,
-        gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path_factory.mktemp("run")),
-        save_steps=10**6, fast=False,
+        max_steps=10,
+        micro_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        max_length=256,
+        gradient_checkpointing=False,
+        report_to="none",
+        output_dir=str(tmp_path_factory.mktemp("run")),
+        save_steps=10**6,
+        fast=False,
     )
     trainer = lora_kit.build_trainer(model, tok, train_ds, lora=lora, train=settings)
     trainer.train()
@@ -45,7 +53,9 @@ def test_perplexity_is_finite_deterministic_and_falls_after_training(trained):
     assert math.isfinite(after) and after < first
     # The base is still there, unchanged, behind the adapter.
     with evaluate.adapter_disabled(trained["model"]):
-        assert evaluate.perplexity(trained["model"], trained["eval"], trained["tok"], batch_size=4) == pytest.approx(first, rel=1e-4)
+        assert evaluate.perplexity(trained["model"], trained["eval"], trained["tok"], batch_size=4) == pytest.approx(
+            first, rel=1e-4
+        )
 
 
 def test_perplexity_needs_a_tokenizer_for_messages(trained):
@@ -55,8 +65,9 @@ def test_perplexity_needs_a_tokenizer_for_messages(trained):
 
 def test_compare_answers_shows_base_and_finetuned_differ(trained):
     prompts = list(trained["eval"]["messages"])[:3]
-    table = evaluate.compare_answers(trained["model"], trained["tok"], prompts,
-                                     evaluate.GenerationSettings(max_new_tokens=40))
+    table = evaluate.compare_answers(
+        trained["model"], trained["tok"], prompts, evaluate.GenerationSettings(max_new_tokens=40)
+    )
     assert list(table.columns) == ["prompt", "base model", "fine-tuned", "changed"]
     assert list(table["prompt"]) == [m[1]["content"] for m in prompts]  # the user's sentence, not the system
     assert table["changed"].any()
@@ -64,8 +75,9 @@ def test_compare_answers_shows_base_and_finetuned_differ(trained):
 
 
 def test_finetuned_model_stops_at_eos(trained):
-    results = evaluate.generate_details(trained["model"], trained["tok"], list(trained["eval"]["messages"]),
-                                        max_new_tokens=MAX_NEW, batch_size=8)
+    results = evaluate.generate_details(
+        trained["model"], trained["tok"], list(trained["eval"]["messages"]), max_new_tokens=MAX_NEW, batch_size=8
+    )
     assert len(results) == 8
     assert all(r.stopped for r in results), [r for r in results if not r.stopped]
     assert all(r.new_tokens < MAX_NEW for r in results)
@@ -99,8 +111,13 @@ def test_task_score_counts_scorer_failures(trained):
         return 1.0
 
     ds = trained["eval"].select(range(4))
-    result = evaluate.task_score(trained["model"], trained["tok"], ds, scorer=scorer,
-                                 settings=evaluate.GenerationSettings(max_new_tokens=MAX_NEW))
+    result = evaluate.task_score(
+        trained["model"],
+        trained["tok"],
+        ds,
+        scorer=scorer,
+        settings=evaluate.GenerationSettings(max_new_tokens=MAX_NEW),
+    )
     assert (result.n, result.failures) == (4, 2)
     assert result.score == pytest.approx(0.5)
     assert result.scores == [1.0, 0.0, 0.0, 1.0]
@@ -130,6 +147,13 @@ def test_decoding_showcase_is_reproducible(trained):
         first = evaluate.decoding_showcase(*args, seed=1, max_new_tokens=4)
         again = evaluate.decoding_showcase(*args, seed=1, max_new_tokens=4)
     assert list(first.columns) == ["setting", "answer"]
-    assert list(first["setting"][:6]) == ["greedy", "temperature 0.3", "temperature 1.2", "top-p 0.9", "top-k 20", "beams 4"]
+    assert list(first["setting"][:6]) == [
+        "greedy",
+        "temperature 0.3",
+        "temperature 1.2",
+        "top-p 0.9",
+        "top-k 20",
+        "beams 4",
+    ]
     assert first.equals(again)
     assert all(isinstance(a, str) and a for a in first["answer"])

@@ -25,8 +25,7 @@ ANSWER = "Line one of the answer.\n\n  Indented second paragraph, with  two spac
 
 
 def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -62,11 +61,14 @@ def check_conversation(messages):
 # Each format, written as a user would.
 # ------------------------------------------------------------------------------------------
 def test_alpaca_jsonl(tmp_path):
-    f = write_jsonl(tmp_path / "alpaca.jsonl", [
-        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
-        {"instruction": "  Name a colour.  ", "input": "", "output": ANSWER},
-        {"instruction": "Add", "output": "4", "text": "### Instruction: ignored"},
-    ])
+    f = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+            {"instruction": "  Name a colour.  ", "input": "", "output": ANSWER},
+            {"instruction": "Add", "output": "4", "text": "### Instruction: ignored"},
+        ],
+    )
     ds = load_data(f)
     assert ds.column_names == ["messages"]
     assert len(ds) == 3
@@ -78,10 +80,13 @@ def test_alpaca_jsonl(tmp_path):
 
 
 def test_instruction_response_json_with_optional_system(tmp_path):
-    f = write_json(tmp_path / "seeds.json", [
-        {"instruction": "What is LoRA?", "response": ANSWER, "system": "You are terse."},
-        {"instruction": "And QLoRA?", "response": "LoRA on a 4-bit base."},
-    ])
+    f = write_json(
+        tmp_path / "seeds.json",
+        [
+            {"instruction": "What is LoRA?", "response": ANSWER, "system": "You are terse."},
+            {"instruction": "And QLoRA?", "response": "LoRA on a 4-bit base."},
+        ],
+    )
     ds = load_data(str(f))
     assert len(ds) == 2
     assert roles(ds[0]) == ["system", "user", "assistant"]
@@ -91,23 +96,30 @@ def test_instruction_response_json_with_optional_system(tmp_path):
 
 
 def test_json_object_with_list_under_data(tmp_path):
-    f = write_json(tmp_path / "wrapped.json", {"version": 2, "data": [
-        {"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]})
+    f = write_json(
+        tmp_path / "wrapped.json",
+        {"version": 2, "data": [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]},
+    )
     ds = load_data(f)
     assert [m["messages"][1]["content"] for m in ds] == ["c1", "c2"]
 
 
 def test_sharegpt_multi_turn_with_system(tmp_path):
-    f = write_jsonl(tmp_path / "sharegpt.jsonl", [
-        {"conversations": [
-            {"from": "system", "value": "Be kind."},
-            {"from": "human", "value": "Hi"},
-            {"from": "gpt", "value": "Hello!"},
-            {"from": "human", "value": "How are you?"},
-            {"from": "gpt", "value": ANSWER},
-        ]},
-        {"conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]},
-    ])
+    f = write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be kind."},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello!"},
+                    {"from": "human", "value": "How are you?"},
+                    {"from": "gpt", "value": ANSWER},
+                ]
+            },
+            {"conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]},
+        ],
+    )
     ds = load_data(f, format="sharegpt")
     assert len(ds) == 2
     assert roles(ds[0]) == ["system", "user", "assistant", "user", "assistant"]
@@ -117,8 +129,11 @@ def test_sharegpt_multi_turn_with_system(tmp_path):
 
 
 def test_messages_format(tmp_path):
-    convo = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-             {"role": "assistant", "content": ANSWER}]
+    convo = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": ANSWER},
+    ]
     f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": convo}, {"messages": convo[1:]}])
     ds = load_data(f)
     assert len(ds) == 2
@@ -128,8 +143,12 @@ def test_messages_format(tmp_path):
 
 
 def test_prompt_completion_csv_with_bom_and_multiline_cell(tmp_path):
-    f = write_csv(tmp_path / "pc.csv", ["prompt", "completion"],
-                  [["Say hi, politely", ANSWER], ["2+2?", "4"]], encoding="utf-8-sig")
+    f = write_csv(
+        tmp_path / "pc.csv",
+        ["prompt", "completion"],
+        [["Say hi, politely", ANSWER], ["2+2?", "4"]],
+        encoding="utf-8-sig",
+    )
     assert f.read_bytes().startswith(b"\xef\xbb\xbf")
     ds = load_data(f)
     assert len(ds) == 2
@@ -146,11 +165,16 @@ def test_semicolon_csv_from_european_excel(tmp_path):
 
 
 def test_guanaco_text(tmp_path):
-    f = write_jsonl(tmp_path / "guanaco.jsonl", [
-        {"text": "### Human: Hi there### Assistant: Hello! How can I help?"
-                 "### Human: Tell me a joke.### Assistant: " + ANSWER},
-        {"text": "### Human: Q### Assistant: A"},
-    ])
+    f = write_jsonl(
+        tmp_path / "guanaco.jsonl",
+        [
+            {
+                "text": "### Human: Hi there### Assistant: Hello! How can I help?"
+                "### Human: Tell me a joke.### Assistant: " + ANSWER
+            },
+            {"text": "### Human: Q### Assistant: A"},
+        ],
+    )
     ds = load_data(f)
     assert len(ds) == 2
     assert roles(ds[0]) == ["user", "assistant", "user", "assistant"]
@@ -174,7 +198,8 @@ def test_llama2_parquet_like_guanaco_llama2_1k(tmp_path):
     assert ds[0]["messages"][4]["content"] == ANSWER.strip()
     assert ds[1]["messages"] == [
         {"role": "user", "content": "Me gradué hace poco, ¿qué hago?"},
-        {"role": "assistant", "content": "Busca trabajo."}]
+        {"role": "assistant", "content": "Busca trabajo."},
+    ]
 
 
 def test_folder_of_text_files_is_chunked_with_overlap(tmp_path):
@@ -199,8 +224,7 @@ def test_folder_of_text_files_is_chunked_with_overlap(tmp_path):
 
 
 def test_text_column_without_markers_is_raw_text(tmp_path):
-    f = write_jsonl(tmp_path / "raw.jsonl", [{"text": "alpha beta gamma delta"}, {"text": ""},
-                                             {"text": "epsilon"}])
+    f = write_jsonl(tmp_path / "raw.jsonl", [{"text": "alpha beta gamma delta"}, {"text": ""}, {"text": "epsilon"}])
     ds = load_data(f, text_chunk_tokens=3, text_overlap_tokens=1)
     assert ds["text"] == ["alpha beta gamma", "gamma delta", "epsilon"]
 
@@ -239,8 +263,7 @@ def test_python_list_dataset_and_datasetdict_sources():
     assert len(load_data(rows)) == 2
     ds = datasets.Dataset.from_list(rows)
     out = load_data(ds)
-    assert out[1]["messages"] == [{"role": "user", "content": "Q2"},
-                                  {"role": "assistant", "content": "A2"}]
+    assert out[1]["messages"] == [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
     dd = datasets.DatasetDict({"train": ds, "test": ds.select([0])})
     assert len(load_data(dd, split="test")) == 1
     with pytest.raises(DataFormatError, match="splits"):
@@ -277,12 +300,17 @@ def test_to_messages_and_detect_format_helpers():
     assert detect_format({"text": "<s>[INST] a [/INST] b </s>"}) == "llama2"
     assert detect_format({"text": "plain"}) == "text"
     assert to_messages({"instruction": "a", "input": "b", "output": "c"}, "alpaca") == [
-        {"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}]
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                          {"role": "assistant", "content": "yo"}]}
+        {"role": "user", "content": "a\n\nb"},
+        {"role": "assistant", "content": "c"},
+    ]
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
     assert to_messages(parts)[0] == {"role": "user", "content": "hi"}
-    conv_pc = {"prompt": [{"role": "user", "content": "p"}],
-               "completion": [{"role": "assistant", "content": "c"}]}
+    conv_pc = {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}
     assert [m["role"] for m in to_messages(conv_pc, "prompt_completion")] == ["user", "assistant"]
     assert set(CONVERTERS) == set(FORMATS)
     with pytest.raises(DataFormatError, match="raw text is not a conversation"):
@@ -290,9 +318,18 @@ def test_to_messages_and_detect_format_helpers():
 
 
 def test_trailing_user_turn_is_dropped_with_a_warning(tmp_path):
-    f = write_jsonl(tmp_path / "t.jsonl", [{"conversations": [
-        {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
-        {"from": "human", "value": "unanswered"}]}])
+    f = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Q"},
+                    {"from": "gpt", "value": "A"},
+                    {"from": "human", "value": "unanswered"},
+                ]
+            }
+        ],
+    )
     with pytest.warns(UserWarning, match=r"t\.jsonl.*line 1"):
         ds = load_data(f)
     assert roles(ds[0]) == ["user", "assistant"]
@@ -353,23 +390,26 @@ def test_unknown_schema_names_fields_formats_and_fix(tmp_path, monkeypatch):
 
 
 def test_row_missing_a_field(tmp_path):
-    f = write_csv(tmp_path / "rows.csv", ["instruction", "response", "system"],
-                  [["Q", "A", ""], ["Q2", "", "sys"]])
+    f = write_csv(tmp_path / "rows.csv", ["instruction", "response", "system"], [["Q", "A", ""], ["Q2", "", "sys"]])
     msg = error_of(f)
     assert "rows.csv, line 3" in msg and "'response' is empty" in msg
     assert "['instruction', 'response', 'system']" in msg
-    g = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "Q", "output": "A"},
-                                              {"instruction": "Q2", "output": None}])
+    g = write_jsonl(
+        tmp_path / "rows.jsonl", [{"instruction": "Q", "output": "A"}, {"instruction": "Q2", "output": None}]
+    )
     assert "rows.jsonl, line 2" in error_of(g)
 
 
 def test_mixed_schemas_report_first_row_that_does_not_fit(tmp_path):
-    f = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"instruction": "Q", "output": "A"},
-        {"instruction": "Q", "output": "A", "input": "x"},
-        {"prompt": "P", "completion": "C"},
-        {"question": "never reached", "answer": "x"},
-    ])
+    f = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"instruction": "Q", "output": "A"},
+            {"instruction": "Q", "output": "A", "input": "x"},
+            {"prompt": "P", "completion": "C"},
+            {"question": "never reached", "answer": "x"},
+        ],
+    )
     msg = error_of(f)
     assert "mixed.jsonl, line 3" in msg
     assert "detected from line 1" in msg and "alpaca" in msg
@@ -378,17 +418,24 @@ def test_mixed_schemas_report_first_row_that_does_not_fit(tmp_path):
 
 
 def test_mixed_schemas_in_json_name_item_and_line(tmp_path):
-    f = write_json(tmp_path / "mixed.json", [
-        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
-        {"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]},
-    ])
+    f = write_json(
+        tmp_path / "mixed.json",
+        [
+            {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+            {"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]},
+        ],
+    )
     msg = error_of(f)
     assert "mixed.json, item 2 (line" in msg and "looks like sharegpt" in msg
 
 
 def test_non_utf8_csv_falls_back_to_cp1252_with_a_warning(tmp_path):
-    f = write_csv(tmp_path / "excel.csv", ["instruction", "output"],
-                  [["Q", "A"], ["Où est le café ?", "Là-bas – à droite"]], encoding="cp1252")
+    f = write_csv(
+        tmp_path / "excel.csv",
+        ["instruction", "output"],
+        [["Q", "A"], ["Où est le café ?", "Là-bas – à droite"]],
+        encoding="cp1252",
+    )
     with pytest.warns(UnicodeWarning, match=r"excel\.csv, line 3"):
         ds = load_data(f)
     assert ds[1]["messages"][0]["content"] == "Où est le café ?"
@@ -406,10 +453,13 @@ def test_undecodable_bytes_are_rejected_with_the_line(tmp_path):
 
 
 def test_non_string_content(tmp_path):
-    f = write_jsonl(tmp_path / "types.jsonl", [
-        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
-        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": 4}]},
-    ])
+    f = write_jsonl(
+        tmp_path / "types.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]},
+            {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": 4}]},
+        ],
+    )
     msg = error_of(f)
     assert "types.jsonl, line 2" in msg and "must be a string, got int 4" in msg
     assert "quotes" in msg
@@ -418,14 +468,21 @@ def test_non_string_content(tmp_path):
 
 
 def test_unknown_role_and_bad_turn_order(tmp_path):
-    f = write_jsonl(tmp_path / "roles.jsonl", [
-        {"messages": [{"role": "user", "content": "u"}, {"role": "bot", "content": "a"}]}])
+    f = write_jsonl(
+        tmp_path / "roles.jsonl", [{"messages": [{"role": "user", "content": "u"}, {"role": "bot", "content": "a"}]}]
+    )
     msg = error_of(f)
     assert "roles.jsonl, line 1" in msg and "unknown role 'bot'" in msg
     assert "system, user, assistant" in msg
-    late_system = [{"messages": [{"role": "user", "content": "u"},
-                                 {"role": "system", "content": "s"},
-                                 {"role": "assistant", "content": "a"}]}]
+    late_system = [
+        {
+            "messages": [
+                {"role": "user", "content": "u"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    ]
     assert "the list, item 1" in error_of(late_system)
     assert "system turn" in error_of(late_system)
     no_answer = [{"conversations": [{"from": "human", "value": "u"}]}]
@@ -497,27 +554,53 @@ def test_hub_dataset_rows_are_converted(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     ds = load_data("mlabonne/guanaco-llama2-1k", split="train[:1]")
     assert seen == {"name": "mlabonne/guanaco-llama2-1k", "split": "train[:1]"}
-    assert ds[0]["messages"] == [{"role": "user", "content": "q"},
-                                 {"role": "assistant", "content": "a"}]
+    assert ds[0]["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
 # ------------------------------------------------------------------------------------------
 # Properties: whatever comes in, only DataFormatError ever comes out.
 # ------------------------------------------------------------------------------------------
-KEYS = ["instruction", "input", "output", "response", "system", "conversations", "messages",
-        "prompt", "completion", "text", "from", "value", "role", "content", "data"]
+KEYS = [
+    "instruction",
+    "input",
+    "output",
+    "response",
+    "system",
+    "conversations",
+    "messages",
+    "prompt",
+    "completion",
+    "text",
+    "from",
+    "value",
+    "role",
+    "content",
+    "data",
+]
 ROLE_WORDS = ["system", "user", "assistant", "human", "gpt", "bot", "", "USER "]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
-                    st.text(max_size=20), st.sampled_from(ROLE_WORDS),
-                    st.sampled_from(["### Human: a ### Assistant: b", "<s>[INST] a [/INST] b",
-                                     "[INST] <<SYS>> s [/INST]", "[/INST][INST]", "  "]))
-turns = st.lists(st.dictionaries(st.sampled_from(["from", "value", "role", "content", "type"]),
-                                 scalars, max_size=4), max_size=4)
-values = st.recursive(scalars | turns, lambda c: st.lists(c, max_size=3)
-                      | st.dictionaries(st.text(max_size=5), c, max_size=3), max_leaves=8)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(ROLE_WORDS),
+    st.sampled_from(
+        ["### Human: a ### Assistant: b", "<s>[INST] a [/INST] b", "[INST] <<SYS>> s [/INST]", "[/INST][INST]", "  "]
+    ),
+)
+turns = st.lists(
+    st.dictionaries(st.sampled_from(["from", "value", "role", "content", "type"]), scalars, max_size=4), max_size=4
+)
+values = st.recursive(
+    scalars | turns,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=8,
+)
 records = st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), values, max_size=5)
-FAST = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 @FAST
@@ -551,15 +634,18 @@ def test_load_data_on_arbitrary_lists(rows, fmt):
             check_conversation(row["messages"])
 
 
-@settings(max_examples=100, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.lists(records, max_size=3).map(
-        lambda rs: "\n".join(json.dumps(r) for r in rs).encode()),
-    st.lists(records, max_size=3).map(lambda rs: json.dumps(rs).encode()),
-    st.text(alphabet='{}[]":,\n\r\ufeffabc ', max_size=60).map(lambda t: t.encode("utf-8")),
-), st.sampled_from([".jsonl", ".json", ".csv", ".tsv", ".txt"]))
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.lists(records, max_size=3).map(lambda rs: "\n".join(json.dumps(r) for r in rs).encode()),
+        st.lists(records, max_size=3).map(lambda rs: json.dumps(rs).encode()),
+        st.text(alphabet='{}[]":,\n\r\ufeffabc ', max_size=60).map(lambda t: t.encode("utf-8")),
+    ),
+    st.sampled_from([".jsonl", ".json", ".csv", ".tsv", ".txt"]),
+)
 def test_load_data_on_arbitrary_bytes(tmp_path, payload, suffix):
     f = tmp_path / f"fuzz{suffix}"
     f.write_bytes(payload)
@@ -577,10 +663,13 @@ def test_load_data_on_arbitrary_bytes(tmp_path, payload, suffix):
         assert ds.column_names == ["text"] and all(ds["text"])
 
 
-@pytest.mark.parametrize("key,record", [
-    ("conversations", lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}),
-    ("messages", lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}),
-])
+@pytest.mark.parametrize(
+    "key,record",
+    [
+        ("conversations", lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}),
+        ("messages", lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}),
+    ],
+)
 def test_a_list_of_records_under_conversations_or_messages_is_many_records(tmp_path, key, record):
     path = tmp_path / "data.json"
     path.write_text(json.dumps({key: [record("Q1?", "A1."), record("Q2?", "A2.")]}))

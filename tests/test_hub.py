@@ -3,6 +3,7 @@
 No network: the refusals run in fresh processes with no stored login, and the one upload goes to
 a stand-in for huggingface_hub.HfApi.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ def _clean_env(**extra) -> dict:
 
 def test_card_of_an_adapter_links_its_hub_base_and_says_how_to_load_it(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    hub.write_model_card(tmp_path, {"base_model": "embedded", "method": "qlora", "lora": {"r": 8, "alpha": 16},
-                                    "metrics": {"after_exact_match": 0.75}, "seed": 3})
+    hub.write_model_card(
+        tmp_path,
+        {
+            "base_model": "embedded",
+            "method": "qlora",
+            "lora": {"r": 8, "alpha": 16},
+            "metrics": {"after_exact_match": 0.75},
+            "seed": 3,
+        },
+    )
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
     assert "- qlora" in card and "r=8, alpha=16" in card and "| after exact match | 0.75 |" in card
@@ -82,10 +91,19 @@ print("RESULT " + json.dumps({"pushed": result.pushed, "message": result.message
 )
 def test_push_to_hub_sends_nothing_without_token_or_network(small_folder, tmp_path, case, token, env, expect):
     # A fresh HF_HOME: no stored login. The environment is read at import, so each case is a new process.
-    env = {**{k: v for k, v in _clean_env().items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")},
-           "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf_home"), **env}
-    proc = subprocess.run([sys.executable, "-c", PUSH_SCRIPT, str(small_folder), token], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **{k: v for k, v in _clean_env().items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")},
+        "PYTHONPATH": str(REPO),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        **env,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", PUSH_SCRIPT, str(small_folder), token],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
     assert result["pushed"] is False and result["unchanged"]
@@ -121,8 +139,11 @@ def test_push_to_hub_uploads_the_folder_in_one_commit_when_a_token_is_given(smal
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     result = hub.push_to_hub(small_folder, "someone/model", token="hf_x")
     assert result.pushed and result.url == "https://huggingface.co/someone/model"
-    assert calls == [("token", "hf_x"), ("create_repo", "someone/model", True, True),
-                     ("upload_folder", "someone/model", str(small_folder))]
+    assert calls == [
+        ("token", "hf_x"),
+        ("create_repo", "someone/model", True, True),
+        ("upload_folder", "someone/model", str(small_folder)),
+    ]
 
 
 def test_a_refused_push_is_logged_not_printed(small_folder, monkeypatch, capsys, caplog):

@@ -16,9 +16,15 @@ def c7():
 
 def smollm2_135m_config():
     """SmolLM2-135M's shape: GQA (9 heads, 3 KV heads) and tied embeddings."""
-    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                       tie_word_embeddings=True)
+    return LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
 
 
 def test_llama2_7b_parameter_count_is_the_known_figure(c7):
@@ -109,8 +115,9 @@ def test_as_dict_has_every_component_and_total(c7):
     d = memory.memory_breakdown(c7, "lora8").as_dict()
     for key in ("weights", "adapters", "gradients", "optimizer_states", "activations", "total_gib"):
         assert key in d
-    assert d["total_gib"] == pytest.approx(sum(d[k] for k in
-                                                ("weights", "adapters", "gradients", "optimizer_states", "activations")))
+    assert d["total_gib"] == pytest.approx(
+        sum(d[k] for k in ("weights", "adapters", "gradients", "optimizer_states", "activations"))
+    )
 
 
 def test_bad_method_raises(c7):

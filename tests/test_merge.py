@@ -5,6 +5,7 @@ with peft alone, the merged folder with transformers alone (checked in subproces
 import lora_kit), the merged logits must match base+adapter, merging into 4-bit must be refused,
 and a killed merge must leave no finished-looking folder. The Hub upload is tested in test_hub.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,18 +57,28 @@ def _clean_env(**extra) -> dict:
 
 def _run_plain(code: str, tmp_path: Path, timeout: int = 240, **env) -> dict:
     """Run ``code`` in a fresh interpreter, outside the repo, and assert it never imported lora_kit."""
-    script = GREEDY + textwrap.dedent(code) + textwrap.dedent(
-        """
+    script = (
+        GREEDY
+        + textwrap.dedent(code)
+        + textwrap.dedent(
+            """
         import json, sys
         assert not any(m == "lora_kit" or m.startswith("lora_kit.") for m in sys.modules), "lora_kit was imported"
         print("RESULT " + json.dumps(result))
         """
+        )
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=_clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +93,46 @@ def run(tmp_path_factory):
     prompts = [m[:-1] for m in eval_ds["messages"][:N_PROMPTS]]  # system + user, no answer
     with lora_kit.adapter_disabled(model):
         base_answers = greedy(model, tok, prompts)
-    trainer = lora_kit.build_trainer(model, tok, train_ds, lora=lora, train=lora_kit.TrainSettings(
-        max_steps=6, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-        gradient_checkpointing=False, report_to="none", output_dir=str(root / "trainer"), fast=False, save_steps=10**6))
+    trainer = lora_kit.build_trainer(
+        model,
+        tok,
+        train_ds,
+        lora=lora,
+        train=lora_kit.TrainSettings(
+            max_steps=6,
+            micro_batch_size=4,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-3,
+            gradient_checkpointing=False,
+            report_to="none",
+            output_dir=str(root / "trainer"),
+            fast=False,
+            save_steps=10**6,
+        ),
+    )
     trainer.train()
     model = trainer.model
     adapter_answers = greedy(model, tok, prompts)
-    card = {"base_model": "embedded", "method": "qlora", "steps": 6, "data": "lora_kit demo task (48 train / 8 held out)",
-            "lora": {"r": 8, "alpha": 16}, "metrics": {"before_exact_match": 0.0, "after_exact_match": 0.5}}
+    card = {
+        "base_model": "embedded",
+        "method": "qlora",
+        "steps": 6,
+        "data": "lora_kit demo task (48 train / 8 held out)",
+        "lora": {"r": 8, "alpha": 16},
+        "metrics": {"before_exact_match": 0.0, "after_exact_match": 0.5},
+    }
     adapter_dir = merge.save_adapter(model, tok, root / "adapter", card)
-    return dict(root=root, model=model, tok=tok, eval_ds=eval_ds, prompts=prompts, card=card,
-                adapter_dir=adapter_dir, base_answers=base_answers, adapter_answers=adapter_answers)
+    return dict(
+        root=root,
+        model=model,
+        tok=tok,
+        eval_ds=eval_ds,
+        prompts=prompts,
+        card=card,
+        adapter_dir=adapter_dir,
+        base_answers=base_answers,
+        adapter_answers=adapter_answers,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +144,13 @@ def merged_original(run):
 
 def test_adapter_folder_has_tokenizer_chat_template_and_card(run):
     folder = run["adapter_dir"]
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "README.md",
-                 merge.ADAPTER_META):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer_config.json",
+        "README.md",
+        merge.ADAPTER_META,
+    ):
         assert (folder / name).is_file(), name
     assert (folder / "chat_template.jinja").read_text() == run["tok"].chat_template
     assert json.loads((folder / merge.ADAPTER_META).read_text())["base_quantization"] == "nf4"
@@ -166,14 +211,25 @@ def test_merged_export_files(run, merged_original):
     assert (out / "model.safetensors.index.json").is_file()
     assert (out / "chat_template.jinja").read_text() == run["tok"].chat_template
     gen = json.loads((out / "generation_config.json").read_text())
-    assert gen["eos_token_id"] in (run["tok"].eos_token_id, [run["tok"].eos_token_id]) or \
-        run["tok"].eos_token_id in gen["eos_token_id"]
+    assert (
+        gen["eos_token_id"] in (run["tok"].eos_token_id, [run["tok"].eos_token_id])
+        or run["tok"].eos_token_id in gen["eos_token_id"]
+    )
     assert gen["pad_token_id"] == run["tok"].pad_token_id != run["tok"].eos_token_id
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     card = (out / "README.md").read_text()
-    for needle in ("base_model: HuggingFaceTB/SmolLM2-135M-Instruct", "library_name: transformers", "qlora",
-                   "r=8", "training steps**: 6", "before exact match", "after exact match", "merge check", "original"):
+    for needle in (
+        "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+        "library_name: transformers",
+        "qlora",
+        "r=8",
+        "training steps**: 6",
+        "before exact match",
+        "after exact match",
+        "merge check",
+        "original",
+    ):
         assert needle in card, needle
     assert not [p for p in out.parent.iterdir() if ".merged.partial-" in p.name]
 
@@ -217,10 +273,12 @@ def test_dequantize_flattens_blocks_for_odd_shapes():
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(96, 64, bias=False)
-    layer = bnb.nn.Linear4bit(96, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                              compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
+    layer = bnb.nn.Linear4bit(
+        96, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True
+    )
+    layer.weight = bnb.nn.Params4bit(
+        dense.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
     layer = layer.to("cpu")
     packed, state = F.quantize_4bit(dense.weight.data.reshape(-1), quant_type="nf4", compress_statistics=True)
     expected = F.dequantize_4bit(packed, state).reshape(64, 96)
@@ -270,8 +328,9 @@ def test_dequantized_merge_reproduces_the_adapter_on_its_nf4_base(run, tmp_path)
 
 
 def test_compare_merge_bases_table(run):
-    table = merge.compare_merge_bases(run["adapter_dir"], run["eval_ds"], run["tok"], adapter_model=run["model"],
-                                      batch_size=8)
+    table = merge.compare_merge_bases(
+        run["adapter_dir"], run["eval_ds"], run["tok"], adapter_model=run["model"], batch_size=8
+    )
     print("\n" + str(table))
     names = [r["model"] for r in table.rows]
     assert names == [merge.ADAPTER_ROW, merge.ORIGINAL_ROW, merge.DEQUANTIZED_ROW]
@@ -306,8 +365,13 @@ print("FINISHED", flush=True)
 def test_killed_merge_leaves_no_finished_looking_folder(run, tmp_path):
     target = tmp_path / "merged"
     env = _clean_env(PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(run["adapter_dir"]), str(target)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(run["adapter_dir"]), str(target)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         line = ""

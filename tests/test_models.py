@@ -9,10 +9,11 @@ from lora_kit.models import CHATML_TEMPLATE, embedded_model_path, prepare_tokeni
 
 
 def _greedy(model, tok, question, n=12):
-    enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**enc, max_new_tokens=n, do_sample=False)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_embedded_checkpoint_is_an_ordinary_transformers_folder():
@@ -82,8 +83,12 @@ def test_local_folder_errors_say_what_is_wrong(tmp_path, monkeypatch):
     (tmp_path / "notes" / "README.md").write_text("hi")
     (tmp_path / "no_weights").mkdir()
     (tmp_path / "no_weights" / "config.json").write_text("{}")
-    for name, match in [("empty", "'empty' is empty"), ("notes", "no config.json .*README.md"),
-                        ("no_weights", "config.json but no weights"), ("./typo_folder", "does not exist")]:
+    for name, match in [
+        ("empty", "'empty' is empty"),
+        ("notes", "no config.json .*README.md"),
+        ("no_weights", "config.json but no weights"),
+        ("./typo_folder", "does not exist"),
+    ]:
         with pytest.raises(LoraKitError, match=match) as err:
             load_model(name)
         assert "Hub did not provide" not in str(err.value)
@@ -108,16 +113,30 @@ def test_an_adapter_for_a_base_of_another_size_is_refused_in_one_line(tmp_path):
 
     base, _ = load_model("embedded")
     config = transformers.AutoConfig.from_pretrained(embedded_model_path())
-    config.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-                   "head_dim": 16, "num_hidden_layers": 2})
+    config.update(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "num_hidden_layers": 2,
+        }
+    )
     small = transformers.LlamaForCausalLM(config)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 576),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(576, 2)},
-              adapter / "adapter_model.safetensors")
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 576),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(576, 2),
+        },
+        adapter / "adapter_model.safetensors",
+    )
     (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}')
     check_adapter_fits(base, adapter)
-    with pytest.raises(LoraKitError, match=r"2 of its matrices .*q_proj has 64 inputs, the adapter 576.*SmolLM2") as err:
+    with pytest.raises(
+        LoraKitError, match=r"2 of its matrices .*q_proj has 64 inputs, the adapter 576.*SmolLM2"
+    ) as err:
         check_adapter_fits(small, adapter)
     assert len(str(err.value).splitlines()) == 1

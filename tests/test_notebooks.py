@@ -4,6 +4,7 @@ The execution tests run every cell with LORA_KIT_SMOKE=1 (embedded model, demo t
 steps) in a copy of the notebook, so the committed file is left as it is. Same check as
 ``LORA_KIT_SMOKE=1 pytest --nbmake notebooks/``.
 """
+
 import ast
 import os
 import re
@@ -73,7 +74,8 @@ def test_sections_name_the_variables_they_use(path):
                     if origin is None or origin in (1, number):
                         continue
                     assert node.id in named and origin in numbers, (
-                        f"section {number} uses `{node.id}` from section {origin} without naming it: {uses!r}")
+                        f"section {number} uses `{node.id}` from section {origin} without naming it: {uses!r}"
+                    )
 
 
 def _execute(path, workdir):
@@ -82,8 +84,9 @@ def _execute(path, workdir):
     copy = workdir / path.name
     shutil.copy(path, copy)
     nb = nbformat.read(copy, as_version=4)
-    NotebookClient(nb, timeout=SMOKE_LIMIT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(workdir)}}).execute()
+    NotebookClient(
+        nb, timeout=SMOKE_LIMIT_S, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
     return nb
 
 
@@ -98,7 +101,9 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(path, tmp_path, monkeypatch):
     elapsed = time.time() - start
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Traceback" not in outputs
-    assert "Failed to load CPU gemm_4bit_forward" not in outputs  # harmless bitsandbytes log: notebook_defaults mutes it
+    assert (
+        "Failed to load CPU gemm_4bit_forward" not in outputs
+    )  # harmless bitsandbytes log: notebook_defaults mutes it
     assert "Skipping the upload" in outputs  # the Hub step skipped by its real condition, with the reason
     assert (tmp_path / "outputs").is_dir()
     print(f"{path.name}: {elapsed:.0f} s")
@@ -115,4 +120,5 @@ def test_committed_notebooks_equal_what_build_py_writes(method):
     committed = nbformat.read(ROOT / "notebooks" / build.NOTEBOOKS[method], as_version=4)
     built = build.build(method)
     assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
-        "the notebook differs from notebooks/build.py's output: edit build.py, then run `make notebooks`")
+        "the notebook differs from notebooks/build.py's output: edit build.py, then run `make notebooks`"
+    )

@@ -155,8 +155,9 @@ def test_load_model_8bit_uses_the_lean_backward():
 
     model, _ = load_model("embedded", quantization="8bit")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
-    assert layers and all(getattr(m.forward, "__name__", "") == "forward" and not hasattr(m.forward, "__self__")
-                          for m in layers)
+    assert layers and all(
+        getattr(m.forward, "__name__", "") == "forward" and not hasattr(m.forward, "__self__") for m in layers
+    )
     assert quantization_of(add_lora(model, LoraSettings(r=4))) == "8bit"
 
 

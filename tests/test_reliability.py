@@ -3,6 +3,7 @@
 The fault-injection tests run a worker in a subprocess, SIGKILL it at a chosen stage (or at a
 random moment of training), then do what a user would: run the same thing again.
 """
+
 import json
 import os
 import random
@@ -16,7 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kit import LoraSettings, TrainSettings, add_lora, build_trainer, demo_task, load_data, load_model, save_adapter
+from lora_kit import (
+    LoraSettings,
+    TrainSettings,
+    add_lora,
+    build_trainer,
+    demo_task,
+    load_data,
+    load_model,
+    save_adapter,
+)
 from lora_kit.errors import LoraKitError
 from lora_kit.files import MARKER, atomic_folder, clean_stale_partials
 from lora_kit.train import find_checkpoint
@@ -25,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The worker: train a few steps (resuming when checkpoints exist) and save the adapter, or only
 # save a freshly drawn adapter, or convert the embedded model. FAULT picks where it kills itself.
-WORKER = r'''
+WORKER = r"""
 import os, signal, sys
 from pathlib import Path
 
@@ -105,7 +115,7 @@ trainer.add_callback(Progress())
 train(trainer)
 save_adapter(trainer.model, tok, out / "adapter")
 print("FINISHED", flush=True)
-'''
+"""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,8 +136,13 @@ def _env(**extra) -> dict:
 
 
 def _worker(mode: str, out: Path, *args, fault: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", WORKER, mode, str(out), *map(str, args)], env=_env(FAULT=fault, **(env or {})),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", WORKER, mode, str(out), *map(str, args)],
+        env=_env(FAULT=fault, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _killed(result) -> None:
@@ -171,10 +186,13 @@ def test_the_run_seed_decides_the_adapters_first_values(tmp_path):
     assert all(torch.equal(first[0][k], first[1][k]) for k in first[0])
 
 
-@pytest.mark.parametrize("fault,skipped", [
-    ("weights:4", "checkpoint-4: it has no trainer_state.json"),  # mid-checkpoint: resume from checkpoint-2
-    ("state:2", "checkpoint-2: its trainer_state.json is cut short"),  # no complete checkpoint: start again
-])
+@pytest.mark.parametrize(
+    "fault,skipped",
+    [
+        ("weights:4", "checkpoint-4: it has no trainer_state.json"),  # mid-checkpoint: resume from checkpoint-2
+        ("state:2", "checkpoint-2: its trainer_state.json is cut short"),  # no complete checkpoint: start again
+    ],
+)
 def test_kill_during_a_checkpoint_then_rerun_gives_the_same_adapter(reference, tmp_path, fault, skipped):
     _killed(_worker("train", tmp_path, fault=fault))
     run = tmp_path / "run"
@@ -191,8 +209,13 @@ def test_kill_at_a_random_moment_of_training_then_rerun_gives_the_same_adapter(r
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     kill_after_step, delay = rng.randint(1, 2), rng.uniform(0, 1.0)  # steps take ~1 s: the run is still going
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, "train", str(tmp_path)], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, "train", str(tmp_path)],
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for line in proc.stdout:
             if line.strip() == f"STEP {kill_after_step}":
@@ -272,7 +295,8 @@ def test_kill_during_the_embedded_conversion_leaves_nothing_after_the_rerun(tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
-        p.name: 0o666 & ~umask for p in folder.iterdir()}  # readable by others sharing the cache
+        p.name: 0o666 & ~umask for p in folder.iterdir()
+    }  # readable by others sharing the cache
 
 
 # --- Saving never deletes what lora_kit did not write --------------------------------------------------------------
@@ -333,13 +357,22 @@ def test_an_output_that_holds_the_input_is_refused(tmp_path):
 # --- Settings and data are checked before any model work ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"max_length": -5}, "max_length"), ({"max_steps": 0, "num_epochs": 0}, "max_steps"),
-    ({"num_epochs": 0}, "num_epochs"), ({"learning_rate": -1e-4}, "learning_rate"),
-    ({"micro_batch_size": 0}, "micro_batch_size"), ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
-    ({"warmup_ratio": 5}, "warmup_ratio"), ({"optim": "adam"}, "optim"), ({"save_steps": 0}, "save_steps"),
-    ({"seed": -1}, "seed"), ({"lr_scheduler_type": "cosinus"}, "lr_scheduler_type"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"max_length": -5}, "max_length"),
+        ({"max_steps": 0, "num_epochs": 0}, "max_steps"),
+        ({"num_epochs": 0}, "num_epochs"),
+        ({"learning_rate": -1e-4}, "learning_rate"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"warmup_ratio": 5}, "warmup_ratio"),
+        ({"optim": "adam"}, "optim"),
+        ({"save_steps": 0}, "save_steps"),
+        ({"seed": -1}, "seed"),
+        ({"lr_scheduler_type": "cosinus"}, "lr_scheduler_type"),
+    ],
+)
 def test_train_settings_name_the_field_value_and_what_is_allowed(kwargs, field):
     with pytest.raises(LoraKitError, match=rf"TrainSettings\.{field}={list(kwargs.values())[0]!r}: .*(must|Use)"):
         TrainSettings(**kwargs)
@@ -352,9 +385,17 @@ def test_raw_text_trains_as_continued_pretraining(peft_model, tmp_path):
     (docs / "a.txt").write_text("The river Nile flows north through eleven countries. " * 20)
     (docs / "b.md").write_text("# Notes\nLoRA adds a low-rank update to frozen weights. " * 20)
     data = load_data(docs, text_chunk_tokens=40, text_overlap_tokens=0)
-    settings = TrainSettings(max_steps=2, micro_batch_size=2, gradient_accumulation_steps=1, max_length=48,
-                             gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path / "run"),
-                             save_steps=100, fast=False)
+    settings = TrainSettings(
+        max_steps=2,
+        micro_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_length=48,
+        gradient_checkpointing=False,
+        report_to="none",
+        output_dir=str(tmp_path / "run"),
+        save_steps=100,
+        fast=False,
+    )
     trainer = build_trainer(model, tok, data, train=settings)
     row = trainer.train_dataset[0]
     assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 48  # every token is learned

@@ -5,6 +5,7 @@ restarting at each sample) gives the same per-token loss as the same samples pad
 block-diagonal causal mask from the position_ids. If a transformers upgrade breaks that detection, samples would
 attend across their boundaries and these tests fail.
 """
+
 from dataclasses import replace
 
 import pytest
@@ -19,9 +20,18 @@ def tiny_llama(attn="sdpa", seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=3, eos_token_id=2, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=3,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).eval()
 
@@ -67,8 +77,9 @@ def test_h100_decides_per_data_shape():
     assert (chat.one_sync_optimizer, chat.lean_update, chat.autotune_pointwise) == (True, True, False)
     full, _ = decided((9, 0), "bf16", lengths=FULL)
     assert (full.packing, full.flex_attention, full.compile_blocks) == (False, False, True)
-    assert speed.sft_settings(full) == ({"use_liger_kernel": True, "liger_kernel_config": {"rope": False}} if liger
-                                        else {})
+    assert speed.sft_settings(full) == (
+        {"use_liger_kernel": True, "liger_kernel_config": {"rope": False}} if liger else {}
+    )
     # a 16-bit LoRA base keeps PEFT's fp32 adapters; an 8-bit base is never compiled; fp32 compute compiles nothing
     assert not decided((9, 0), "bf16", "lora", FULL)[0].bf16_adapters
     assert not decided((9, 0), "bf16", "lora8", FULL)[0].compile_blocks
@@ -97,8 +108,16 @@ def test_a_lever_forced_off_is_off_and_the_rest_still_decide():
 
 
 def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
-    levers, notes = decided((7, 5), "fp16", lengths=FULL, liger=True, flex_attention=True, compile_blocks=True,
-                            bf16_adapters=True, packing=True)
+    levers, notes = decided(
+        (7, 5),
+        "fp16",
+        lengths=FULL,
+        liger=True,
+        flex_attention=True,
+        compile_blocks=True,
+        bf16_adapters=True,
+        packing=True,
+    )
     assert levers.on() == ["packing", "one_sync_optimizer", "lean_update"]
     assert [note.split(":")[0] for note in notes] == ["flex_attention", "compile_blocks", "liger", "bf16_adapters"]
     assert "sm_80" in notes[0] and "sm_75" in notes[0] and "grad scaler" in notes[3]
@@ -123,8 +142,9 @@ def test_sft_config_takes_the_liger_kernel_config():
     # learner's GPU (Liger itself needs a GPU, so the patching is checked there: benchmarks/README.md).
     from trl import SFTConfig
 
-    args = SFTConfig(output_dir="unused", use_liger_kernel=True, liger_kernel_config={"rope": False}, report_to="none",
-                     use_cpu=True)
+    args = SFTConfig(
+        output_dir="unused", use_liger_kernel=True, liger_kernel_config={"rope": False}, report_to="none", use_cpu=True
+    )
     assert args.liger_kernel_config["rope"] is False
 
 
@@ -144,8 +164,13 @@ def test_accepts_hardware_objects_and_rejects_nonsense():
 def test_settings_are_valid_sft_config_kwargs(tmp_path):
     from trl import SFTConfig
 
-    cfg = SFTConfig(output_dir=str(tmp_path), max_length=64, use_cpu=True, report_to="none",
-                    **speed.sft_settings(decided((7, 5), "fp32")[0]))
+    cfg = SFTConfig(
+        output_dir=str(tmp_path),
+        max_length=64,
+        use_cpu=True,
+        report_to="none",
+        **speed.sft_settings(decided((7, 5), "fp32")[0]),
+    )
     assert cfg.packing and cfg.packing_strategy == "bfd"
 
 
@@ -174,8 +199,7 @@ def per_token_nll(model, batch):
     with torch.no_grad():
         logits = model(**kwargs, use_cache=False).logits.float()
     labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                            reduction="none")
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return nll[labels != -100]
 
 
@@ -215,8 +239,12 @@ def test_sfttrainer_fast_path_loss_equals_stock_loss(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"t{i}": i for i in range(4, VOCAB)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     ex = samples(lengths=(5, 17, 9, 31, 2, 12, 40, 7), seed=3)
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in ex]})
     totals = {}
@@ -224,8 +252,16 @@ def test_sfttrainer_fast_path_loss_equals_stock_loss(tmp_path):
         model = tiny_llama("sdpa")
         mb, ga = speed.batch_shape(3, 1, levers)
         extra = speed.sft_settings(levers)
-        cfg = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=mb, gradient_accumulation_steps=ga,
-                        max_length=64, use_cpu=True, report_to="none", shuffle_dataset=False, **extra)
+        cfg = SFTConfig(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=mb,
+            gradient_accumulation_steps=ga,
+            max_length=64,
+            use_cpu=True,
+            report_to="none",
+            shuffle_dataset=False,
+            **extra,
+        )
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
         trainer.model.eval()
         loss_sum, n_tokens = 0.0, 0
@@ -349,7 +385,7 @@ def test_optimizer_levers_keep_lr_schedulers_and_the_fp16_scaler_working(monkeyp
 
     # a scheduler built before the levers: its step counting still sees the optimizer step, no "overridden" warning
     opt = bnb.optim.PagedAdamW32bit(make(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 ** i)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5**i)
     assert speed.skip_optimizer_syncs(opt) and speed.lean_update_step(opt)
     for p in opt.param_groups[0]["params"]:
         p.grad = torch.randn_like(p)
@@ -365,8 +401,9 @@ def test_optimizer_levers_keep_lr_schedulers_and_the_fp16_scaler_working(monkeyp
     torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     # accelerate's fp16 wrapper (a GradScaler: every T4 run) swaps in the step it saw when built, on every step
     Accelerator(cpu=True)
-    wrapped = AcceleratedOptimizer(bnb.optim.PagedAdamW32bit(make(), lr=1e-2),
-                                   scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    wrapped = AcceleratedOptimizer(
+        bnb.optim.PagedAdamW32bit(make(), lr=1e-2), scaler=torch.amp.GradScaler("cpu", init_scale=1.0)
+    )
     assert speed.skip_optimizer_syncs(wrapped) and speed.lean_update_step(wrapped)
     for _ in range(2):
         for p in wrapped.optimizer.param_groups[0]["params"]:
@@ -387,11 +424,26 @@ def _peft_trainer(tmp_path, model, precision, **config):
     from trl import SFTConfig, SFTTrainer
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{f"t{i}": i for i in range(4, VOCAB)}}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                  unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in samples()]})
-    cfg = SFTConfig(**{**dict(output_dir=str(tmp_path), max_length=64, use_cpu=True, report_to="none", max_steps=2,
-                              per_device_train_batch_size=2), **config})
+    cfg = SFTConfig(
+        **{
+            **dict(
+                output_dir=str(tmp_path),
+                max_length=64,
+                use_cpu=True,
+                report_to="none",
+                max_steps=2,
+                per_device_train_batch_size=2,
+            ),
+            **config,
+        }
+    )
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config)
 
@@ -404,8 +456,16 @@ def test_optimizer_levers_inside_a_trainer_train_as_bitsandbytes_does(tmp_path, 
 
     def trained(with_levers, out):
         torch.manual_seed(0)  # the same LoRA initialisation both times
-        trainer = _peft_trainer(out, tiny_llama(), "fp32", optim="paged_adamw_32bit", max_steps=3,
-                                learning_rate=5e-3, lr_scheduler_type="linear", weight_decay=0.01)
+        trainer = _peft_trainer(
+            out,
+            tiny_llama(),
+            "fp32",
+            optim="paged_adamw_32bit",
+            max_steps=3,
+            learning_rate=5e-3,
+            lr_scheduler_type="linear",
+            weight_decay=0.01,
+        )
         if with_levers:
             trainer.add_callback(speed.OptimizerLevers())
         calls.clear()
@@ -421,7 +481,9 @@ def test_optimizer_levers_inside_a_trainer_train_as_bitsandbytes_does(tmp_path, 
     assert stock_calls == 3 * len(stock) and lean_calls == 0
     assert all(torch.equal(a, b) for a, b in zip(stock, lean))
     torch.manual_seed(0)
-    untrained = [p for p in _peft_trainer(tmp_path / "init", tiny_llama(), "fp32").model.parameters() if p.requires_grad]
+    untrained = [
+        p for p in _peft_trainer(tmp_path / "init", tiny_llama(), "fp32").model.parameters() if p.requires_grad
+    ]
     assert any(not torch.equal(a, b) for a, b in zip(stock, untrained))  # training moved the adapters
 
 
@@ -460,9 +522,19 @@ def test_compiled_blocks_keep_the_loss_curve_of_the_embedded_model(tmp_path):
     for name in ("eager", "compiled"):
         model, tok = load_model("embedded")
         train_ds, _ = demo_task(n_train=12, n_eval=2)
-        settings = TrainSettings(max_steps=3, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                                 warmup_ratio=0.0, max_length=128, output_dir=str(tmp_path / name), save_steps=100,
-                                 report_to="none", fast=False, gradient_checkpointing=True)
+        settings = TrainSettings(
+            max_steps=3,
+            micro_batch_size=4,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-3,
+            warmup_ratio=0.0,
+            max_length=128,
+            output_dir=str(tmp_path / name),
+            save_steps=100,
+            report_to="none",
+            fast=False,
+            gradient_checkpointing=True,
+        )
         torch.manual_seed(0)  # the same LoRA initialisation in both runs
         trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8, alpha=16, dropout=0.0), train=settings)
         if name == "compiled":

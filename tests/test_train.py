@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from lora_kit import LoraSettings, TrainSettings, add_lora, build_trainer, demo_task, find_target_modules, load_model, preset
+from lora_kit import (
+    LoraSettings,
+    TrainSettings,
+    add_lora,
+    build_trainer,
+    demo_task,
+    find_target_modules,
+    load_model,
+    preset,
+)
 from lora_kit.data import tokenize_conversations
 from lora_kit.errors import LoraKitError
 from lora_kit.evaluate import perplexity
@@ -39,8 +48,10 @@ def test_target_modules_found_on_a_4bit_model():
     assert find_target_modules(model) == ALL_SEVEN
 
 
-@pytest.mark.parametrize("kwargs,match", [({"r": 0}, "rank"), ({"alpha": -1}, "alpha"), ({"dropout": 1.0}, "dropout"),
-                                          ({"bias": "some"}, "bias")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"r": 0}, "rank"), ({"alpha": -1}, "alpha"), ({"dropout": 1.0}, "dropout"), ({"bias": "some"}, "bias")],
+)
 def test_contradictory_lora_settings_raise(kwargs, match):
     with pytest.raises(LoraKitError, match=match):
         LoraSettings(**kwargs)
@@ -55,7 +66,11 @@ def test_trainable_parameters_follow_r_and_targets(base):
         peft_model.unload()  # remove the adapters again, leaving the base as it was
     cfg = model.config
     hd = cfg.hidden_size // cfg.num_attention_heads
-    qv = cfg.num_hidden_layers * 8 * ((cfg.hidden_size + cfg.hidden_size) + (cfg.hidden_size + cfg.num_key_value_heads * hd))
+    qv = (
+        cfg.num_hidden_layers
+        * 8
+        * ((cfg.hidden_size + cfg.hidden_size) + (cfg.hidden_size + cfg.num_key_value_heads * hd))
+    )
     assert counts[(8, "attention")] == qv
     assert counts[(16, "all-linear")] > 4 * counts[(8, "attention")]
 
@@ -66,9 +81,18 @@ def test_a_few_steps_lower_the_loss(tmp_path, fast):
     train_ds, _ = demo_task(64, 2)
     probe, _ = tokenize_conversations(train_ds.select(range(8)), tok, 128)
     before = perplexity(model, probe)
-    settings = TrainSettings(max_steps=5, micro_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
-                             max_length=128, gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path),
-                             save_steps=1000, fast=fast)
+    settings = TrainSettings(
+        max_steps=5,
+        micro_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        max_length=128,
+        gradient_checkpointing=False,
+        report_to="none",
+        output_dir=str(tmp_path),
+        save_steps=1000,
+        fast=fast,
+    )
     trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8, alpha=16, dropout=0.0), train=settings)
     trainer.train()
     after = perplexity(trainer.model, probe)
@@ -81,8 +105,13 @@ def test_quantized_adapters_are_fp32_after_the_trainer_is_built(tmp_path):
     # TRL casts a quantized model's adapters to bf16 while building the trainer; fp16 runs then die in the grad scaler.
     model, tok = load_model("embedded", "nf4")
     train_ds, _ = demo_task(8, 2)
-    trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8),
-                            train=TrainSettings(max_steps=1, report_to="none", output_dir=str(tmp_path), max_length=128))
+    trainer = build_trainer(
+        model,
+        tok,
+        train_ds,
+        lora=LoraSettings(r=8),
+        train=TrainSettings(max_steps=1, report_to="none", output_dir=str(tmp_path), max_length=128),
+    )
     dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     assert dtypes == {torch.float32}
 
@@ -90,8 +119,12 @@ def test_quantized_adapters_are_fp32_after_the_trainer_is_built(tmp_path):
 def test_plot_loss_draws_the_learning_rate_beside_the_loss():
     from types import SimpleNamespace
 
-    log = [{"step": 1, "loss": 2.0, "learning_rate": 0.0}, {"step": 2, "loss": 1.5, "learning_rate": 1e-3},
-           {"step": 3, "loss": 1.0, "learning_rate": 5e-4}, {"train_runtime": 1.0, "step": 3}]
+    log = [
+        {"step": 1, "loss": 2.0, "learning_rate": 0.0},
+        {"step": 2, "loss": 1.5, "learning_rate": 1e-3},
+        {"step": 3, "loss": 1.0, "learning_rate": 5e-4},
+        {"train_runtime": 1.0, "step": 3},
+    ]
     fig = plot_loss(SimpleNamespace(state=SimpleNamespace(log_history=log)))
     loss_ax, lr_ax = fig.axes
     assert list(loss_ax.lines[0].get_ydata()) == [2.0, 1.5, 1.0]
@@ -114,9 +147,18 @@ def test_fast_false_means_every_lever_off():
 def _losses(tmp_path, **settings):
     model, tok = load_model("embedded")
     train_ds, _ = demo_task(16, 2)
-    train = TrainSettings(max_steps=3, micro_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
-                          max_length=128, gradient_checkpointing=False, report_to="none", output_dir=str(tmp_path),
-                          save_steps=1000, **settings)
+    train = TrainSettings(
+        max_steps=3,
+        micro_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        max_length=128,
+        gradient_checkpointing=False,
+        report_to="none",
+        output_dir=str(tmp_path),
+        save_steps=1000,
+        **settings,
+    )
     trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8, alpha=16, dropout=0.0), train=train)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -131,8 +173,15 @@ def test_levers_off_trains_exactly_like_fast_false(tmp_path):
 def test_levers_forced_on_the_cpu(tmp_path, capsys):
     model, tok = load_model("embedded")
     train_ds, _ = demo_task(16, 2)
-    train = TrainSettings(max_steps=1, micro_batch_size=2, gradient_accumulation_steps=4, max_length=128,
-                          report_to="none", output_dir=str(tmp_path), levers=Levers(packing=True, liger=True))
+    train = TrainSettings(
+        max_steps=1,
+        micro_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_length=128,
+        report_to="none",
+        output_dir=str(tmp_path),
+        levers=Levers(packing=True, liger=True),
+    )
     trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8), train=train)
     # packing runs anywhere: packed rows of max_length, accumulation folded; Liger is Triton: it steps aside
     assert trainer.args.packing and trainer.args.gradient_accumulation_steps == 1
