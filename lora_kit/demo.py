@@ -96,5 +96,26 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict:
         result.update(
             merged_dir=str(settings.merged_dir), merged_matches_adapter=check.ok, merge_max_rel_diff=check.max_rel_diff
         )
+        result.update(_export(settings, log))
     result["total_seconds"] = round(time.time() - t0, 1)
     return result
+
+
+def _export(settings: CourseSettings, log) -> dict:
+    """The merged model as an f16 GGUF file with an Ollama Modelfile beside it, for llama.cpp and Ollama.
+
+    A failure here (no converter offline, an architecture llama.cpp cannot convert) is reported in the
+    results and leaves the trained adapter and merged model as they are.
+    """
+    from .errors import LoraKitError
+    from .export import export_gguf, write_modelfile
+
+    t0 = time.time()
+    try:
+        gguf = export_gguf(settings.merged_dir, settings.merged_dir.parent / "model-f16.gguf", "f16")
+        modelfile = write_modelfile(gguf)
+    except LoraKitError as err:
+        log(f"[lora_kit] GGUF export skipped: {err}")
+        return {"gguf": None, "gguf_error": str(err)}
+    log(f"[lora_kit] GGUF: {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB), Ollama: ollama create NAME -f {modelfile}")
+    return {"gguf": str(gguf), "modelfile": str(modelfile), "gguf_seconds": round(time.time() - t0, 1)}

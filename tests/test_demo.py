@@ -21,6 +21,7 @@ KEYS = {
     "adapter_dir",
     "merged_dir",
     "merged_matches_adapter",
+    "gguf",
 }
 
 
@@ -43,6 +44,9 @@ def test_demo_runs_end_to_end_and_merges_into_full_precision(tmp_path, method):
     assert result["score"] == "JSON exact match"
     assert result["merged_matches_adapter"] is True and result["merge_max_rel_diff"] < 0.01
     assert result["after_perplexity"] < result["before_perplexity"]
+    gguf = tmp_path / "model-f16.gguf"  # the merged model for llama.cpp and Ollama, with its Modelfile beside it
+    assert result["gguf"] == str(gguf) and gguf.stat().st_size > 100 * 2**20
+    assert (tmp_path / "Modelfile").read_text().count("<|im_end|>") >= 1
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged_config  # merged into a 16-bit reload, never into NF4
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
