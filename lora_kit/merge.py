@@ -44,8 +44,6 @@ from .files import atomic_folder, check_target
 from .hub import write_model_card
 from .quant import quantization_of, round_trip
 
-# Moved to hub.py; importable from here too while docs/deploy.md and course.hub_token import them from merge.
-from .hub import _hub_token, push_to_hub  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
