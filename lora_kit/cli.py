@@ -5,6 +5,7 @@
     lora-kit train my.yaml --set train.max_steps=10
     lora-kit estimate my.yaml                  # training memory of each method for the config's model and shape
     lora-kit merge outputs/qlora/adapter outputs/qlora/merged
+    lora-kit export outputs/qlora/merged outputs/qlora/model-q8_0.gguf   # for llama.cpp and Ollama
     lora-kit chat outputs/qlora/merged         # talk to a model or an adapter folder in the terminal
 
 Every command checks its input before loading a model, and a bad input ends with one clear
@@ -66,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the base's own weights, or the quantized weights training saw (QLoRA, 8-bit)",
     )
     merge.add_argument("--base-model", help="where the base is when the adapter's recorded name no longer finds it")
+
+    export = sub.add_parser("export", help="a merged model folder as one GGUF file (llama.cpp, Ollama) + Modelfile")
+    export.add_argument("merged_dir")
+    export.add_argument("out", help="the .gguf file to write, beside the folder")
+    export.add_argument("--type", choices=["f16", "q8_0", "q4_k_m"], default="q8_0", help="weights in the file")
 
     chat = sub.add_parser("chat", help="talk to a model or adapter folder in the terminal (empty line or Ctrl-D ends)")
     chat.add_argument("model", help="a merged model folder, an adapter folder, or a model name")
@@ -179,6 +185,13 @@ def main(argv=None) -> int:
             from .merge import merge_adapter
 
             print(merge_adapter(Path(args.adapter_dir), Path(args.out_dir), base=args.base, base_model=args.base_model))
+        elif args.command == "export":
+            from .export import export_gguf, write_modelfile
+
+            gguf = export_gguf(args.merged_dir, args.out, args.type)
+            print(
+                f"{gguf} ({gguf.stat().st_size / 2**20:,.0f} MiB); Ollama: ollama create NAME -f {write_modelfile(gguf)}"
+            )
         elif args.command == "chat":
             _chat(args)
     except LoraKitError as err:

@@ -121,3 +121,10 @@ def test_train_merge_and_chat_from_the_command_line(tmp_path):
     chat = lora_kit_cli("chat", result["adapter_dir"], "--max-new-tokens", "6", stdin="Hello!\n\n")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("model> ") == 1 and len(chat.stdout.split("model> ")[1].strip()) > 0
+
+
+def test_export_refuses_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes").mkdir()
+    proc = lora_kit_cli("export", str(tmp_path / "notes"), str(tmp_path / "model.gguf"), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "notes" in proc.stderr and not (tmp_path / "model.gguf").exists()
