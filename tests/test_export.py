@@ -59,9 +59,9 @@ def transformers_answers(folder, conversations):
     return [a.text for a in answers]
 
 
-def llama_answers(gguf_path, conversations):
+def llama_answers(gguf_path, conversations, max_tokens=GenerationSettings().max_new_tokens):
     """Greedy answers from llama.cpp, prompts formatted by the chat template stored in the file."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp  # requirements-dev.txt: the tests run every export in llama.cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     meta = export.gguf_metadata(gguf_path)
@@ -71,9 +71,9 @@ def llama_answers(gguf_path, conversations):
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_threads=2, seed=0, verbose=False, chat_handler=handler)
     out = []
     for messages in conversations:
-        reply = llm.create_chat_completion(
-            messages, temperature=0.0, max_tokens=GenerationSettings().max_new_tokens, repeat_penalty=1.0
-        )["choices"][0]
+        reply = llm.create_chat_completion(messages, temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.0)[
+            "choices"
+        ][0]
         out.append((reply["message"]["content"].strip(), reply["finish_reason"]))
     llm.close()
     return out
@@ -252,3 +252,33 @@ def test_a_killed_export_leaves_no_gguf_and_the_next_one_cleans_up(folder, tmp_p
     with pytest.raises(LoraKitError, match=r"needs 0\.\d\d GiB .* 0\.10 GiB are free"):
         export.export_gguf(folder, out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_trained_model_answers_alike_in_llama_cpp(tmp_path):
+    """The main job's own GGUF (f16) and a q8_0 export, on all 40 held-out demo prompts: f16 answers equal the
+    merged model's in transformers; q8_0's exact match is within 0.05 of theirs; every answer stops by itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_kit.course import load_course_data
+    from lora_kit.data import json_exact_match
+    from lora_kit.demo import demo_settings, run
+
+    settings = demo_settings(output_dir=str(tmp_path))
+    result = run(settings, log=lambda *_: None)
+    merged = Path(result["merged_dir"])
+    q8_0 = export.export_gguf(merged, tmp_path / "model-q8_0.gguf", quantization="q8_0")
+    _, eval_ds = load_course_data(settings)
+    conversations = [m[:-1] for m in eval_ds["messages"]]
+    references = [m[-1]["content"] for m in eval_ds["messages"]]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
+    settings_gen = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+    ours = [a.text for a in generate_details(model, tokenizer, conversations, settings_gen, batch_size=1)]
+    f16 = llama_answers(result["gguf"], conversations, settings.max_new_tokens)
+    q8 = llama_answers(q8_0, conversations, settings.max_new_tokens)
+    assert len(conversations) == 40 and [a for a, _ in f16] == ours
+    assert all(reason == "stop" for _, reason in f16 + q8)
+
+    def exact(answers):
+        return sum(json_exact_match(a, r) for a, r in zip(answers, references)) / len(references)
+
+    assert exact(ours) >= 0.85 and abs(exact([a for a, _ in q8]) - exact(ours)) <= 0.05
