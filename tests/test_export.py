@@ -282,3 +282,25 @@ def test_the_demo_trained_model_answers_alike_in_llama_cpp(tmp_path):
         return sum(json_exact_match(a, r) for a, r in zip(answers, references)) / len(references)
 
     assert exact(ours) >= 0.85 and abs(exact([a for a, _ in q8]) - exact(ours)) <= 0.05
+
+
+def test_transformers_reads_the_f16_file_back_to_the_same_logits(folder, exported):
+    """transformers' own GGUF loader: the exported file dequantizes to the folder's model, logit for logit."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_kit.merge import compare_logits
+
+    f16 = exported["f16"]
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    read_back = AutoModelForCausalLM.from_pretrained(str(f16.parent), gguf_file=f16.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Ana paid $5 in Rome on 2 January 2020."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        check = compare_logits(original(**ids).logits[0], read_back(**ids).logits[0], tolerance=0.01)
+    assert check.ok and check.same_argmax, check  # 16-bit storage moves the logits by about 0.1%
