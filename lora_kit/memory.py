@@ -12,14 +12,15 @@ activations         what the forward pass keeps for the backward pass; grows wit
                     sequence length, shrunk by gradient checkpointing
 ==================  ========================================================================
 
-Everything here is counted from the model's config (no weights are loaded) and is an
-*estimate*: real peaks add the CUDA context (about 0.3-0.5 GiB, outside PyTorch's own count),
-allocator fragmentation, framework temporaries (for example RMSNorm's fp32 intermediates, LoRA
-dropout copies, the dequantized copy of one 4-bit weight at a time) and whatever the kernels
-choose. Trust the ranking of the methods and the order of magnitude, not the second digit.
-As a check, our own run (DESIGN.md: Llama-2-7B shape, QLoRA r=64 on all 7 projections, seq 2048,
-micro-batch 2, gradient checkpointing, bf16) peaked at 8.4 GiB allocated; this module estimates
-about 8.3 GiB for the same settings.
+Everything here is counted from the model's config (no weights are loaded). The weights, adapters
+and optimizer states are exact byte counts; what training holds on top of them (activations, logits,
+workspace) follows a model of lora_kit's own training path fitted to measurements:
+``benchmarks/bench_memory.py`` trained 33 settings on a GPU (Llama-2-7B, SmolLM2-1.7B and Qwen2.5-7B
+shapes; qlora, lora8 and lora; fp16 and bf16; 512 to 8,192 tokens per micro-batch; r 16 and 64;
+checkpointing and packing on and off). The estimate of the peak allocated memory fell within -2% and
++7% of the measured one at every point (``benchmarks/results/memory_estimates.json``). The device
+also holds the CUDA context, the caching allocator's slack and a paged optimizer's states, which
+``MemoryBreakdown.device_gib`` adds.
 
 Byte accounting per parameter (``c`` = ``compute_dtype_bytes``, 2 for fp16/bf16):
 
@@ -31,10 +32,10 @@ Byte accounting per parameter (``c`` = ``compute_dtype_bytes``, 2 for fp16/bf16)
 * ``"qlora"`` — NF4 decoder linear weights at :func:`lora_kit.quant.bits_per_parameter` bits
   (4.127 with double quantization, 4.5 without).
 
-In the quantized methods only the linear layers inside the decoder blocks are quantized:
-transformers keeps the embeddings (not a Linear) and the lm_head (for accuracy) in 16 bits, and
-so does this module. LoRA adapters are fp32 (PEFT's default when the base is 16-bit or
-quantized): 4 bytes each for the weight and its gradient, 8 for AdamW's two moments.
+In the quantized methods only the linear layers inside the decoder blocks are quantized, and
+PEFT's ``prepare_model_for_kbit_training`` casts everything else (embeddings, lm_head, norms) to
+fp32: 4 bytes each. LoRA adapters are fp32 (4 bytes for the weight and its gradient, 8 for AdamW's
+two moments), except QLoRA in bf16, where lora_kit keeps the bf16 adapters TRL gives it (2 + 2).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ __all__ = [
     "activation_bytes",
     "memory_breakdown",
     "compare_methods",
+    "fit_settings",
+    "FitChoice",
     "format_breakdowns",
     "plot_memory_breakdown",
     "seed_claims",
@@ -70,6 +73,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Bytes of optimizer state per trainable parameter (not counting a master copy of the weights).
 _OPTIMIZER_STATE_BYTES = {
     "adamw": 8,  # two fp32 moments, m and v
+    "adamw_torch": 8,  # the same optimizer under the name the trainer (TrainSettings.optim) uses
+    "adamw_torch_fused": 8,
     "paged_adamw_32bit": 8,  # same states; "paged" lets them spill to CPU under pressure
     "adamw_8bit": 2,  # two 8-bit moments (bitsandbytes), block constants ignored
     "paged_adamw_8bit": 2,
@@ -77,6 +82,20 @@ _OPTIMIZER_STATE_BYTES = {
 }
 
 _COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activations")
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per value a run computes in
+
+# What training holds beyond weights, adapters and optimizer states, fitted to lora_kit's own training path
+# (benchmarks/bench_memory.py on an H200; the fit's error at every point is in benchmarks/results/memory_estimates.json).
+RECOMPUTE_BYTES = {"qlora": 4.4, "lora8": 5.9, "lora": 4.8, "full": 4.8}
+"""With gradient checkpointing: bytes per token per element of one block's activations while backward recomputes it
+(the block's own activations plus the temporaries of its backward; the 8-bit base dequantizes in backward)."""
+KEPT_BYTES = {"qlora": 3.7, "lora8": 4.1, "lora": 2.5, "full": 2.5}
+"""Without checkpointing: bytes per token per element of every block's activations, all kept for backward."""
+LOGIT_BYTES = 4  # the loss reads the logits in fp32: one float per vocabulary entry per token
+INT8_WORKSPACE_COPIES = 2.7  # lora8's backward dequantizes frozen int8 weights: ~2.7 16-bit copies of the largest one
+PAGED_MIN_ELEMENTS = 100_000  # bitsandbytes pages an optimizer state only from this size; smaller ones stay in place
+CUDA_CONTEXT_GIB = 0.5  # the CUDA context and kernel images: on the device, outside PyTorch's count
+ALLOCATOR_SLACK = 0.2  # PyTorch's caching allocator reserved up to 18% more than was allocated at the measured peaks
 
 
 # --- Model shapes ---------------------------------------------------------------------------
@@ -241,52 +260,59 @@ def lora_parameter_count(config, r: int = 16, target_modules="all-linear") -> in
 # --- Activations ----------------------------------------------------------------------------
 
 
+def _residual_bytes(method: str, c: int) -> int:
+    # prepare_model_for_kbit_training keeps a quantized model's embeddings in fp32, so the residual stream is fp32.
+    return 4 if method in ("qlora", "lora8") else c
+
+
+def _block_elements(config, seq_len: int, fused_attention: bool) -> int:
+    """Elements one token keeps in one decoder block: both norms' inputs, Q/K/V, attention output, the MLP's four."""
+    shapes = projection_shapes(config)
+    h, i = config.hidden_size, config.intermediate_size
+    q_dim, kv_dim = shapes["q_proj"][1], shapes["k_proj"][1]
+    per_token = 4 * h + 2 * q_dim + 2 * kv_dim + 4 * i
+    if not fused_attention:  # the s x s attention probabilities, which SDPA and FlashAttention recompute instead
+        per_token += config.num_attention_heads * seq_len
+    return per_token
+
+
 def activation_bytes(
     config,
     *,
+    method: str = "lora",
     micro_batch: int = 1,
     seq_len: int = 2048,
     gradient_checkpointing: bool = True,
     compute_dtype_bytes: int = 2,
     fused_attention: bool = True,
+    gradient_bytes: int = 0,
 ) -> int:
-    """Estimated bytes the forward pass keeps for the backward pass (one micro-batch).
+    """Estimated bytes training holds at its peak beyond the weights, adapters and optimizer states (one micro-batch).
 
-    Per token, one decoder block keeps (in 16-bit, ``c`` bytes each; h = hidden,
-    i = MLP width, q/kv = attention widths, a = heads, s = sequence length)
+    Per token (h = hidden, L = layers, V = vocabulary, B = elements of one block's activations, see
+    ``_block_elements``):
 
-        2h   the inputs of the two RMSNorms (the residual stream)
-        h    the normalised input of q/k/v        q + 2kv   Q, K, V for attention's backward
-        q    the attention output (o_proj's input) h        the normalised input of gate/up
-        4i   gate, up, SiLU(gate) and their product (down_proj's input)
-        a*s  attention probabilities, only without a fused kernel (SDPA / FlashAttention
-             recompute them instead of storing the s x s matrix)
+    * with gradient checkpointing, each block's input stays (``L*h`` values of the residual stream: fp32 in
+      the quantized methods, whose embeddings PEFT keeps in fp32), and the peak is the larger of two moments:
+      the loss (``V`` fp32 logits per token) and backward recomputing a block (``RECOMPUTE_BYTES * B`` per token,
+      plus the adapters' gradients, all allocated by the time backward reaches the first block);
+    * without it, every block keeps its activations (``L * KEPT_BYTES * B``) and the logits.
 
-    so ``per_block = b*s*c*(4h + 2q + 2kv + 4i [+ a*s])``. The logits for the loss add
-    ``b*s*vocab*(c + 4)`` (16-bit logits and the fp32 copy the loss is computed in).
-
-    * Without gradient checkpointing: ``layers * per_block + logits``.
-    * With it, only each block's input is kept (``layers * b*s*h*c``), plus one block's full
-      activations while that block is recomputed during backward, plus the logits.
-
-    For Llama-2-7B, batch 1 x 2048 tokens: about 9.7 GiB without and 1.1 GiB with checkpointing.
+    An 8-bit base adds its backward's dequantized weights (``INT8_WORKSPACE_COPIES`` of the largest projection).
+    For Llama-2-7B QLoRA, 1 x 2048 tokens: about 1.7 GiB with checkpointing and 16.5 GiB without.
     """
     config = _as_config(config)
-    shapes = projection_shapes(config)
-    h, i = config.hidden_size, config.intermediate_size
-    q_dim, kv_dim = shapes["q_proj"][1], shapes["k_proj"][1]
     tokens = micro_batch * seq_len
-    c = compute_dtype_bytes
-
-    per_token = 4 * h + 2 * q_dim + 2 * kv_dim + 4 * i
-    if not fused_attention:
-        per_token += config.num_attention_heads * seq_len
-    per_block = tokens * c * per_token
-    logits = tokens * config.vocab_size * (c + 4)
-
+    block = _block_elements(config, seq_len, fused_attention)
+    logits = tokens * config.vocab_size * LOGIT_BYTES
     if gradient_checkpointing:
-        return config.num_hidden_layers * tokens * h * c + per_block + logits
-    return config.num_hidden_layers * per_block + logits
+        inputs = tokens * config.num_hidden_layers * config.hidden_size * _residual_bytes(method, compute_dtype_bytes)
+        held = inputs + max(logits, tokens * RECOMPUTE_BYTES[method] * block + gradient_bytes)
+    else:
+        held = tokens * config.num_hidden_layers * KEPT_BYTES[method] * block + logits
+    if method == "lora8":
+        held += INT8_WORKSPACE_COPIES * max(d_in * d_out for d_in, d_out in projection_shapes(config).values()) * 2
+    return int(held)
 
 
 # --- The breakdown --------------------------------------------------------------------------
@@ -294,7 +320,13 @@ def activation_bytes(
 
 @dataclass
 class MemoryBreakdown:
-    """Estimated training memory of one method, in GiB per component (see the module docstring)."""
+    """Estimated training memory of one method, in GiB per component (see the module docstring).
+
+    The five components add up to the peak memory PyTorch allocates (``total_gib``). ``gradients`` is what the
+    adapters' gradients hold at that peak: all of them when backward recomputing the first block is the peak,
+    none when the loss is (the trainer frees them after each step). ``paged_optimizer_states`` live in CUDA
+    managed memory, outside that count: the driver moves them to CPU RAM when the GPU runs short.
+    """
 
     method: str
     weights: float
@@ -305,10 +337,11 @@ class MemoryBreakdown:
     parameters: int  # all parameters of the base model
     trainable_parameters: int
     settings: dict = field(default_factory=dict)
+    paged_optimizer_states: float = 0.0
 
     @property
     def total_gib(self) -> float:
-        """The sum of the five components, in GiB."""
+        """The estimated peak allocated memory: the sum of the five components, in GiB."""
         return sum(getattr(self, name) for name in _COMPONENTS)
 
     @property
@@ -316,18 +349,30 @@ class MemoryBreakdown:
         """The same total in decimal GB (10**9 bytes), for comparing with claims quoted in "GB"."""
         return self.total_gib * GIB / GB
 
+    @property
+    def device_gib(self) -> float:
+        """What the GPU needs free for this run: the peak, the allocator's slack, paged states, the CUDA context."""
+        return self.total_gib * (1 + ALLOCATOR_SLACK) + self.paged_optimizer_states + CUDA_CONTEXT_GIB
+
     def components(self) -> dict[str, float]:
         """``{component: GiB}`` for the five components, in plotting order."""
         return {name: getattr(self, name) for name in _COMPONENTS}
 
     def as_dict(self) -> dict:
-        """Every field plus ``total_gib``, ready for a table."""
-        return {**asdict(self), "total_gib": self.total_gib}
+        """Every field plus ``total_gib`` and ``device_gib``, ready for a table."""
+        return {**asdict(self), "total_gib": self.total_gib, "device_gib": self.device_gib}
 
 
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise LoraKitError(f"{name} must be one of {list(allowed)} (received {value!r}).")
+
+
+def _adapter_tensor_sizes(config, r: int, target_modules) -> list[int]:
+    """Element counts of every LoRA matrix (A is r x d_in, B is d_out x r), for every block."""
+    shapes = projection_shapes(config)
+    per_block = [n for name in _resolve_targets(target_modules) for n in (r * shapes[name][0], shapes[name][1] * r)]
+    return per_block * config.num_hidden_layers
 
 
 def memory_breakdown(
@@ -341,6 +386,7 @@ def memory_breakdown(
     gradient_checkpointing: bool = True,
     optimizer: str = "adamw",
     compute_dtype_bytes: int = 2,
+    precision: str | None = None,
     double_quant: bool = True,
     fused_attention: bool = True,
 ) -> MemoryBreakdown:
@@ -348,51 +394,77 @@ def memory_breakdown(
 
     ``config``: a ``transformers.PretrainedConfig`` (e.g. :func:`llama2_7b_config`) or a model
     name/path whose config can be read. ``method``: ``"full"``, ``"lora"``, ``"lora8"`` or
-    ``"qlora"``. ``optimizer``: ``"adamw"``, ``"paged_adamw_32bit"`` (same memory, can spill
-    to CPU), ``"adamw_8bit"``, ``"paged_adamw_8bit"`` or ``"sgd"``. The other knobs mean what
-    they mean in training. ``r`` and ``target_modules`` are ignored for ``"full"``.
+    ``"qlora"``. ``optimizer``: ``"adamw"`` (or the trainer's ``"adamw_torch"``), ``"paged_adamw_32bit"``
+    (same states, in managed memory that can spill to CPU), ``"adamw_8bit"``, ``"paged_adamw_8bit"`` or
+    ``"sgd"``. ``precision``: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (default: bf16, or fp32 when
+    ``compute_dtype_bytes=4``); QLoRA in bf16 keeps bf16 adapters. The other knobs mean what they mean in
+    training. ``r`` and ``target_modules`` are ignored for ``"full"``.
 
-    Returns a :class:`MemoryBreakdown` in GiB; ``.total_gib`` is the estimated peak.
+    Returns a :class:`MemoryBreakdown` in GiB; ``.total_gib`` is the estimated peak allocated memory.
     """
     _check_choice("method", method, METHODS)
     _check_choice("optimizer", optimizer, _OPTIMIZER_STATE_BYTES)
     _check_choice("compute_dtype_bytes", compute_dtype_bytes, (2, 4))
+    precision = precision or ("fp32" if compute_dtype_bytes == 4 else "bf16")
+    _check_choice("precision", precision, PRECISIONS)
     config = _as_config(config)
     groups = _parameter_groups(config)
     parameters = sum(groups.values())
-    c = compute_dtype_bytes
+    c = PRECISIONS[precision]
     state_bytes = _OPTIMIZER_STATE_BYTES[optimizer]
+    paged_states = 0
 
-    kept_in_16bit = parameters - groups["decoder_linear_weights"]  # embeddings, lm_head, norms, biases
+    kept_unquantized = parameters - groups["decoder_linear_weights"]  # embeddings, lm_head, norms, biases
     if method == "full":
         trainable = parameters
         weights = parameters * c
         adapters = 0
-        gradients = parameters * c
+        gradient_bytes = parameters * c
         master_copy = 4 if c < 4 else 0  # fp32 master weights for the optimizer to update
         optimizer_states = parameters * (state_bytes + master_copy)
     else:
         if method == "lora":
-            base = groups["decoder_linear_weights"] * c
-        elif method == "lora8":
-            rows = config.num_hidden_layers * sum(d_out for _, d_out in projection_shapes(config).values())
-            base = groups["decoder_linear_weights"] * 1 + rows * 4  # int8 + one fp32 scale per row
-        else:  # qlora
-            base = groups["decoder_linear_weights"] * bits_per_parameter(double_quant=double_quant) / 8
-        weights = base + kept_in_16bit * c
-        trainable = lora_parameter_count(config, r, target_modules)
-        adapters = trainable * 4  # fp32 adapters
-        gradients = trainable * 4
-        optimizer_states = trainable * state_bytes
+            weights = parameters * c
+        else:
+            if method == "lora8":
+                rows = config.num_hidden_layers * sum(d_out for _, d_out in projection_shapes(config).values())
+                base = groups["decoder_linear_weights"] * 1 + rows * 4  # int8 + one fp32 scale per row
+            else:  # qlora
+                base = groups["decoder_linear_weights"] * bits_per_parameter(double_quant=double_quant) / 8
+            weights = base + kept_unquantized * 4  # prepare_model_for_kbit_training casts the rest to fp32
+        sizes = _adapter_tensor_sizes(config, r, target_modules)
+        trainable = sum(sizes)
+        adapter_bytes = 2 if (method == "qlora" and precision == "bf16") else 4
+        adapters = trainable * adapter_bytes
+        gradient_bytes = trainable * adapter_bytes
+        paged = optimizer.startswith("paged_")
+        optimizer_states = sum(n for n in sizes if not (paged and n >= PAGED_MIN_ELEMENTS)) * state_bytes
+        paged_states = trainable * state_bytes - optimizer_states
 
-    activations = activation_bytes(
+    held = activation_bytes(
         config,
+        method=method,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        compute_dtype_bytes=c,
+        fused_attention=fused_attention,
+        gradient_bytes=gradient_bytes,
+    )
+    without_gradients = activation_bytes(
+        config,
+        method=method,
         micro_batch=micro_batch,
         seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing,
         compute_dtype_bytes=c,
         fused_attention=fused_attention,
     )
+    # The gradients count where they are alive at the peak: the difference the backward moment makes.
+    gradients = min(gradient_bytes, held - without_gradients) if gradient_checkpointing else 0
+    if method == "full":
+        gradients = gradient_bytes  # every weight's gradient lives until the optimizer step
+        held = without_gradients + gradient_bytes
     settings = dict(
         r=r if method != "full" else None,
         target_modules=target_modules if method != "full" else None,
@@ -400,7 +472,7 @@ def memory_breakdown(
         seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer,
-        compute_dtype_bytes=c,
+        precision=precision,
         double_quant=double_quant if method == "qlora" else None,
         fused_attention=fused_attention,
     )
@@ -410,10 +482,11 @@ def memory_breakdown(
         adapters=adapters / GIB,
         gradients=gradients / GIB,
         optimizer_states=optimizer_states / GIB,
-        activations=activations / GIB,
+        activations=(held - gradients) / GIB,
         parameters=parameters,
         trainable_parameters=trainable,
         settings=settings,
+        paged_optimizer_states=paged_states / GIB,
     )
 
 
@@ -437,6 +510,118 @@ def format_breakdowns(breakdowns: dict[str, MemoryBreakdown]) -> str:
     widths = [max(len(str(row[k])) for row in [header, *rows]) for k in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+# --- Settings that fit ----------------------------------------------------------------------
+
+_SMALLER_METHOD = {"full": "lora", "lora": "lora8", "lora8": "qlora"}
+
+
+@dataclass
+class FitChoice:
+    """Training settings chosen to fit a memory budget, with the estimate behind them and one reason per knob."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    gradient_checkpointing: bool
+    estimate: MemoryBreakdown
+    budget_gib: float
+    reasons: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"Estimated {self.estimate.device_gib:.1f} GiB of {self.budget_gib:.1f} GiB:"]
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_length", "gradient_checkpointing"):
+            lines.append(f"  {name} = {getattr(self, name)!r}  # {self.reasons[name]}")
+        return "\n".join(lines)
+
+
+def fit_settings(
+    config,
+    method: str,
+    budget_gib: float,
+    *,
+    max_length: int = 2048,
+    examples_per_step: int = 8,
+    max_micro_batch: int = 64,
+    margin: float = 0.1,
+    gradient_checkpointing: bool | None = None,
+    **settings,
+) -> FitChoice:
+    """The largest micro-batch (then the longest max_length) whose estimate fits ``budget_gib`` with ``margin``.
+
+    ``budget_gib``: the GPU memory training may use (a T4: 15). The estimate compared with it is
+    :attr:`MemoryBreakdown.device_gib` (peak, allocator slack, paged states, CUDA context), and at most
+    ``(1 - margin) * budget_gib`` is used. ``max_length`` is the longest sample wanted; it is halved only when a
+    single sample of that length does not fit. Gradient checkpointing (None: decided here) goes off only where the
+    same micro-batch fits without it. Gradient accumulation keeps ``examples_per_step`` examples per optimizer step where the
+    micro-batch is smaller. ``settings`` go to :func:`memory_breakdown` (``r``, ``optimizer``, ``precision``...).
+
+    Raises a LoraKitError naming the numbers when not even the weights fit.
+    """
+    usable = budget_gib * (1 - margin)
+
+    def need(micro_batch, length, checkpointing):
+        return memory_breakdown(
+            config, method, micro_batch=micro_batch, seq_len=length, gradient_checkpointing=checkpointing, **settings
+        )
+
+    floor = need(1, 64, True)
+    if floor.device_gib > usable:
+        smaller = _SMALLER_METHOD.get(method)
+        states = floor.adapters + floor.optimizer_states + floor.paged_optimizer_states
+        raise LoraKitError(
+            f"{method} on this model needs {floor.device_gib:.1f} GiB for a single sample of 64 tokens (weights "
+            f"{floor.weights:.1f} GiB, adapters and optimizer states {states:.1f}, the rest CUDA context and "
+            f"allocator slack); the budget is {budget_gib:.2f} GiB, of which {usable:.2f} with a {margin:.0%} "
+            "margin. "
+            + (f"Try method '{smaller}' (a smaller base), " if smaller else "Try ")
+            + "a smaller model, or a GPU with more memory."
+        )
+    length, reasons = max_length, {}
+    while need(1, length, True).device_gib > usable:
+        length //= 2
+    reasons["max_length"] = (
+        f"the longest sample wanted ({max_length} tokens)"
+        if length == max_length
+        else f"halved from {max_length}: one sample of {max_length} tokens does not fit"
+    )
+
+    def largest(checkpointing):
+        fits = [mb for mb in range(1, max_micro_batch + 1) if need(mb, length, checkpointing).device_gib <= usable]
+        return max(fits, default=0)
+
+    with_checkpoints = largest(True)
+    without = largest(False) if gradient_checkpointing is not True else 0
+    if gradient_checkpointing is None:
+        checkpointing = without < with_checkpoints or without == 0
+        reasons["gradient_checkpointing"] = (
+            f"on: without it {without or 'no'} sample(s) of {length} tokens fit, with it {with_checkpoints}"
+            if checkpointing
+            else "off: the same micro-batch fits without recomputing the forward pass, which saves about a third"
+        )
+    else:
+        checkpointing = gradient_checkpointing
+        reasons["gradient_checkpointing"] = "as asked"
+    micro_batch = with_checkpoints if checkpointing else without
+    if micro_batch == 0:
+        raise LoraKitError(
+            f"{method} on this model without gradient checkpointing does not fit {budget_gib:.1f} GiB even with 1 "
+            f"sample of {length} tokens: switch gradient checkpointing on."
+        )
+    chosen = need(micro_batch, length, checkpointing)
+    reasons["micro_batch_size"] = (
+        f"the largest that fits: {micro_batch + 1} would need "
+        f"{need(micro_batch + 1, length, checkpointing).device_gib:.2f} GiB of the {usable:.2f} usable"
+        if micro_batch < max_micro_batch
+        else f"the most asked for (max_micro_batch={max_micro_batch})"
+    )
+    accumulation = max(1, round(examples_per_step / micro_batch))  # as close to the examples wanted as whole steps go
+    reasons["gradient_accumulation_steps"] = (
+        f"{micro_batch} x {accumulation} = {micro_batch * accumulation} examples per optimizer step "
+        f"(wanted {examples_per_step})"
+    )
+    return FitChoice(micro_batch, accumulation, length, checkpointing, chosen, budget_gib, reasons)
 
 
 # --- A picture ------------------------------------------------------------------------------

@@ -191,8 +191,11 @@ CELLS = [
     Full fine-tuning pays gradients and optimizer states for every weight. LoRA pays them only for its
     small matrices, and the 8-bit and 4-bit bases shrink the weights themselves.
 
-    `lora_kit.memory` counts all five from the model's configuration (no weights are loaded). First, the
-    model this run uses, with this run's rank, batch and sequence length:
+    `lora_kit.memory` counts all five from the model's configuration (no weights are loaded). Weights, adapters
+    and optimizer states are exact byte counts; the activations follow a model fitted to lora_kit's own training
+    runs on a GPU (33 settings, three model shapes: every estimate within -2% and +7% of the measured peak; the
+    table is in `benchmarks/README.md`). First, the model this run uses, with this run's rank, batch and sequence
+    length:
     """),
     code("""
     from lora_kit import memory
@@ -223,10 +226,11 @@ CELLS = [
     """),
     md("""
     Which other models would fit? The next table runs the same estimate, with this run's rank, batch and
-    length, for a few open chat models (ungated ones first), and marks whether each fits this machine's GPU
-    with room to spare for what the estimate does not count (CUDA's own memory, the allocator's cache,
-    generation). On a machine without a GPU it answers for a T4. To try one, set
-    `OVERRIDES = dict(model="...")` in section 2 and run the notebook again.
+    length, for a few open chat models (ungated ones first). Its GPU memory column adds what the GPU holds
+    besides the peak: CUDA's own memory, the allocator's cache and a paged optimizer's states. A model "fits"
+    when that stays within 90% of this machine's GPU (the rest is room for generation); on a machine without a
+    GPU it answers for a T4. To try one, set `OVERRIDES = dict(model="...")` in section 2 and run the notebook
+    again: the knobs cell then checks the batch against the GPU and lowers it if it would not fit.
     """),
     code("""
     course.model_menu(cfg)

@@ -306,11 +306,37 @@ def test_model_menu_marks_what_fits_the_gpu_from_the_estimate():
     assert fit["HuggingFaceTB/SmolLM2-1.7B-Instruct"] == "fits" and fit["Qwen/Qwen2.5-7B-Instruct"] == "does not fit"
     assert "current choice" in menu.loc[lora.model, "note"]
     qlora = course.model_menu(course.course_settings("qlora", smoke=False, hardware=t4), t4).set_index("model")
-    assert (qlora["estimated training peak (GiB)"] < menu["estimated training peak (GiB)"]).all()  # 4-bit bases
-    assert qlora["on Tesla T4 (15 GiB)"]["Qwen/Qwen2.5-7B-Instruct"] == "fits"
+    # 4-bit bases shrink the 7-8B models' need; on a 0.5B the fp32 embeddings QLoRA keeps outweigh the 4-bit saving.
+    need, need_16bit = qlora["estimated GPU memory (GiB)"], menu["estimated GPU memory (GiB)"]
+    assert (need < need_16bit - 5).sum() == 3 and need["Qwen/Qwen2.5-0.5B-Instruct"] > need_16bit[
+        "Qwen/Qwen2.5-0.5B-Instruct"
+    ]
+    assert qlora["on Tesla T4 (15 GiB)"]["Qwen/Qwen2.5-7B-Instruct"].startswith("tight")
     shorter = course.model_menu(replace(lora, max_length=256), t4).set_index("model")
-    assert (shorter["estimated training peak (GiB)"] <= menu["estimated training peak (GiB)"]).all()
+    assert (shorter["estimated GPU memory (GiB)"] <= menu["estimated GPU memory (GiB)"]).all()
     assert "no GPU here" in course.model_menu(lora, CPU).columns[2]
+
+
+def test_gpu_knobs_say_what_they_need_of_the_gpu_and_shrink_when_it_is_too_small():
+    from lora_kit.models import embedded_model_path
+
+    t4 = Hardware(device="cuda", name="Tesla T4", compute_capability=(7, 5), vram_gib=15.0, gpu_count=1)
+    qlora = course.course_settings("qlora", smoke=False, hardware=t4)
+    assert qlora.micro_batch_size == 2 and "estimates 10.0 GiB of this GPU's 15.0 GiB" in str(qlora)
+    # A GPU too small for the recipe's 2 x 1024 tokens: the micro-batch goes down, then max_length, with reasons.
+    tiny_gpu = Hardware(device="cuda", name="Tiny", compute_capability=(7, 5), vram_gib=1.2, gpu_count=1)
+    small = course.course_settings("lora", smoke=False, hardware=tiny_gpu, model=str(embedded_model_path()))
+    assert (small.micro_batch_size, small.max_length) == (1, 512)
+    assert "so lowered" in small.reasons["micro_batch_size"] and "does not fit" in small.reasons["max_length"]
+    assert small.micro_batch_size * small.gradient_accumulation_steps == 2  # the recipe's examples per step
+    # What the learner set is kept, with a warning.
+    kept = course.course_settings(
+        "lora", smoke=False, hardware=tiny_gpu, model=str(embedded_model_path()), micro_batch_size=8
+    )
+    assert kept.micro_batch_size == 8 and "may not fit" in kept.reasons["micro_batch_size"]
+    # Weights alone too big: a clear error with the numbers and the next method down.
+    with pytest.raises(LoraKitError, match=r"needs 16\.3 GiB.*Try method 'lora8'"):
+        course.course_settings("lora", smoke=False, hardware=t4, model="NousResearch/Llama-2-7b-chat-hf")
 
 
 def test_showcase_and_merged_answer_report_say_which_answer_is_right():

@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""Training memory, measured: lora_kit's own training path over a grid of settings, next to lora_kit.memory's estimate.
+
+Each grid point is one subprocess (clean peak counters) that loads a random-weight checkpoint of a real model's shape
+with ``lora_kit.load_model``, builds the trainer with ``lora_kit.train.build_trainer`` (whatever speed levers it turns
+on for this machine) and trains a few optimizer steps on random tokens. It records
+
+    weights_gib        allocated after loading (the quantized or 16-bit base)
+    built_gib          allocated once the trainer is built (the base and the adapters)
+    peak_allocated_gib torch.cuda.max_memory_allocated over training (what the estimate is compared with)
+    peak_reserved_gib  torch.cuda.max_memory_reserved over training (allocated + the caching allocator's slack)
+    paged_states_gib   optimizer states in CUDA managed memory (bitsandbytes' paged optimizers): the allocator does
+                       not count them, and the driver can move them to CPU RAM when the GPU runs short
+
+Points with ``precision: fp16`` run under the T4 proxy of notebooks_on_gpu.py (lora_kit is told it runs on a T4, so
+it picks fp16 and a T4's levers) without its memory cap, so a point that would not fit a T4 is still measured.
+
+Run on a GPU, from the repository root (the wheels as for notebooks_on_gpu.py):
+
+    python3 benchmarks/bench_memory.py --out $OUT                 # the whole grid, several points at a time
+    python3 benchmarks/bench_memory.py --out $OUT --points 0,3    # some points
+
+CPU dry run of the plumbing (tiny model, no peaks): ``python3 benchmarks/bench_memory.py --tiny --points 0``.
+Results: ``memory_points.jsonl`` (one line per point, as it finishes) and ``memory_grid.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+from lora_kit import memory  # noqa: E402  (after the path above)
+
+GIB = 2**30
+STEPS = 3  # the optimizer states exist from the first step, and the peak repeats every step after it
+
+# The shapes measured: the notebooks' two default models and a GQA model with a large vocabulary (the logits matter).
+SHAPES = {
+    "llama2-7b": ("LlamaConfig", memory.LLAMA2_7B),
+    "smollm2-1.7b": ("LlamaConfig", memory.SMOLLM2_1_7B),
+    "qwen2.5-7b": ("Qwen2Config", memory.decoder_shape(3584, 18944, 28, 28, 4, 152064, False)),
+    "tiny": ("LlamaConfig", memory.decoder_shape(64, 172, 2, 4, 4, 512, False, context=512)),
+}
+QUANTIZATION = {"qlora": "nf4", "lora8": "8bit", "lora": "none"}
+# The notebooks' recipes: the QLoRA tutorial's paged optimizer and dropout for qlora, plain AdamW for the others.
+OPTIM = {"qlora": "paged_adamw_32bit", "lora8": "adamw_torch", "lora": "adamw_torch"}
+DROPOUT = {"qlora": 0.1, "lora8": 0.05, "lora": 0.05}
+
+
+def _points() -> list[dict]:
+    points = []
+
+    def add(shape, method, precision, runs, r, gc=True, packing=False):
+        for seq, mb in runs:
+            points.append(
+                dict(shape=shape, method=method, precision=precision, seq=seq, mb=mb, r=r, gc=gc, packing=packing)
+            )
+
+    add("llama2-7b", "qlora", "bf16", [(512, 1), (1024, 2), (2048, 1), (2048, 2), (2048, 4)], 64)
+    add("llama2-7b", "qlora", "bf16", [(1024, 2)], 16)
+    add("llama2-7b", "qlora", "bf16", [(512, 1), (1024, 2)], 64, gc=False)
+    add("llama2-7b", "qlora", "bf16", [(1024, 2), (2048, 2)], 64, packing=True)
+    add("llama2-7b", "qlora", "fp16", [(1024, 2), (2048, 2)], 64)
+    add("llama2-7b", "qlora", "fp16", [(1024, 2)], 64, packing=True)
+    add("llama2-7b", "lora8", "bf16", [(512, 1), (1024, 2), (2048, 2)], 16)
+    add("llama2-7b", "lora8", "bf16", [(1024, 2)], 64)
+    add("llama2-7b", "lora8", "bf16", [(512, 2)], 16, gc=False)
+    add("llama2-7b", "lora8", "fp16", [(1024, 2)], 16)
+    add("llama2-7b", "lora8", "fp16", [(1024, 2)], 16, packing=True)
+    add("llama2-7b", "lora", "bf16", [(1024, 2)], 16)
+    add("smollm2-1.7b", "lora", "bf16", [(512, 1), (1024, 2), (2048, 4)], 16)
+    add("smollm2-1.7b", "lora", "bf16", [(1024, 2)], 16, gc=False)
+    add("smollm2-1.7b", "lora", "bf16", [(2048, 2)], 64)
+    add("smollm2-1.7b", "lora", "bf16", [(2048, 2)], 16, packing=True)
+    add("smollm2-1.7b", "lora", "fp16", [(1024, 2)], 16)
+    add("smollm2-1.7b", "lora", "fp16", [(1024, 2)], 16, packing=True)
+    add("qwen2.5-7b", "qlora", "bf16", [(1024, 2), (2048, 2)], 16)
+    add("qwen2.5-7b", "qlora", "fp16", [(1024, 2)], 16)
+    add("qwen2.5-7b", "lora8", "bf16", [(1024, 2)], 16)
+    return points
+
+
+POINTS = _points()
+
+# Auto-fit checks: each method on its notebook model, its notebook rank, under a memory cap.
+AUTOFIT = (("llama2-7b", "qlora", 64), ("llama2-7b", "lora8", 16), ("smollm2-1.7b", "lora", 16))
+AUTOFIT_STEPS = 20
+
+
+def autofit_points(budgets: list[float], max_length: int) -> list[dict]:
+    """One point per budget and AUTOFIT entry, with the settings lora_kit.memory.fit_settings chose for the budget."""
+    from transformers import LlamaConfig
+
+    points = []
+    for budget in budgets:
+        precision = "fp16" if budget <= 16 else "bf16"  # a T4-sized budget runs as a T4 would (the T4 proxy)
+        for shape, method, r in AUTOFIT:
+            choice = memory.fit_settings(
+                LlamaConfig(**SHAPES[shape][1]),
+                method,
+                budget,
+                max_length=max_length,
+                r=r,
+                optimizer=OPTIM[method],
+                precision=precision,
+            )
+            points.append(
+                dict(
+                    shape=shape,
+                    method=method,
+                    precision=precision,
+                    seq=choice.max_length,
+                    mb=choice.micro_batch_size,
+                    r=r,
+                    gc=choice.gradient_checkpointing,
+                    packing=False,
+                    budget_gib=budget,
+                    steps=AUTOFIT_STEPS,
+                    estimated_device_gib=round(choice.estimate.device_gib, 3),
+                )
+            )
+    return points
+
+
+def estimate(point: dict) -> memory.MemoryBreakdown:
+    """lora_kit.memory's estimate for one grid point."""
+    from transformers import LlamaConfig
+
+    return memory.memory_breakdown(
+        LlamaConfig(**SHAPES[point["shape"]][1]),  # the counts need the shape only
+        point["method"],
+        r=point["r"],
+        micro_batch=point["mb"],
+        seq_len=point["seq"],
+        gradient_checkpointing=point["gc"],
+        optimizer=OPTIM[point["method"]],
+        precision=point["precision"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+def build_checkpoint(folder: Path, shape: str) -> Path:
+    """A random-weight fp16 checkpoint of ``shape`` with a word-level tokenizer of its vocabulary; reused if built."""
+    import torch
+    import transformers
+    from bench_train import build_tokenizer
+
+    config_class, dims = SHAPES[shape]
+    marker = folder / "built.json"  # written last: a folder without it is an interrupted build
+    if marker.is_file() and json.loads(marker.read_text()) == dims:
+        return folder
+    config = getattr(transformers, config_class)(**dims, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(folder, max_shard_size="2GB")
+    build_tokenizer(dims["vocab_size"]).save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    marker.write_text(json.dumps(dims))
+    return folder
+
+
+def training_rows(point: dict, vocab_size: int):
+    """Random-token rows: ``mb`` full-length rows per step, or (packing) chat-like lengths that fill them."""
+    from bench_train import make_dataset
+
+    if not point["packing"]:
+        return make_dataset("fixed", STEPS * point["mb"], point["seq"], vocab_size, seed=0)
+    # Log-normal lengths with a median of ~250 tokens at 2048: about 400 tokens each on average.
+    rows = 2 * STEPS * point["mb"] * point["seq"] // max(1, point["seq"] * 400 // 2048)
+    return make_dataset("mixed", rows, point["seq"], vocab_size, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------- one point
+def run_point(point: dict, checkpoint: Path) -> dict:
+    """Train one grid point in this process and return what it measured."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    budget = point.get("budget_gib")
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        if point["precision"] == "fp16":
+            from notebooks_on_gpu import apply_t4_proxy
+
+            apply_t4_proxy(cap_gib=budget or total / GIB - 1)
+        elif budget:
+            torch.cuda.set_per_process_memory_fraction(budget * GIB / total, 0)
+    from lora_kit import load_model
+    from lora_kit.speed import Levers
+    from lora_kit.train import LoraSettings, TrainSettings, build_trainer
+
+    precision = point["precision"] if cuda else "fp32"
+    model, tokenizer = load_model(str(checkpoint), QUANTIZATION[point["method"]], precision=precision)
+    weights = torch.cuda.memory_allocated() if cuda else 0
+    lora = LoraSettings(r=point["r"], alpha=point["r"] / 4, dropout=DROPOUT[point["method"]])
+    settings = TrainSettings(
+        learning_rate=2e-4,
+        micro_batch_size=point["mb"],
+        gradient_accumulation_steps=1,
+        max_steps=point.get("steps", STEPS),
+        max_length=point["seq"],
+        optim=OPTIM[point["method"]],
+        lr_scheduler_type="constant",
+        warmup_ratio=0.0,
+        gradient_checkpointing=point["gc"],
+        save_steps=10**9,
+        output_dir=tempfile.mkdtemp(prefix="bench_memory_"),
+        levers=Levers(packing=point["packing"]),  # everything else as lora_kit decides on this machine
+        report_to="none",
+    )
+    rows = training_rows(point, model.config.vocab_size)
+    trainer = build_trainer(model, tokenizer, rows, lora=lora, train=settings, precision=precision)
+    built = torch.cuda.memory_allocated() if cuda else 0  # weights + adapters (+ anything the build keeps)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    paged = sum(
+        t.numel() * t.element_size()
+        for state in trainer.optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and getattr(t, "is_paged", False)
+    )
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return dict(
+        weights_gib=weights / GIB,
+        built_gib=built / GIB,
+        peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB if cuda else None,
+        paged_states_gib=paged / GIB,
+        train_s=round(seconds, 1),
+        last_loss=losses[-1] if losses else None,
+    )
+
+
+def worker(spec: str) -> int:
+    job = json.loads(spec)
+    result = run_point(job["point"], Path(job["checkpoint"]))
+    print("BENCH_MEMORY " + json.dumps(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- the grid
+def reservation_gib(point: dict) -> float:
+    """GPU memory set aside for a running point: twice the estimate plus the context, so neighbours never collide."""
+    return point.get("budget_gib") or 2 * estimate(point).total_gib + 2
+
+
+def drive(args) -> list[dict]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.autofit:
+        points = autofit_points([float(b) for b in args.autofit.split(",")], args.autofit_length)
+        points = [dict(p, index=i) for i, p in enumerate(points)]
+    else:
+        wanted = [int(i) for i in args.points.split(",")] if args.points else range(len(POINTS))
+        points = [dict(POINTS[i], index=i) for i in wanted]
+    if args.tiny:
+        points = [dict(p, shape="tiny", seq=64, mb=1) for p in points]
+    work = Path(args.work)
+    started = time.time()
+    checkpoints = {}
+    for shape in sorted({p["shape"] for p in points}):
+        t0 = time.time()
+        checkpoints[shape] = build_checkpoint(work / shape, shape)
+        print(f"checkpoint {shape}: {time.time() - t0:.0f} s", flush=True)
+    pending, running, results = list(points), [], []
+    log = (out / "memory_points.jsonl").open("a")
+    while pending or running:
+        in_use = sum(reservation_gib(p) for p, _, _ in running)
+        while (
+            pending
+            and len(running) < args.parallel
+            and (not running or in_use + reservation_gib(pending[0]) <= args.budget_gib)
+            and time.time() - started < args.deadline
+        ):
+            point = pending.pop(0)
+            spec = json.dumps({"point": point, "checkpoint": str(checkpoints[point["shape"]])})
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "--worker", spec],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            running.append((point, proc, time.time()))
+            in_use += reservation_gib(point)
+        if pending and not running and time.time() - started >= args.deadline:
+            print(f"deadline: {len(pending)} points not started", flush=True)
+            break
+        time.sleep(1)
+        for item in list(running):
+            point, proc, t0 = item
+            if proc.poll() is None and time.time() - t0 < args.timeout:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+            text = proc.communicate()[0]
+            running.remove(item)
+            found = [line for line in text.splitlines() if line.startswith("BENCH_MEMORY ")]
+            record = dict(point, estimated_gib=round(estimate(point).total_gib, 3), wall_s=round(time.time() - t0))
+            levers = [line for line in text.splitlines() if line.startswith("Speed levers on:")]
+            record["levers"] = levers[-1].split(":", 1)[1].split("(")[0].strip() if levers else "none"
+            if found:
+                record.update(json.loads(found[-1].split(" ", 1)[1]))
+                if (
+                    point.get("budget_gib") and record["peak_reserved_gib"] is not None
+                ):  # what the run took of its budget: the allocator's and the paged states
+                    used = record["peak_reserved_gib"] + record["paged_states_gib"]
+                    record["used_fraction"] = round(used / point["budget_gib"], 3)
+            else:
+                record["error"] = text.strip().splitlines()[-1][:300] if text.strip() else f"exit {proc.returncode}"
+            results.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            measured = record.get("peak_allocated_gib")
+            print(
+                f"#{point['index']:2d} {point['shape']:13s} {point['method']:5s} {point['precision']} "
+                f"{point['seq']:5d} x {point['mb']} r={point['r']:<3d} gc={point['gc']!s:5s} pack={point['packing']!s:5s}"
+                f" estimated {record['estimated_gib']:6.2f}  measured "
+                + (f"{measured:6.2f}" if measured is not None else record.get("error", "-"))
+                + f"  ({record['wall_s']} s)",
+                flush=True,
+            )
+    results.sort(key=lambda r: r["index"])
+    name = "memory_autofit.json" if args.autofit else "memory_grid.json"
+    (out / name).write_text(json.dumps({"points": results}, indent=1))
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_memory_out")
+    p.add_argument("--work", default="/tmp/bench_memory", help="where the checkpoints are built")
+    p.add_argument("--points", help="comma list of grid indices (default: all)")
+    p.add_argument("--parallel", type=int, default=6, help="points at once")
+    p.add_argument("--budget-gib", type=float, default=120.0, help="GPU memory the running points may reserve")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per point")
+    p.add_argument("--deadline", type=int, default=480, help="start no point after this many seconds")
+    p.add_argument("--autofit", metavar="GIB,...", help="check fit_settings' choices under these memory caps instead")
+    p.add_argument("--autofit-length", type=int, default=1024, help="the longest sample the auto-fit runs want")
+    p.add_argument("--tiny", action="store_true", help="a tiny model for every point (CPU dry run)")
+    p.add_argument("--list", action="store_true", help="print the grid with the estimates and stop")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    if args.list:
+        listed = (
+            autofit_points([float(b) for b in args.autofit.split(",")], args.autofit_length) if args.autofit else POINTS
+        )
+        for i, point in enumerate(listed):
+            print(i, point, f"{estimate(point).total_gib:.2f} GiB")
+        return 0
+    drive(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
