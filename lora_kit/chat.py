@@ -303,4 +303,6 @@ def chat_box(
         shell.events.register("post_run_cell", _clear_flag)
     for text in script or []:
         box.send(text)
+    if script:  # a saved copy of the notebook keeps printed text, not the widget's state: the exchange stays readable
+        print("\n".join(f"{m['role']}: {m['content']}" for m in session.history))
     return box

@@ -627,8 +627,16 @@ def fit_settings(
 # --- A picture ------------------------------------------------------------------------------
 
 
-def plot_memory_breakdown(breakdowns: dict[str, MemoryBreakdown], title: str = "Estimated training memory"):
+def plot_memory_breakdown(
+    breakdowns: dict[str, MemoryBreakdown],
+    title: str = "Estimated training memory",
+    gpu_gib: float | None = None,
+    gpu_name: str = "GPU memory",
+):
     """Stacked bars, one per method, split into the five components; the total on top (GiB).
+
+    ``gpu_gib``: a GPU's memory, drawn as a horizontal line labelled ``gpu_name`` (a bar that reaches it does not fit;
+    the GPU also needs the CUDA context and the allocator's slack, about a fifth more than the bar).
 
     Returns a matplotlib Figure (built without pyplot, so it works on any backend; a notebook
     displays it when it is the cell's value).
@@ -656,10 +664,12 @@ def plot_memory_breakdown(breakdowns: dict[str, MemoryBreakdown], title: str = "
             va="bottom",
             fontsize="small",
         )
+    if gpu_gib:
+        ax.axhline(gpu_gib, color="black", linestyle="--", linewidth=1, label=gpu_name)
     ax.set_xticks(positions, labels)
     ax.set_xlabel("method")
     ax.set_ylabel("memory (GiB)")
-    ax.set_ylim(0, max(bottoms) * 1.12)
+    ax.set_ylim(0, max(bottoms + [gpu_gib or 0]) * 1.12)
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()

@@ -203,7 +203,7 @@ CELLS = [
     config = course.model_config(cfg)
     estimates = course.memory_estimates(config, r=cfg.r, micro_batch=cfg.micro_batch_size, seq_len=cfg.max_length)
     print(course.memory_summary(estimates))
-    memory.plot_memory_breakdown(estimates, title=f"Estimated training memory: {course.model_label(cfg)}")
+    memory.plot_memory_breakdown(estimates, f"Estimated training memory: {course.model_label(cfg)}", **course.chart_gpu())
     """),
     md("""
     The same estimate for Llama-2-7B, the model of the Llama-2 QLoRA Colab tutorial, with one sequence of 2,048
@@ -213,7 +213,7 @@ CELLS = [
     code("""
     estimates_7b = course.memory_estimates(memory.llama2_7b_config(), r=cfg.r, micro_batch=1, seq_len=2048)
     print(course.memory_summary(estimates_7b))
-    memory.plot_memory_breakdown(estimates_7b, title=f"Estimated training memory: Llama-2-7B, r={cfg.r}, 1 x 2048 tokens")
+    memory.plot_memory_breakdown(estimates_7b, f"Estimated training memory: Llama-2-7B, r={cfg.r}, 1 x 2048 tokens", **course.chart_gpu())
     """),
     md("""
     The tutorials this course grew from make several memory claims. Rather than repeat them, the next cell
@@ -523,6 +523,20 @@ CELLS = [
     from lora_kit.evaluate import decoding_showcase
 
     decoding_showcase(model, tok, "Write a short poem about a city at night.", seed=0, max_new_tokens=64)
+    """),
+    md("""
+    Did the fine-tuning cost the model anything it knew? Training moves the weights toward the new task, and
+    nothing in the loss keeps them where general knowledge needs them: *catastrophic forgetting*. The next
+    cell measures it on questions that have nothing to do with the training data, once with the adapter off
+    and once with it on: the perplexity of short, plain reference answers (higher with the adapter on means
+    those answers became less likely), and the model's own answers to the last few questions. A model tuned
+    hard on one format often answers everything in that format. Less forgetting: fewer steps, a lower learning
+    rate or rank, or general chat examples mixed into the training data.
+    """),
+    code("""
+    summary, answers = course.forgetting_check(model, tok, cfg)
+    print(summary)
+    answers
     """),
     md("""
     Finally, talk to it. In a live notebook the next cell shows a chat box (history is kept between turns;

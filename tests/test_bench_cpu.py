@@ -109,3 +109,22 @@ def test_cold_compile_gives_each_recipe_subprocess_empty_compiler_caches(tmp_pat
             assert all(Path(c).parent.parent == tmp_path for c in caches)
         else:  # without the flag the recipes inherit the caller's cache
             assert caches == [str(tmp_path / "shared_cache")] * 2
+
+
+def test_bench_memory_tiny_cpu(tmp_path):
+    """bench_memory.py's grid and auto-fit plumbing: every point trains in its own process and is recorded."""
+    out = tmp_path / "out"
+    common = ["--tiny", "--out", str(out), "--work", str(tmp_path / "work"), "--parallel", "2"]
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    script = str(ROOT / "benchmarks" / "bench_memory.py")
+    for extra in (["--points", "0,8"], ["--autofit", "15"]):
+        proc = subprocess.run(
+            [sys.executable, script, *common, *extra], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    grid = json.loads((out / "memory_grid.json").read_text())["points"]
+    assert [p["index"] for p in grid] == [0, 8] and all("error" not in p for p in grid)
+    assert grid[1]["levers"].startswith("packing")  # the packing point really packed
+    assert all(p["last_loss"] > 0 and p["estimated_gib"] > 0 for p in grid)
+    fitted = json.loads((out / "memory_autofit.json").read_text())["points"]
+    assert len(fitted) == 3 and all(p["budget_gib"] == 15.0 and p["steps"] == 20 for p in fitted)

@@ -120,6 +120,11 @@ def test_chat_box_in_widget_mode_returns_the_box(model_tok, capsys):
     box = chat.chat_box(model, tok, settings=SETTINGS, system="Be brief.", mode="widget")
     assert isinstance(box, chat.ChatBox) and box.session.system == "Be brief." and box.history == []
     assert box._hide_next_display  # shown once by chat_box; not twice as the cell's value
+    assert "user: " not in capsys.readouterr().out  # nothing played, no exchange printed
+    played = chat.chat_box(model, tok, settings=SETTINGS, script=["Hi.", "Bye."], mode="widget")
+    printed = capsys.readouterr().out  # the exchange as text too: saved copies of a notebook keep no widget state
+    assert len(played.history) == 4 and printed.count("user: ") == 2 and printed.count("assistant: ") == 2
+    assert played.history[1]["content"] in printed
     with pytest.raises(LoraKitError, match="mode"):
         chat.chat_box(model, tok, mode="terminal")
 

@@ -147,6 +147,50 @@ def test_training_report_gives_tokens_per_second_from_the_rows_trained():
     )
 
 
+def test_training_memory_report_puts_the_measured_peak_beside_the_estimate(tiny_lora):
+    from types import SimpleNamespace
+
+    from lora_kit.memory import memory_breakdown
+
+    model, _, _ = tiny_lora
+    args = SimpleNamespace(
+        optim="paged_adamw_32bit", per_device_train_batch_size=2, max_length=64, gradient_checkpointing=True,
+        bf16=False, fp16=True,
+    )  # fmt: skip
+    paged = torch.zeros(1000)
+    paged.is_paged = True  # as bitsandbytes marks the states it puts in managed memory
+    optimizer = SimpleNamespace(state={"w": {"state1": paged, "step": 3}})
+    report = course.training_memory_report(SimpleNamespace(args=args, model=model, optimizer=optimizer), 1.5, 2.0)
+    expected = memory_breakdown(
+        model.config, "lora", r=4, micro_batch=2, seq_len=64, optimizer="paged_adamw_32bit", precision="fp16"
+    )
+    assert "1.50 GiB allocated, 2.00 GiB reserved" in report
+    assert f"estimated {expected.total_gib:.2f} GiB allocated for 2 rows of up to 64 tokens" in report
+    assert f"keeps {4000 / 2**30:.2f} GiB" in report  # 1,000 fp32 numbers
+    args.optim = "sgd_with_a_new_name"  # an optimizer the estimator does not know: said, not raised
+    assert "No estimate to compare" in course.training_memory_report(
+        SimpleNamespace(args=args, model=model, optimizer=None), 1.5, 2.0
+    )
+
+
+def test_forgetting_check_compares_general_answers_with_the_adapter_off_and_on(tiny_lora):
+    model, tok, _ = tiny_lora
+    cfg = course.course_settings("lora", smoke=True, hardware=CPU)
+    b = next(m for m in model.modules() if hasattr(m, "lora_B")).lora_B["default"].weight
+    with torch.no_grad():
+        b.normal_(0, 0.5)  # a trained-looking adapter: the answers and the perplexity must move
+    try:
+        summary, answers = course.forgetting_check(model, tok, cfg, n_answers=2)
+    finally:
+        with torch.no_grad():
+            b.zero_()
+    numbers = [float(x.rstrip(",")) for x in summary.split() if x.replace(".", "").rstrip(",").isdigit()]
+    off, on = numbers[1], numbers[2]  # 6 answers, then off, then on
+    assert off != on and f"{len(course.GENERAL_CHECK)} general reference answers" in summary
+    assert ("rose" if on > off else "fell") in summary
+    assert list(answers.columns) == ["prompt", "base (adapter off)", "fine-tuned (adapter on)"] and len(answers) == 2
+
+
 def test_drive_is_only_used_in_colab():
     cfg = course.course_settings("lora", hardware=CPU, use_drive=True)
     assert not cfg.use_drive and "Colab" in cfg.reasons["use_drive"]

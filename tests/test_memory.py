@@ -215,6 +215,10 @@ def test_plot_has_one_bar_per_method_and_labelled_axes(c7):
     assert ax.get_legend() is not None
     totals = [t.get_text() for t in ax.texts]
     assert totals == [f"{b.total_gib:.1f} GiB" for b in breakdowns.values()]
+    with_gpu = memory.plot_memory_breakdown(breakdowns, "7B", gpu_gib=15.0, gpu_name="a T4").axes[0]
+    (line,) = with_gpu.get_lines()
+    assert list(line.get_ydata()) == [15.0, 15.0] and line.get_label() == "a T4"
+    assert "a T4" in [t.get_text() for t in with_gpu.get_legend().get_texts()]
 
 
 def test_seed_claims_verdicts_are_computed():
