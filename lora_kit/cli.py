@@ -3,6 +3,7 @@
     lora-kit demo                              # the main job: the embedded model learns the demo task, on a CPU
     lora-kit config qlora > my.yaml            # a recipe as a config file, every value with its reason
     lora-kit train my.yaml --set train.max_steps=10
+    lora-kit train my.yaml --processes 2       # data parallel: one process per GPU, launched through accelerate
     lora-kit estimate my.yaml                  # training memory of each method for the config's model and shape
     lora-kit merge outputs/qlora/adapter outputs/qlora/merged
     lora-kit export outputs/qlora/merged outputs/qlora/model-q8_0.gguf   # for llama.cpp and Ollama
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=RUN_HELP)
     train.add_argument("--no-merge", dest="merge", action="store_false", help="stop after saving the adapter")
     train.add_argument("--check", action="store_true", help="only check the config and print the resolved knobs")
+    train.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (one per GPU; without a GPU they share the cores), started with "
+        "accelerate launch, whose command is printed; the batch per step stays the config's",
+    )
 
     estimate = sub.add_parser("estimate", help="training memory of each method for a config's model and shape")
     estimate.add_argument("config")
@@ -95,6 +106,16 @@ def _demo(args) -> dict:
     if args.n_eval:
         knobs.update(n_eval=args.n_eval, eval_samples=args.n_eval)
     return run(demo_settings(args.method, **{k: v for k, v in knobs.items() if v is not None}))
+
+
+def _launch(args) -> int:
+    """This train command in ``args.processes`` processes, through accelerate launch; the launcher's exit status."""
+    from .distributed import launch_command
+
+    again = ["train", args.config, *(f"--set={item}" for item in args.set), *([] if args.merge else ["--no-merge"])]
+    command = launch_command(args.processes, again)
+    print(f"lora-kit train: {args.processes} processes, launched as: {shlex.join(command)}", flush=True)
+    return subprocess.run(command).returncode
 
 
 def _estimate(settings) -> str:
@@ -175,8 +196,10 @@ def main(argv=None) -> int:
             settings = load_config(args.config, args.set)
             if args.check:
                 print(config_text(settings, f"{args.config}, as it will run"), end="")
-            else:
-                print(json.dumps(run(settings, merge=args.merge)))
+            elif args.processes != 1:
+                return _launch(args)
+            elif (result := run(settings, merge=args.merge)) is not None:  # None: not the main process of a launch
+                print(json.dumps(result))
         elif args.command == "estimate":
             from .config import load_config
 

@@ -6,6 +6,9 @@
 It measures the held-out task score and perplexity before and after training, saves the adapter,
 merges it into the base's own 16-bit weights (streamed, each weight checked as written; the
 logits compared where the model fits memory) and ends with one JSON line of results.
+
+Launched in several processes (``lora-kit train ... --processes 2``, or ``accelerate launch``),
+every process trains and only the main process evaluates, saves, merges and reports.
 """
 
 from __future__ import annotations
@@ -31,12 +34,19 @@ def demo_settings(method: str = "lora", **overrides) -> CourseSettings:
     return settings
 
 
-def run(settings: CourseSettings, merge: bool = True, log=print) -> dict:
-    """Evaluate, train, evaluate, save the adapter and (``merge``) write the merged model; return the numbers."""
-    from . import evaluate, merge as merging, models, train
+def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
+    """Evaluate, train, evaluate, save the adapter and (``merge``) write the merged model; return the numbers.
+
+    In a launched run of several processes all of them train; the main process alone measures, writes and returns
+    the numbers, and the others return None once training is done.
+    """
+    from . import distributed, evaluate, merge as merging, models, train
 
     t0 = time.time()
+    main = distributed.is_main_process()
     train_ds, eval_ds = load_course_data(settings)
+    with distributed.main_process_first():  # the embedded model is converted once, by the main process
+        models.resolve_model_name(settings.model)
     model, tokenizer = models.load_model(settings.model, settings.quantization)
     model = train.add_lora(model, settings.lora)
     name, scorer = scorer_for(settings)
@@ -47,16 +57,24 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict:
         score = evaluate.task_score(model, tokenizer, sample, scorer=scorer, settings=gen, batch_size=len(sample))
         return score.score, evaluate.perplexity(model, eval_ds, tokenizer, max_length=settings.max_length)
 
-    log(
-        f"[lora_kit] {settings.method}: {model.get_nb_trainable_parameters()[0]:,} trainable parameters; "
-        "evaluating the base"
-    )
-    before, before_ppl = measure(model)
-    log(f"[lora_kit] before: {name} {before:.3f}, perplexity {before_ppl:.3f}")
-    trainer = train.build_trainer(model, tokenizer, train_ds, lora=settings.lora, train=settings.train)
-    t_train = time.time()
-    train.train(trainer, resume=settings.resume)
+    if main:
+        log(
+            f"[lora_kit] {settings.method}: {model.get_nb_trainable_parameters()[0]:,} trainable parameters; "
+            "evaluating the base"
+        )
+        before, before_ppl = measure(model)
+        log(f"[lora_kit] before: {name} {before:.3f}, perplexity {before_ppl:.3f}")
+    with distributed.main_process_speaks():
+        trainer = train.build_trainer(model, tokenizer, train_ds, lora=settings.lora, train=settings.train)
+        t_train = time.time()
+        train.train(trainer, resume=settings.resume)
     train_seconds = time.time() - t_train
+    if not main:
+        log(
+            f"[lora_kit] process {trainer.args.process_index}, one of {distributed.setup()}: trained "
+            f"{trainer.state.global_step} steps; the main process evaluates, saves and reports"
+        )
+        return None
     model = trainer.model
     after, after_ppl = measure(model)
     log(
@@ -84,6 +102,7 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict:
         "model": settings.model,
         "method": settings.method,
         "steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
         "train_seconds": round(train_seconds, 1),
         **metrics,
         "adapter_dir": str(adapter_dir),

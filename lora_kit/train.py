@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from . import speed
+from . import distributed, speed
 from .errors import LoraKitError
 from .hardware import detect_hardware, resolve_precision
 from .speed import Levers
@@ -398,6 +398,10 @@ def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs
         seed=train.seed,
         data_seed=train.seed,  # the data order, independent of what else drew from torch's generator
         dataloader_pin_memory=hardware.device == "cuda",
+        # Processes launched together without a GPU train as one run (gloo) only when the Trainer is told to use the CPU.
+        use_cpu=hardware.device == "cpu" and distributed.processes() > 1,
+        # Every adapter weight takes part in every step: DDP need not search the graph for unused ones each step.
+        ddp_find_unused_parameters=False,
     )
     kwargs.update(fast_kwargs or {})
     return SFTConfig(**kwargs)
@@ -440,6 +444,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
             f"gradient_accumulation_steps={train.gradient_accumulation_steps} becomes 1 "
             "(TrainSettings(levers=Levers(packing=False)) keeps it)."
         )
+    micro, accum, shared = distributed.keep_one_process_batch(
+        micro, accum, "packed rows" if levers.packing else "examples"
+    )
+    if shared:
+        print(shared)
     train = replace(train, micro_batch_size=micro, gradient_accumulation_steps=accum)
     model = speed.prepare_model(model, levers)
     trainer = SFTTrainer(

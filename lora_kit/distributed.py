@@ -1,0 +1,164 @@
+"""Several processes, one training run (data parallel), with accelerate as the engine.
+
+``accelerate launch`` (torchrun underneath) starts one process per GPU; the Trainer under TRL's
+SFTTrainer wraps the model in DistributedDataParallel, gives every process micro-batches of its
+own and averages the gradients. lora_kit adds no distributed code: this module answers the
+questions a run asks (is this the main process, how many are there, which batch keeps the
+recipe's) and refuses launches that cannot work.
+
+    lora-kit train configs/demo.yaml --processes 2      # runs accelerate launch for you, and prints how
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m lora_kit train my.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from datetime import timedelta
+
+import torch
+
+from .errors import LoraKitError
+from .hardware import Hardware, detect_hardware
+
+
+def state():
+    """accelerate's ``PartialState`` for this process: its index, the process count, the backend and device."""
+    from accelerate import PartialState
+    from transformers import TrainingArguments
+
+    check_processes(
+        int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        "The launcher (accelerate launch --num_processes, torchrun --nproc_per_node) started {n} processes on this machine",
+    )
+    return PartialState(
+        # Without a GPU, accelerate takes processes launched together for separate runs unless told cpu=True.
+        cpu=not torch.cuda.is_available(),
+        # The Trainer's wait (ddp_timeout), as this call may be the one that joins the processes: the others wait
+        # at the first step while the main process evaluates the base alone.
+        timeout=timedelta(seconds=TrainingArguments.ddp_timeout),
+    )
+
+
+def is_main_process() -> bool:
+    """True in the one process that evaluates, saves, merges and reports (the only one when nothing was launched)."""
+    return state().is_main_process
+
+
+def processes() -> int:
+    """How many processes train together (1 when nothing was launched)."""
+    return state().num_processes
+
+
+def setup() -> str:
+    """The processes, their backend and device, e.g. '2 processes (gloo, CPU)'."""
+    s = state()
+    return f"{s.num_processes} processes ({s.backend}, {'GPU' if s.device.type == 'cuda' else s.device.type.upper()})"
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """The main process runs the block first and the others after it: it fills a cache that they then read."""
+    with state().main_process_first():
+        yield
+
+
+@contextlib.contextmanager
+def main_process_speaks():
+    """Within the block, only the main process prints: the others would repeat its lines word for word."""
+    if is_main_process():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def split_batch(micro: int, accum: int, processes: int) -> tuple[int, int]:
+    """The micro-batch and accumulation each of ``processes`` processes runs for a step as large as one process's.
+
+    accelerate gives every process micro-batches of its own, so a step holds micro-batch x processes x accumulation.
+    Accumulation is divided first (a process's memory stays as it was), then the micro-batch; when neither divides,
+    both stay and the step holds ``processes`` times as much.
+    """
+    if accum % processes == 0:
+        return micro, accum // processes
+    if micro % processes == 0:
+        return micro // processes, accum
+    return micro, accum
+
+
+def batch_report(micro: int, accum: int, processes: int, one_process: int, setup: str, unit: str = "examples") -> str:
+    """One line: the global batch of a step, and whether it is the one a single process would take."""
+    step = micro * processes * accum
+    line = f"{setup}: micro-batch {micro} x {processes} processes x grad accumulation {accum} = {step} {unit} per step"
+    if step == one_process:
+        return f"{line}, same as one process"
+    return (
+        f"{line}, {processes} times one process's {one_process}: neither gradient_accumulation_steps={accum} nor "
+        f"micro_batch_size={micro} divides by {processes}. To keep one process's batch, make one of them a multiple "
+        f"of {processes}."
+    )
+
+
+def keep_one_process_batch(micro: int, accum: int, unit: str = "examples") -> tuple[int, int, str | None]:
+    """``split_batch`` for the processes of this run, with its ``batch_report`` (None when there is one process)."""
+    n = processes()
+    if n == 1:
+        return micro, accum, None
+    split_micro, split_accum = split_batch(micro, accum, n)
+    return split_micro, split_accum, batch_report(split_micro, split_accum, n, micro * accum, setup(), unit)
+
+
+def check_processes(n: int, asked: str, hardware: Hardware | None = None) -> None:
+    """Refuse ``n`` processes on this machine where they cannot run; ``asked`` says who asked, with ``{n}``."""
+    asked = asked.format(n=n)
+    if n < 1:
+        raise LoraKitError(f"{asked}: the count must be 1 or more (one process per GPU, e.g. 2).")
+    hardware = hardware or detect_hardware()
+    if hardware.device == "cuda" and n > hardware.gpu_count:
+        gpus = f"{hardware.gpu_count} GPU{'s' if hardware.gpu_count > 1 else ''}"
+        raise LoraKitError(
+            f"{asked}, but this machine has {gpus} ({hardware.name}) and each process trains on a GPU of its own. "
+            f"Use {hardware.gpu_count} processes or fewer here; for more, add machines "
+            "(configs/accelerate/multi-node.yaml)."
+        )
+
+
+def launch_command(n: int, lora_kit_args: list[str], hardware: Hardware | None = None) -> list[str]:
+    """The ``accelerate launch`` command that runs ``python -m lora_kit <lora_kit_args>`` in ``n`` processes here."""
+    if "WORLD_SIZE" in os.environ:
+        raise LoraKitError(
+            f"--processes {n} inside a launched run (WORLD_SIZE={os.environ['WORLD_SIZE']}): the launcher already "
+            "started the processes. Drop --processes, or run lora-kit without accelerate launch."
+        )
+    hardware = hardware or detect_hardware()
+    check_processes(n, "--processes {n}", hardware)
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        "--multi_gpu",  # accelerate's torchrun launcher; without a GPU the processes pair up over gloo (see state)
+        f"--num_processes={n}",
+        "--num_machines=1",
+        "--mixed_precision=no",  # lora_kit's trainer sets bf16 or fp16 from the GPU itself
+        "--dynamo_backend=no",  # lora_kit's speed levers decide what is compiled
+        "--main_process_port=0",  # a free port: two runs on one machine do not collide
+    ]
+    if hardware.device == "cpu":
+        # The cores shared out between the processes; torchrun's default is one thread each.
+        command.append(f"--num_cpu_threads_per_process={max(1, torch.get_num_threads() // n)}")
+    return [*command, "-m", "lora_kit", *lora_kit_args]
+
+
+__all__ = [
+    "state",
+    "is_main_process",
+    "processes",
+    "setup",
+    "main_process_first",
+    "main_process_speaks",
+    "split_batch",
+    "batch_report",
+    "keep_one_process_batch",
+    "check_processes",
+    "launch_command",
+]
