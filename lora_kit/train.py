@@ -539,6 +539,10 @@ def train(trainer, resume: bool = True):
         print(f"Resuming from {checkpoint}")
     elif skipped:
         print("No complete checkpoint: training starts from the beginning.")
+    import torch
+
+    if torch.cuda.is_available():  # the peak a report reads afterwards is training's own, not the loading's
+        torch.cuda.reset_peak_memory_stats()
     return trainer.train(resume_from_checkpoint=checkpoint)
 
 
