@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from . import distributed, speed
@@ -539,8 +540,6 @@ def train(trainer, resume: bool = True):
         print(f"Resuming from {checkpoint}")
     elif skipped:
         print("No complete checkpoint: training starts from the beginning.")
-    import torch
-
     if torch.cuda.is_available():  # the peak a report reads afterwards is training's own, not the loading's
         torch.cuda.reset_peak_memory_stats()
     return trainer.train(resume_from_checkpoint=checkpoint)
