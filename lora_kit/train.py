@@ -207,25 +207,15 @@ class Recipe:
 
 
 def preset(method: str = "lora") -> Recipe:
-    """The seeds' defaults: "lora" (16-bit base), "lora8" (8-bit base), "qlora" (NF4 base)."""
-    if method in ("lora", "lora8"):
-        return Recipe(
-            method=method,
-            quantization="8bit" if method == "lora8" else "none",
-            lora=LoraSettings(r=16, alpha=32, dropout=0.05),
-            train=TrainSettings(learning_rate=1e-4, micro_batch_size=1, gradient_accumulation_steps=8),
-        )
-    if method == "qlora":
-        # Higher r to make up for the 4-bit base; the base is small enough to leave room for batches of 4.
-        return Recipe(
-            method="qlora",
-            quantization="nf4",
-            lora=LoraSettings(r=64, alpha=16, dropout=0.1),
-            train=TrainSettings(
-                learning_rate=2e-4, micro_batch_size=4, gradient_accumulation_steps=4, optim="paged_adamw_32bit"
-            ),
-        )
-    raise LoraKitError(f"method={method!r} is not one of 'lora', 'lora8', 'qlora'.")
+    """The notebooks' recipe for ``method`` ("lora": 16-bit base, "lora8": 8-bit base, "qlora": NF4 base) as it runs
+    on a T4, from the one table of recipes that the notebooks, the demo and the YAML configs read (``lora_kit.course``,
+    each value with its reason: ``lora-kit config METHOD`` prints them)."""
+    from .config import T4, recipe
+
+    if method not in ("lora", "lora8", "qlora"):
+        raise LoraKitError(f"preset: method={method!r} is not one of 'lora', 'lora8', 'qlora'.")
+    settings = recipe(method, hardware=T4)
+    return Recipe(method=method, quantization=settings.quantization, lora=settings.lora, train=settings.train)
 
 
 def _is_linear(module) -> bool:

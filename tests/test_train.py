@@ -24,12 +24,16 @@ def base():
     return load_model("embedded")
 
 
-def test_presets_match_the_seeds_table():
+def test_presets_are_the_notebooks_recipes():
+    from lora_kit.config import T4, recipe
+
     lora, qlora = preset("lora"), preset("qlora")
     assert (lora.lora.r, lora.lora.alpha, lora.lora.dropout, lora.train.learning_rate) == (16, 32, 0.05, 1e-4)
-    assert (lora.train.micro_batch_size, lora.train.gradient_accumulation_steps, lora.quantization) == (1, 8, "none")
     assert (qlora.lora.r, qlora.lora.alpha, qlora.lora.dropout, qlora.train.learning_rate) == (64, 16, 0.1, 2e-4)
-    assert (qlora.train.optim, qlora.quantization, qlora.train.micro_batch_size) == ("paged_adamw_32bit", "nf4", 4)
+    assert (qlora.train.optim, qlora.quantization, lora.quantization) == ("paged_adamw_32bit", "nf4", "none")
+    for method in ("lora", "lora8", "qlora"):  # one table: what the notebooks and configs/*-t4.yaml run
+        notebook = recipe(method, hardware=T4)
+        assert (preset(method).lora, preset(method).train) == (notebook.lora, notebook.train)
     assert preset("lora8").quantization == "8bit"
     with pytest.raises(LoraKitError, match="dora"):
         preset("dora")
