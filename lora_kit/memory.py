@@ -41,6 +41,7 @@ two moments), except QLoRA in bf16, where lora_kit keeps the bf16 adapters TRL g
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 from lora_kit.errors import LoraKitError
 from lora_kit.quant import bits_per_parameter
@@ -67,7 +68,8 @@ __all__ = [
 GIB = 2**30  # bytes in a GiB (what PyTorch and nvidia-smi report as "GB")
 GB = 10**9  # bytes in a decimal GB (what the seeds' claims most likely mean)
 
-METHODS = ("full", "lora", "lora8", "qlora")
+Method = Literal["full", "lora", "lora8", "qlora"]
+METHODS = get_args(Method)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Bytes of optimizer state per trainable parameter (not counting a master copy of the weights).
@@ -377,7 +379,7 @@ def _adapter_tensor_sizes(config, r: int, target_modules) -> list[int]:
 
 def memory_breakdown(
     config,
-    method: str,
+    method: Method,
     *,
     r: int = 16,
     target_modules="all-linear",
@@ -386,7 +388,7 @@ def memory_breakdown(
     gradient_checkpointing: bool = True,
     optimizer: str = "adamw",
     compute_dtype_bytes: int = 2,
-    precision: str | None = None,
+    precision: Literal["bf16", "fp16", "fp32"] | None = None,
     double_quant: bool = True,
     fused_attention: bool = True,
 ) -> MemoryBreakdown:
@@ -538,7 +540,7 @@ class FitChoice:
 
 def fit_settings(
     config,
-    method: str,
+    method: Method,
     budget_gib: float,
     *,
     max_length: int = 2048,

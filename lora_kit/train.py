@@ -12,6 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from .errors import LoraKitError
 from .hardware import detect_hardware, resolve_precision
 from .speed import Levers
 
-BIASES = ("none", "all", "lora_only")
+Bias = Literal["none", "all", "lora_only"]
+BIASES = get_args(Bias)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class LoraSettings:
     """Which linear layers get adapters: "all-linear" (attention and MLP projections, the QLoRA
     paper's finding: best quality for the parameter count), "attention" (q_proj and v_proj only,
     the original LoRA paper: fewest parameters), or an explicit list of module names."""
-    bias: str = "none"
+    bias: Bias = "none"
     """Train biases too: "none" (the usual choice; the adapter is self-contained), "lora_only"
     (biases of adapted layers), "all" (every bias; the saved adapter then changes the base)."""
 
