@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from .config import CPU
-from .course import CourseSettings, course_settings, load_course_data, scorer_for
+from .course import CourseSettings, course_settings, load_course_data, scorer_for, system_prompt
 
 
 def demo_settings(method: str = "lora", **overrides) -> CourseSettings:
@@ -132,7 +132,7 @@ def _export(settings: CourseSettings, log) -> dict:
     t0 = time.time()
     try:
         gguf = export_gguf(settings.merged_dir, settings.merged_dir.parent / "model-f16.gguf", "f16")
-        modelfile = write_modelfile(gguf)
+        modelfile = write_modelfile(gguf, system=system_prompt(settings))  # the prompt it was trained with
     except LoraKitError as err:
         log(f"[lora_kit] GGUF export skipped: {err}")
         return {"gguf": None, "gguf_error": str(err)}

@@ -556,14 +556,17 @@ def _apply_pieces(pieces: dict, generation: str, default_system: str | None, mes
     return "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in messages) + generation
 
 
-def ollama_modelfile(gguf_path: str | os.PathLike, from_path: str | None = None, temperature: float = 0.0) -> str:
+def ollama_modelfile(
+    gguf_path: str | os.PathLike, from_path: str | None = None, temperature: float = 0.0, system: str | None = None
+) -> str:
     """An Ollama Modelfile for ``gguf_path`` whose TEMPLATE and stop tokens come from the file's own chat template.
 
     The chat template in the GGUF metadata is rendered with marker messages; the text around each
     role's content becomes the Go template, and a system message the template adds by itself becomes
     ``SYSTEM``. The result is checked against the Jinja rendering on several conversations; a template
     that cannot be written this way is refused (write TEMPLATE by hand then). ``temperature`` 0 is greedy,
-    as lora_kit's generation defaults.
+    as lora_kit's generation defaults. ``system``: the system prompt the model was fine-tuned with, which then
+    replaces the template's default (the model answers as in training when a user sends none).
     """
     meta = gguf_metadata(gguf_path)
     template = meta["chat_template"]
@@ -592,6 +595,7 @@ def ollama_modelfile(gguf_path: str | os.PathLike, from_path: str | None = None,
             f"automatically ({err}). Write the Modelfile's TEMPLATE by hand from the template "
             "(docs/deploy.md shows ChatML's)."
         ) from None
+    default_system = system if system is not None else default_system
     texts = [p for pair in pieces.values() for p in pair] + [generation, default_system or ""]
     if any("{{" in t or '"""' in t for t in texts):
         raise LoraKitError(

@@ -674,7 +674,7 @@ CELLS = [
     prompts as in training and stops where the model stops. `q8_0` stores 8 bits per weight (about half the
     16-bit size, answers nearly unchanged); `f16` keeps the merged weights as they are; `q4_k_m` (4-5 bits)
     needs llama-cpp-python installed. The Ollama `Modelfile` beside the file takes its prompt template and stop
-    token from the same chat template. On a GPU runtime the cell only says how: converting a 7B takes minutes
+    token from the same chat template, and its default system prompt from training where the data had one. On a GPU runtime the cell only says how: converting a 7B takes minutes
     and 7 GB of disk, so set `EXPORT_GGUF = True` when you want it.
     """),
     code("""
@@ -685,7 +685,7 @@ CELLS = [
     if EXPORT_GGUF:
         gguf = export_gguf(cfg.merged_dir, gguf_path, "q8_0")
         print(f"{gguf}: {gguf.stat().st_size / 2**20:,.0f} MiB")
-        print(write_modelfile(gguf).read_text())
+        print(write_modelfile(gguf, system=course.system_prompt(cfg)).read_text())  # the system prompt it was trained with
     else:
         print(f"Skipped on this GPU runtime. To export: EXPORT_GGUF = True, or later: "
               f"lora_kit.export.export_gguf('{cfg.merged_dir}', '{gguf_path}', 'q8_0')")

@@ -166,6 +166,8 @@ def test_modelfile_template_and_stop_come_from_the_chat_template(exported):
     assert text.count('PARAMETER stop "<|im_end|>"') == 1
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert export.write_modelfile(exported["q8_0"]) == path  # its own file: replaced
+    trained = export.write_modelfile(exported["q8_0"], system="Answer in JSON.").read_text()
+    assert 'SYSTEM """Answer in JSON."""' in trained and "SmolLM" not in trained  # the fine-tuning's prompt wins
     mine = path.parent / "Modelfile.mine"
     mine.write_text("FROM llama3\n")
     with pytest.raises(LoraKitError, match="lora_kit did not write it"):
