@@ -98,3 +98,46 @@ def describe(hardware: Hardware | None = None) -> str:
             "lora_kit keeps the trainable adapter weights in fp32 so the fp16 gradient scaler works."
         )
     return "\n".join(lines)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is no /proc (macOS, Windows)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int], cores: int) -> float:
+    """How many of ``cores`` were busy between two ``(busy, total)`` samples of /proc/stat."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return cores * busy / total if total > 0 else 0.0
+
+
+def share_cpu(sample_s: float = 0.5) -> str:
+    """Give torch only the cores other programs leave free, and say so.
+
+    torch starts one thread per core. When another program keeps cores busy, those threads wait on each other at
+    every operation and a step can take several times longer than on fewer threads. Sampled once, while this process
+    is idle; call ``torch.set_num_threads(n)`` to choose otherwise.
+    """
+    import os
+    import time
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    before = _cpu_times()
+    if before is None:
+        return f"torch uses {torch.get_num_threads()} CPU threads."
+    time.sleep(sample_s)
+    busy = busy_cores(before, _cpu_times(), cores)
+    free = max(1, min(cores, round(cores - busy)))
+    if free < torch.get_num_threads():
+        torch.set_num_threads(free)
+        return (
+            f"Other programs keep about {busy:.1f} of this machine's {cores} cores busy: torch uses {free} thread(s), "
+            "as more would wait on each other (torch.set_num_threads(n) to choose otherwise)."
+        )
+    return f"torch uses {torch.get_num_threads()} CPU threads ({cores} cores, about {busy:.1f} busy elsewhere)."

@@ -29,3 +29,28 @@ def test_half_precision_on_cpu_and_unknown_values_are_refused():
 def test_describe_explains_the_t4():
     text = describe(T4)
     assert "fp16" in text and "FlashAttention-2" in text and "7.5" in text
+
+
+def test_busy_cores_from_two_samples_of_proc_stat():
+    from lora_kit.hardware import busy_cores
+
+    # 2 cores over 100 jiffies each: 100 of the 200 were busy, so one core's worth.
+    assert busy_cores((1000, 5000), (1100, 5200), cores=2) == 1.0
+    assert busy_cores((0, 0), (0, 0), cores=4) == 0.0  # no time passed: nothing to say
+
+
+def test_share_cpu_keeps_torch_to_the_free_cores(monkeypatch):
+    import torch
+
+    from lora_kit import hardware
+
+    samples = iter([(1000, 5000), (1190, 5200)])  # 1.9 of 2 cores busy elsewhere
+    monkeypatch.setattr(hardware, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1}, raising=False)  # a 2-core machine
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        text = hardware.share_cpu(sample_s=0)
+        assert torch.get_num_threads() == 1 and "about 1.9 of this machine's 2 cores busy" in text
+    finally:
+        torch.set_num_threads(threads)
