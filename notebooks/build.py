@@ -527,14 +527,17 @@ CELLS = [
     md("""
     Did the fine-tuning cost the model anything it knew? Training moves the weights toward the new task, and
     nothing in the loss keeps them where general knowledge needs them: *catastrophic forgetting*. The next
-    cell measures it on questions that have nothing to do with the training data, once with the adapter off
-    and once with it on: the perplexity of short, plain reference answers (higher with the adapter on means
-    those answers became less likely), and the model's own answers to the last few questions. A model tuned
-    hard on one format often answers everything in that format. Less forgetting: fewer steps, a lower learning
-    rate or rank, or general chat examples mixed into the training data.
+    cell asks six questions that have nothing to do with the training data, once with the adapter off and
+    once with it on, and measures three things: the perplexity of short, plain reference answers (higher with
+    the adapter on: those answers became less likely); when the training answers share a form (the demo's
+    JSON objects all start with `{`), how many of the model's own answers take that form; and the last few
+    answers themselves. The two measures can disagree: the reference answers are short and direct, like the
+    training answers, so their perplexity may even fall while the model answers a request for a poem in the
+    training format. Less forgetting: fewer steps, a lower learning rate or rank, or general chat examples
+    mixed into the training data.
     """),
     code("""
-    summary, answers = course.forgetting_check(model, tok, cfg)
+    summary, answers = course.forgetting_check(model, tok, cfg, train_ds)
     print(summary)
     answers
     """),

@@ -179,15 +179,23 @@ def test_forgetting_check_compares_general_answers_with_the_adapter_off_and_on(t
     b = next(m for m in model.modules() if hasattr(m, "lora_B")).lora_B["default"].weight
     with torch.no_grad():
         b.normal_(0, 0.5)  # a trained-looking adapter: the answers and the perplexity must move
+    from datasets import Dataset
+
+    json_answers = Dataset.from_dict({"messages": [[{"role": "assistant", "content": '{"a": 1}'}]] * 5})
+    assert course.training_form(json_answers) == "{"
+    mixed = Dataset.from_dict({"messages": [[{"role": "assistant", "content": t}] for t in ("Yes", "No", "Maybe")]})
+    assert course.training_form(mixed) is None  # no form most answers share
     try:
-        summary, answers = course.forgetting_check(model, tok, cfg, n_answers=2)
+        summary, answers = course.forgetting_check(model, tok, cfg, json_answers, n_shown=2)
     finally:
         with torch.no_grad():
             b.zero_()
-    numbers = [float(x.rstrip(",")) for x in summary.split() if x.replace(".", "").rstrip(",").isdigit()]
+    first, second = summary.split("\n")
+    numbers = [float(x.rstrip(",")) for x in first.split() if x.replace(".", "").rstrip(",").isdigit()]
     off, on = numbers[1], numbers[2]  # 6 answers, then off, then on
+    assert "Answers in the training answers' form (starting with '{')" in second and "of 6 with it on" in second
     assert off != on and f"{len(course.GENERAL_CHECK)} general reference answers" in summary
-    assert ("rose" if on > off else "fell") in summary
+    assert ("rose" if on > off else "fell") in first
     assert list(answers.columns) == ["prompt", "base (adapter off)", "fine-tuned (adapter on)"] and len(answers) == 2
 
 
