@@ -505,7 +505,7 @@ CELLS = [
     md("""
     ## 9. Generation settings
 
-    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7).*
+    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7), `train_ds` (section 6).*
 
     A model outputs a probability for every possible next token; decoding decides which one to write.
 
