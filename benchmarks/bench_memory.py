@@ -231,12 +231,7 @@ def run_point(point: dict, checkpoint: Path) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    paged = sum(
-        t.numel() * t.element_size()
-        for state in trainer.optimizer.state.values()
-        for t in state.values()
-        if torch.is_tensor(t) and getattr(t, "is_paged", False)
-    )
+    paged = memory.paged_state_bytes(trainer.optimizer)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return dict(
         weights_gib=weights / GIB,

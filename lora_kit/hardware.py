@@ -8,6 +8,8 @@ kernels training needs.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -124,9 +126,6 @@ def share_cpu(sample_s: float = 0.5) -> str:
     every operation and a step can take several times longer than on fewer threads. Sampled once, while this process
     is idle; call ``torch.set_num_threads(n)`` to choose otherwise.
     """
-    import os
-    import time
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     before = _cpu_times()
     if before is None:

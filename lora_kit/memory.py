@@ -443,18 +443,7 @@ def memory_breakdown(
         optimizer_states = sum(n for n in sizes if not (paged and n >= PAGED_MIN_ELEMENTS)) * state_bytes
         paged_states = trainable * state_bytes - optimizer_states
 
-    held = activation_bytes(
-        config,
-        method=method,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        compute_dtype_bytes=c,
-        fused_attention=fused_attention,
-        gradient_bytes=gradient_bytes,
-    )
-    without_gradients = activation_bytes(
-        config,
+    shape = dict(
         method=method,
         micro_batch=micro_batch,
         seq_len=seq_len,
@@ -462,11 +451,13 @@ def memory_breakdown(
         compute_dtype_bytes=c,
         fused_attention=fused_attention,
     )
-    # The gradients count where they are alive at the peak: the difference the backward moment makes.
-    gradients = min(gradient_bytes, held - without_gradients) if gradient_checkpointing else 0
+    activations = activation_bytes(config, **shape)
     if method == "full":
         gradients = gradient_bytes  # every weight's gradient lives until the optimizer step
-        held = without_gradients + gradient_bytes
+    elif gradient_checkpointing:  # alive at the peak only when backward through the first block is the peak
+        gradients = activation_bytes(config, **shape, gradient_bytes=gradient_bytes) - activations
+    else:
+        gradients = 0
     settings = dict(
         r=r if method != "full" else None,
         target_modules=target_modules if method != "full" else None,
@@ -484,7 +475,7 @@ def memory_breakdown(
         adapters=adapters / GIB,
         gradients=gradients / GIB,
         optimizer_states=optimizer_states / GIB,
-        activations=(held - gradients) / GIB,
+        activations=activations / GIB,
         parameters=parameters,
         trainable_parameters=trainable,
         settings=settings,
@@ -512,6 +503,19 @@ def format_breakdowns(breakdowns: dict[str, MemoryBreakdown]) -> str:
     widths = [max(len(str(row[k])) for row in [header, *rows]) for k in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def paged_state_bytes(optimizer) -> int:
+    """Bytes of a (bitsandbytes) optimizer's states in CUDA managed memory, which max_memory_allocated does not count."""
+    import torch
+
+    states = optimizer.state.values() if optimizer is not None else ()
+    return sum(
+        t.numel() * t.element_size()
+        for state in states
+        for t in state.values()
+        if torch.is_tensor(t) and getattr(t, "is_paged", False)
+    )
 
 
 # --- Settings that fit ----------------------------------------------------------------------
