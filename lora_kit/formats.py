@@ -1,28 +1,11 @@
 """Load the conversational data a learner brings and turn it into one shape.
 
-Everything comes out of :func:`load_data` as a ``datasets.Dataset``:
-
-* conversations as a single ``messages`` column, each row a list of
-  ``{"role": ..., "content": ...}`` with roles ``system`` (first, at most once), ``user`` and
-  ``assistant``; at least one user turn, ending with an assistant turn;
-* raw documents (a ``text`` field with no chat markers, or a folder of ``.txt`` / ``.md``
-  files) as a ``text`` column of overlapping chunks.
-
-Formats understood (``format="auto"`` detects them from the first record)::
-
-    alpaca             {"instruction", "output", "input"?}        input joins the instruction
-    instruction        {"instruction", "response", "system"?}     the seeds' JSON/JSONL schema
-    sharegpt           {"conversations": [{"from": "human"/"gpt"/"system", "value"}, ...]}
-    messages           {"messages": [{"role", "content"}, ...]}   OpenAI / TRL style
-    prompt_completion  {"prompt", "completion"}
-    guanaco            {"text": "### Human: ... ### Assistant: ..."}
-    llama2             {"text": "<s>[INST] <<SYS>>...<</SYS>> q [/INST] a </s>..."}
-    text               {"text": "..."} or .txt / .md files        raw text, chunked by tokens
-
-The module is deliberately plain: one small converter per format, the dict ``CONVERTERS``
-from format name to converter, and a loader per file type. Every problem a user can cause is
-raised as :class:`lora_kit.errors.DataFormatError`, whose message names the file, the line or
-row (1-based, as an editor shows it), the fields seen, the formats accepted and what to do.
+:func:`load_data` returns a ``datasets.Dataset`` with either a ``messages`` column (each row a list of
+``{"role", "content"}`` with an optional first ``system`` turn, at least one ``user`` turn, ending with an
+``assistant`` turn) or, for raw documents, a ``text`` column of overlapping chunks. The formats understood are
+listed in :data:`FORMATS`, one small converter each in :data:`CONVERTERS`. Every problem a user can cause is a
+:class:`lora_kit.errors.DataFormatError` naming the file, the line or row (1-based), the fields seen, the formats
+accepted and what to do.
 """
 
 from __future__ import annotations
@@ -47,9 +30,7 @@ __all__ = [
     "FORMATS",
 ]
 
-# --------------------------------------------------------------------------------------------
 # What each format looks like, in words (used in every error message).
-# --------------------------------------------------------------------------------------------
 FORMATS = {
     "alpaca": "alpaca (instruction, output[, input])",
     "instruction": "instruction (instruction, response[, system])",
@@ -66,16 +47,9 @@ ROLES = ("system", "user", "assistant")
 # Names other tools give the three roles (ShareGPT dumps use human/gpt, some chatgpt/bing/bard;
 # Gemini uses model; OpenAI's newer API calls the system prompt "developer").
 ROLE_ALIASES = {
-    "system": "system",
-    "developer": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
+    **dict.fromkeys(("system", "developer"), "system"),
+    **dict.fromkeys(("user", "human"), "user"),
+    **dict.fromkeys(("assistant", "gpt", "chatgpt", "bard", "bing", "model"), "assistant"),
 }
 
 # Field names people often use, and the name lora_kit expects instead (for the "what to do" hint).
@@ -115,6 +89,11 @@ class _Problem(Exception):
         self.fix = fix
 
 
+def _short(value, width: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= width else shown[: width - 3] + "..."
+
+
 def _fields(record) -> str:
     if isinstance(record, dict):
         return repr(list(record.keys()))
@@ -129,9 +108,7 @@ def _message(where: str | None, record, problem: str, fix: str, fmt_note: str = 
     return f"{head}{problem}{note}.{seen} {ACCEPTED} {fix}"
 
 
-# --------------------------------------------------------------------------------------------
 # Small checks shared by the converters.
-# --------------------------------------------------------------------------------------------
 def _clean(value, what: str, *, required: bool = True) -> str:
     """Return ``value`` stripped; it must be a string (``None``/"" allowed when optional)."""
     if value is None:
@@ -146,10 +123,8 @@ def _clean(value, what: str, *, required: bool = True) -> str:
         # OpenAI "content parts": keep the text parts, in order.
         value = "\n".join(p["text"] for p in value)
     if not isinstance(value, str):
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise _Problem(
-            f"{what} must be a string, got {type(value).__name__} {shown}",
+            f"{what} must be a string, got {type(value).__name__} {_short(value)}",
             f"Write {what} as text (in JSON, put it in quotes).",
         )
     try:
@@ -208,9 +183,7 @@ def _finish(messages: list[dict]) -> tuple[list[dict], bool]:
     return messages, trimmed
 
 
-def _turns(
-    turns, fmt: str, list_field: str, role_key: str, content_key: str, alt_role: str, alt_content: str
-) -> list[dict]:
+def _turns(turns, list_field: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
     if not isinstance(turns, list):
         raise _Problem(
             f"'{list_field}' must be a list of {{{role_key}, {content_key}}} objects, got {type(turns).__name__}",
@@ -228,8 +201,8 @@ def _turns(
                 f"turn {n} of '{list_field}' is a {type(turn).__name__}, not an object",
                 f'Write each turn as {{"{role_key}": ..., "{content_key}": ...}}.',
             )
-        rk = role_key if role_key in turn else alt_role
-        ck = content_key if content_key in turn else alt_content
+        rk = role_key if role_key in turn else "role"  # ShareGPT dumps also use role/content
+        ck = content_key if content_key in turn else "content"
         if rk not in turn or ck not in turn:
             raise _Problem(
                 f"turn {n} of '{list_field}' has keys {list(turn.keys())!r}, expected '{role_key}' and '{content_key}'",
@@ -238,10 +211,8 @@ def _turns(
         raw_role = turn[rk]
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
-            shown = repr(raw_role)
-            shown = shown if len(shown) <= 40 else shown[:37] + "..."
             raise _Problem(
-                f"turn {n} of '{list_field}' has unknown role {shown}",
+                f"turn {n} of '{list_field}' has unknown role {_short(raw_role, 40)}",
                 "Use one of system, user, assistant "
                 f"(also understood: {', '.join(sorted(set(ROLE_ALIASES) - set(ROLES)))}).",
             )
@@ -254,9 +225,7 @@ def _with_system(system: str, messages: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
-# --------------------------------------------------------------------------------------------
 # One converter per format: record -> list of messages (checked by _finish afterwards).
-# --------------------------------------------------------------------------------------------
 def _from_alpaca(record: dict) -> list[dict]:
     instruction = _clean(_field(record, "instruction", "alpaca"), "'instruction'")
     extra = _clean(record.get("input"), "'input'", required=False)
@@ -274,9 +243,7 @@ def _from_instruction(record: dict) -> list[dict]:
 
 
 def _from_sharegpt(record: dict) -> list[dict]:
-    turns = _turns(
-        _field(record, "conversations", "sharegpt"), "sharegpt", "conversations", "from", "value", "role", "content"
-    )
+    turns = _turns(_field(record, "conversations", "sharegpt"), "conversations", "from", "value")
     system = _clean(record.get("system"), "'system'", required=False)
     if system and turns[0]["role"] == "system":
         raise _Problem("both a 'system' field and a system turn are given", "Keep only one system prompt.")
@@ -284,7 +251,7 @@ def _from_sharegpt(record: dict) -> list[dict]:
 
 
 def _from_messages(record: dict) -> list[dict]:
-    return _turns(_field(record, "messages", "messages"), "messages", "messages", "role", "content", "role", "content")
+    return _turns(_field(record, "messages", "messages"), "messages")
 
 
 def _from_prompt_completion(record: dict) -> list[dict]:
@@ -292,9 +259,7 @@ def _from_prompt_completion(record: dict) -> list[dict]:
     completion = _field(record, "completion", "prompt_completion")
     if isinstance(prompt, list) and isinstance(completion, list):
         # TRL's conversational prompt-completion: two lists of {role, content}.
-        return _turns(prompt, "prompt_completion", "prompt", "role", "content", "role", "content") + _turns(
-            completion, "prompt_completion", "completion", "role", "content", "role", "content"
-        )
+        return _turns(prompt, "prompt") + _turns(completion, "completion")
     system = _clean(record.get("system"), "'system'", required=False)
     return _with_system(
         system,
@@ -406,15 +371,17 @@ CONVERTERS = {
 }
 
 
-# --------------------------------------------------------------------------------------------
 # Detection.
-# --------------------------------------------------------------------------------------------
-def _detect(record) -> str:
+def _require_object(record) -> None:
     if not isinstance(record, dict):
         raise _Problem(
             f"the item is a {type(record).__name__}, not an object",
             "Each example must be a JSON object / dict of fields.",
         )
+
+
+def _detect(record) -> str:
+    _require_object(record)
     keys = set(record)
     if "messages" in keys:
         return "messages"
@@ -470,11 +437,7 @@ def _normalise_format(fmt) -> str:
 
 
 def _convert(record, fmt: str) -> tuple[list[dict], bool]:
-    if not isinstance(record, dict):
-        raise _Problem(
-            f"the item is a {type(record).__name__}, not an object",
-            "Each example must be a JSON object / dict of fields.",
-        )
+    _require_object(record)
     return _finish(CONVERTERS[fmt](record))
 
 
@@ -494,9 +457,7 @@ def to_messages(record: dict, fmt: str = "auto") -> list[dict]:
         raise DataFormatError(_message(None, record, p.problem, p.fix, note)) from None
 
 
-# --------------------------------------------------------------------------------------------
 # Raw text chunking.
-# --------------------------------------------------------------------------------------------
 def _token_spans(text: str, tokenizer) -> list[tuple[int, int]] | None:
     """Character spans of the tokens of ``text``; None when the tokenizer cannot give offsets."""
     if tokenizer is None:
@@ -538,14 +499,8 @@ def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64, tok
 
 
 def _check_chunking(chunk_tokens, overlap_tokens) -> None:
-    if (
-        not isinstance(chunk_tokens, int)
-        or isinstance(chunk_tokens, bool)
-        or chunk_tokens < 1
-        or not isinstance(overlap_tokens, int)
-        or isinstance(overlap_tokens, bool)
-        or not 0 <= overlap_tokens < chunk_tokens
-    ):
+    whole = all(isinstance(n, int) and not isinstance(n, bool) for n in (chunk_tokens, overlap_tokens))
+    if not whole or chunk_tokens < 1 or not 0 <= overlap_tokens < chunk_tokens:
         raise DataFormatError(
             f"text_chunk_tokens={chunk_tokens!r}, text_overlap_tokens={overlap_tokens!r}: the "
             "chunk size must be a whole number >= 1 and the overlap a whole number from 0 up "
@@ -553,9 +508,7 @@ def _check_chunking(chunk_tokens, overlap_tokens) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------
 # Reading files into (location, record) pairs.
-# --------------------------------------------------------------------------------------------
 def _read_text(path: Path, name: str) -> str:
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 (PowerShell's `>`, Excel "Unicode")
@@ -637,16 +590,11 @@ def _value_offset(text: str, pos: int, key: str) -> int | None:
     return found
 
 
-def _snippet(line: str) -> str:
-    line = line.strip()
-    return repr(line if len(line) <= 60 else line[:57] + "...")
-
-
 def _json_error(name: str, text: str, e: Exception, offset_line: int = 0) -> DataFormatError:
     if isinstance(e, json.JSONDecodeError):
         lines = text.splitlines()
         where = f"{name}, line {e.lineno + offset_line}"
-        shown = _snippet(lines[e.lineno - 1]) if 0 < e.lineno <= len(lines) else "''"
+        shown = _short(lines[e.lineno - 1].strip()) if 0 < e.lineno <= len(lines) else "''"
         return DataFormatError(
             f"{where}, column {e.colno}: not valid JSON ({e.msg}) in {shown}. Fix that line "
             "(common causes: a missing comma or quote, single quotes instead of double quotes, "
@@ -829,9 +777,7 @@ def _looks_like_path(s: str) -> bool:
     )
 
 
-# --------------------------------------------------------------------------------------------
 # The public loader.
-# --------------------------------------------------------------------------------------------
 def load_data(source, format="auto", *, split="train", text_chunk_tokens=512, text_overlap_tokens=64, tokenizer=None):
     """Load conversational data (or raw text) from ``source`` into a ``datasets.Dataset``.
 
@@ -875,7 +821,7 @@ def load_data(source, format="auto", *, split="train", text_chunk_tokens=512, te
                     "'CSV UTF-8'), or a folder of .txt/.md files."
                 )
             if kind == "raw":
-                return _raw_dataset([(f"{name}", _read_text(path, name))], name, fmt, chunking, datasets)
+                return _raw_dataset([_read_text(path, name)], name, fmt, chunking, datasets)
             if kind == "parquet":
                 records = _records_parquet(path, name)
             else:
@@ -933,10 +879,7 @@ def _load_folder(path: Path, name: str, fmt: str, chunking, datasets):
             f"{name}: the folder has no .txt or .md files (found {others!r}). Put raw text "
             "documents in it, or pass a data file (.jsonl, .json, .csv, .parquet) directly."
         )
-    docs = [
-        (os.path.join(name, str(p.relative_to(path))), _read_text(p, os.path.join(name, str(p.relative_to(path)))))
-        for p in files
-    ]
+    docs = [_read_text(p, os.path.join(name, str(p.relative_to(path)))) for p in files]
     return _raw_dataset(docs, name, fmt, chunking, datasets)
 
 
@@ -946,9 +889,7 @@ def _raw_dataset(docs, name, fmt, chunking, datasets):
             f"{name}: .txt/.md files hold raw text, which is format 'text', not {fmt!r}. Pass "
             "format='auto' or 'text', or give the conversations as .jsonl/.json/.csv."
         )
-    chunks = []
-    for _, text in docs:
-        chunks.extend(chunk_text(text, **chunking))
+    chunks = [chunk for text in docs for chunk in chunk_text(text, **chunking)]
     if not chunks:
         raise DataFormatError(f"{name}: no text found (the files are empty). Add some text.")
     return datasets.Dataset.from_dict({"text": chunks})
@@ -970,11 +911,7 @@ def _records_dataset(records, name, fmt, chunking, datasets):
         chunks = []
         for loc, rec in records:
             try:
-                if not isinstance(rec, dict):
-                    raise _Problem(
-                        f"the item is a {type(rec).__name__}, not an object",
-                        "Each example must be a JSON object / dict of fields.",
-                    )
+                _require_object(rec)
                 text = _clean(_field(rec, "text", "text"), "'text'", required=False)
             except _Problem as p:
                 raise DataFormatError(_message(loc, rec, p.problem, p.fix, "text")) from None
