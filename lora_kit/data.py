@@ -22,7 +22,8 @@ from .errors import LoraKitError
 # ---------------------------------------------------------------------------------------------
 # Chat template and loss mask
 # ---------------------------------------------------------------------------------------------
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True) -> str:
+    """``messages`` as the model sees them: the tokenizer's chat template, the one training used."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -34,13 +35,13 @@ def assistant_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]
     template's end-of-turn token. This works for every template that renders a conversation
     as a prefix of its continuation, which is what chat templates are for.
     """
-    text = _render(tokenizer, messages)
+    text = render_chat(tokenizer, messages, False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1])
+        prompt = render_chat(tokenizer, messages[:i])
+        upto = render_chat(tokenizer, messages[: i + 1], False)
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise LoraKitError(
                 "The tokenizer's chat template does not render a conversation as a prefix of its continuation "
@@ -157,86 +158,13 @@ def split_train_eval(dataset: Dataset, eval_fraction: float = 0.1, seed: int = 0
 # The demo task: sentence in, JSON out
 # ---------------------------------------------------------------------------------------------
 DEMO_SYSTEM = "Extract person, city, date (YYYY-MM-DD) and amount (a number) as JSON."
-_FIRST = [
-    "Maria",
-    "John",
-    "Aiko",
-    "Omar",
-    "Lena",
-    "Carlos",
-    "Priya",
-    "Tom",
-    "Fatima",
-    "Ivan",
-    "Grace",
-    "Kwame",
-    "Sofia",
-    "Liam",
-    "Mei",
-    "Noah",
-    "Zara",
-    "Lucas",
-    "Anya",
-    "Diego",
-]
-_LAST = [
-    "Lopez",
-    "Smith",
-    "Tanaka",
-    "Haddad",
-    "Fischer",
-    "Silva",
-    "Patel",
-    "Brown",
-    "Khan",
-    "Petrov",
-    "Okafor",
-    "Mensah",
-    "Rossi",
-    "Murphy",
-    "Chen",
-    "Weber",
-    "Ali",
-    "Martin",
-    "Novak",
-    "Garcia",
-]
-_CITIES = [
-    "Lisbon",
-    "Paris",
-    "Tokyo",
-    "Cairo",
-    "Berlin",
-    "Madrid",
-    "Mumbai",
-    "London",
-    "Nairobi",
-    "Moscow",
-    "Lagos",
-    "Accra",
-    "Rome",
-    "Dublin",
-    "Beijing",
-    "Vienna",
-    "Dubai",
-    "Lyon",
-    "Prague",
-    "Lima",
-]
-_MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
+_FIRST = "Maria John Aiko Omar Lena Carlos Priya Tom Fatima Ivan".split()
+_FIRST += "Grace Kwame Sofia Liam Mei Noah Zara Lucas Anya Diego".split()
+_LAST = "Lopez Smith Tanaka Haddad Fischer Silva Patel Brown Khan Petrov".split()
+_LAST += "Okafor Mensah Rossi Murphy Chen Weber Ali Martin Novak Garcia".split()
+_CITIES = "Lisbon Paris Tokyo Cairo Berlin Madrid Mumbai London Nairobi Moscow".split()
+_CITIES += "Lagos Accra Rome Dublin Beijing Vienna Dubai Lyon Prague Lima".split()
+_MONTHS = "January February March April May June July August September October November December".split()
 # Every sentence holds all four facts, in a different order and wording each time; the model must
 # copy the name and city, rewrite the date as YYYY-MM-DD and the amount as a plain number.
 _TEMPLATES = [

@@ -154,13 +154,11 @@ def _hub_token(token: str | None) -> str | None:
 def push_to_hub(
     folder, repo_id: str, token: str | None = None, private: bool = True, commit_message: str = "Upload with lora_kit"
 ) -> PushResult:
-    """Upload a finished adapter or merged folder to the Hugging Face Hub as one commit.
+    """Upload a finished adapter or merged folder to the Hugging Face Hub as one commit (never half a folder).
 
-    The token comes from ``token``, else HF_TOKEN, else huggingface_hub's stored login
-    (``huggingface_hub.login()``; in Colab the Secrets panel). Offline (HF_HUB_OFFLINE=1) or
-    without a token, nothing is sent and the returned ``PushResult`` (falsy) says what to do; the
-    same message is logged as a warning. The upload is a single commit, so the Hub never shows half
-    of a folder; a failed upload is reported the same way, never raised, so a notebook can run on.
+    The token comes from ``token``, else HF_TOKEN, else huggingface_hub's stored login (in Colab the Secrets
+    panel). Offline, without a token or when the upload fails, nothing is sent and the returned ``PushResult``
+    (falsy) says what to do, also logged as a warning: never raised, so a notebook can run on.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -180,11 +178,9 @@ def push_to_hub(
         logger.warning(message)
         return PushResult(False, message)
 
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError:
-        return refuse("huggingface_hub is not installed (pip install huggingface_hub).")
+    import huggingface_hub
+    from huggingface_hub import constants
+
     token = _hub_token(token)
     if _env_flag("HF_HUB_OFFLINE") or constants.HF_HUB_OFFLINE:
         return refuse(
