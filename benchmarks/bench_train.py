@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side training benchmark: the stock transformers + peft + trl recipe against lora_kit's fast path.
+"""Side-by-side training benchmark: the stock transformers + peft + trl recipe, lora_kit's fast path and Unsloth.
 
 What it measures: a Llama-2-7B-shaped model built from its config with random weights (speed and memory
 do not depend on the values; no weights can be downloaded), LoRA or QLoRA (NF4, double quant) r=64 alpha=16
@@ -12,7 +12,10 @@ dropout 0 on all 7 projections, trained with TRL's SFTTrainer. For each recipe i
 "stock" is the plain transformers + peft + trl recipe: sdpa attention, paged_adamw_32bit, gradient checkpointing,
 each batch padded to its longest sequence, constant learning rate. "lora_kit" is stock plus the levers that
 `lora_kit.speed` switches on for this machine. Other recipe names switch one lever on at a time (see RECIPES) so
-each lever is measured alone.
+each lever is measured alone. "unsloth" is Unsloth's own recipe (FastLanguageModel, its gradient checkpointing, its
+patched SFTTrainer) on the same checkpoint, data, optimizer and steps, with the batch shape lora_kit decides for the
+data (the mixed shape packed into seq_len rows), so both see the same real tokens per optimizer step. It runs from its
+own site folder (--unsloth-site), because Unsloth pins its own trl and datasets, and is skipped without one.
 
 Two data shapes: "fixed" (every sample seq_len tokens) and "mixed" (log-normal lengths, median ~250 tokens, clipped
 to [16, seq_len], seeded: chat-like, mostly short with a long tail).
@@ -20,11 +23,14 @@ to [16, seq_len], seeded: chat-like, mostly short with a long tail).
 Run it (GPU, from the repository root):
     python benchmarks/bench_train.py --model-size 7b --method qlora --shapes fixed,mixed --recipes stock,lora_kit
     python benchmarks/bench_train.py --model-size 7b --precision fp16 --max-memory-gib 15 --shapes fixed  # T4 proxy
+    python benchmarks/bench_train.py --recipes stock,lora_kit,unsloth --unsloth-site /tmp/usite \
+        --vs-unsloth-out benchmarks/results/vs_unsloth.json
 CPU smoke run (CI):
     python benchmarks/bench_train.py --model-size tiny --steps 2 --warmup 1
 
 Each recipe runs in its own subprocess on CUDA (clean peak-memory counters; Liger and torch.compile patch modules
-globally). The last line printed is one JSON object with every result and the lora_kit/stock ratios.
+globally; Unsloth patches transformers, peft and trl as it is imported). The last line printed is one JSON object with
+every result and each recipe's ratios against stock (bf16 base) and against Unsloth.
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ RECIPES = {
     "lora_kit_ligerrope": {"fast": True, "levers": {"liger_rope": True}},
     # lora_kit with Inductor's pointwise autotuning back on (torch's default; Levers.autotune_pointwise)
     "lora_kit_pwautotune": {"fast": True, "levers": {"autotune_pointwise": True}},
+    # Unsloth's recipe (FastLanguageModel + its SFTTrainer), in a subprocess with its own site folder first on the path
+    "unsloth": {"unsloth": True},
     # the stock recipe + only the one-sync-per-step optimizer
     "onesync": {"onesync": True},
     # ... + the bnb update op called straight from the parameter group (speed.lean_update_step)
@@ -137,7 +145,20 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per recipe")
     p.add_argument("--warmup", type=int, default=4, help="untimed optimizer steps first")
     p.add_argument("--shapes", default="fixed,mixed")
-    p.add_argument("--recipes", default="stock_fp32base,stock,lora_kit", help=f"comma list from {sorted(RECIPES)}")
+    p.add_argument(
+        "--recipes", default="stock_fp32base,stock,lora_kit,unsloth", help=f"comma list from {sorted(RECIPES)}"
+    )
+    p.add_argument(
+        "--unsloth-site",
+        default=os.environ.get("UNSLOTH_SITE"),
+        help="folder Unsloth and its own trl and datasets are installed in (pip install --target DIR), put first on "
+        "the unsloth recipe's PYTHONPATH only. Default: $UNSLOTH_SITE; without either the unsloth recipe is skipped",
+    )
+    p.add_argument(
+        "--vs-unsloth-out",
+        default=None,
+        help="also write the lora_kit / Unsloth summary here (speed and memory ratio per shape, both runs' figures)",
+    )
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--ckpt-dir", default=None, help="where the random checkpoint is saved (reused if present)")
@@ -203,11 +224,13 @@ def resolve_precision(args, info):
     return "bf16" if tuple(info["capability"]) >= (8, 0) else "fp16"
 
 
-def versions():
+def versions(extra=()):
+    """Versions of the training stack this process imports (plus the `extra` package names)."""
     import importlib
 
     out = {"python": sys.version.split()[0]}
-    for name in ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "liger_kernel"]:
+    names = ["torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "liger_kernel", *extra]
+    for name in names:
         try:
             out[name] = importlib.import_module(name).__version__
         except Exception:  # noqa: BLE001 - report what is missing, do not fail the benchmark on it
@@ -268,14 +291,21 @@ def ensure_checkpoint(args, dtype_name):
     return ckpt, time.time() - t0
 
 
+def torch_dtype(name):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def load_model(args, ckpt, precision, on_cuda, attn="sdpa", base_dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtype = dtypes[precision]
+    dtype = torch_dtype(precision)
     kwargs = dict(
-        dtype=dtypes[base_dtype or precision], attn_implementation=attn, device_map={"": 0} if on_cuda else {"": "cpu"}
+        dtype=torch_dtype(base_dtype or precision),
+        attn_implementation=attn,
+        device_map={"": 0} if on_cuda else {"": "cpu"},
     )
     if args.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -285,6 +315,20 @@ def load_model(args, ckpt, precision, on_cuda, attn="sdpa", base_dtype=None):
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
         )
     return AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
+
+
+def load_unsloth_model(args, ckpt, precision):
+    """The checkpoint as an Unsloth user loads it: FastLanguageModel, NF4 + double quant for QLoRA (Unsloth's own
+    BitsAndBytesConfig), the run's precision for the rest. Returns (model, tokenizer)."""
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel.from_pretrained(
+        str(ckpt),
+        max_seq_length=args.seq_len,
+        dtype=torch_dtype(precision),
+        load_in_4bit=args.method == "qlora",
+        fix_tokenizer=False,  # the samples are token ids already: the tokenizer only gives the pad id
+    )
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
@@ -325,6 +369,18 @@ def recipe_settings(args, shape, recipe, info, precision):
     mb = args.micro_batch if shape == "fixed" else args.mixed_micro_batch
     ga = args.grad_accum if shape == "fixed" else args.mixed_grad_accum
     kw = {}
+    if levers.get("unsloth"):
+        # Unsloth trains the batch shape lora_kit decides for these data: where lora_kit packs (the mixed shape), Unsloth
+        # packs too (packing=True in its SFTConfig, bfd into seq_len rows) with as many rows per step, so both see the
+        # same real tokens per optimizer step. packing_pays reads the mean fill, which 1,024 of the shape's lengths give.
+        from lora_kit import speed
+
+        decided = lora_kit_levers(args, info, precision, sample_lengths(shape, 1024, args.seq_len, args.seed))
+        mb, ga = speed.batch_shape(mb, ga, decided)
+        kw["_via_unsloth"] = True
+        if decided.packing:
+            kw.update(packing=True, packing_strategy="bfd")
+        return kw, mb, ga, {"unsloth": "FastLanguageModel + its SFTTrainer", "packs_as_lora_kit": decided.packing}
     if levers.pop("fast", False):
         # lora_kit's own entry point decides everything (lora_kit.train.build_trainer with TrainSettings(fast=True))
         kw["_via_lora_kit"] = {"forced": levers.get("levers", {}), "whole_layers": levers.get("whole_layers", False)}
@@ -403,6 +459,7 @@ def run_recipe(args, shape, recipe, ckpt):
     onesync = cfg_kw.pop("_onesync", False)
     lean = cfg_kw.pop("_lean", False)
     via_lora_kit = cfg_kw.pop("_via_lora_kit", None)
+    via_unsloth = cfg_kw.pop("_via_unsloth", False)
     result.update(
         {
             "levers": levers,
@@ -420,10 +477,13 @@ def run_recipe(args, shape, recipe, ckpt):
     n_samples = total_steps * mb * ga * (12 if (packing or via_lora_kit is not None) and shape == "mixed" else 1) + 8
 
     t_load = time.time()
-    tok = build_tokenizer(MODEL_SIZES[args.model_size]["vocab_size"])
-    model = load_model(args, ckpt, precision, on_cuda, attn, base_dtype)
+    if via_unsloth:
+        model, tok = load_unsloth_model(args, ckpt, precision)
+    else:
+        tok = build_tokenizer(MODEL_SIZES[args.model_size]["vocab_size"])
+        model = load_model(args, ckpt, precision, on_cuda, attn, base_dtype)
     result["base_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.dtype.is_floating_point})
-    result["attn"] = model.config._attn_implementation
+    result["attn"] = getattr(model.config, "_attn_implementation", None)
     result["load_s"] = round(time.time() - t_load, 1)
     if on_cuda:
         result["load_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
@@ -461,6 +521,8 @@ def run_recipe(args, shape, recipe, ckpt):
         disable_tqdm=True,
     )
     base.update(cfg_kw)
+    if via_unsloth:
+        del base["gradient_checkpointing"]  # Unsloth's own is set on the model (get_peft_model), as in its notebooks
     sft_args = SFTConfig(**base)
 
     class Timer(TrainerCallback):
@@ -496,19 +558,24 @@ def run_recipe(args, shape, recipe, ckpt):
 
     timer = Timer()
     t_build = time.time()
-    if via_lora_kit is not None:
+    if via_unsloth:
+        trainer = build_unsloth_trainer(args, model, tok, ds, sft_args)
+        trainer.add_callback(timer)
+        count_real_tokens(trainer, micro_tokens)
+        result.update(
+            micro_batch=trainer.args.per_device_train_batch_size,
+            grad_accum=trainer.args.gradient_accumulation_steps,
+            adapter_dtypes=sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
+            # what Unsloth made of them (it turns padding-free on by itself where it pays)
+            sft_kwargs={k: getattr(trainer.args, k, None) for k in ("packing", "packing_strategy", "padding_free")},
+        )
+    elif via_lora_kit is not None:
         trainer, chosen = build_lora_kit_trainer(
             args, info, model, tok, ds, mb, ga, total_steps, precision, via_lora_kit
         )
         result["levers_on"] = chosen.on()
         trainer.add_callback(timer)
-        count_tokens = trainer.training_step
-
-        def counting_step(model, inputs, *a, **k):
-            micro_tokens.append(real_tokens(inputs))
-            return count_tokens(model, inputs, *a, **k)
-
-        trainer.training_step = counting_step
+        count_real_tokens(trainer, micro_tokens)
         result.update(
             micro_batch=trainer.args.per_device_train_batch_size,
             grad_accum=trainer.args.gradient_accumulation_steps,
@@ -527,7 +594,7 @@ def run_recipe(args, shape, recipe, ckpt):
         )
     # TRL casts a quantized model's trainable adapter weights to bf16 while the trainer is built; fp16 mixed precision
     # then dies in the grad scaler at the first step, and fp32 base LoRA must stay fp32. Cast back after the build.
-    if via_lora_kit is None and (precision in ("fp16", "fp32") or fp32_adapters):
+    if via_lora_kit is None and not via_unsloth and (precision in ("fp16", "fp32") or fp32_adapters):
         from lora_kit.speed import upcast_trainable_params
 
         result["upcast_params"] = upcast_trainable_params(trainer.model)
@@ -572,14 +639,56 @@ def run_recipe(args, shape, recipe, ckpt):
     )
     if on_cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)
+    if via_unsloth:  # its trl and datasets are not the other recipes'
+        result["versions"] = versions(("unsloth", "unsloth_zoo"))
     return result
 
 
 def real_tokens(inputs) -> int:
     """Real (non-padding) input tokens of one micro-batch."""
+    if "packed_seq_lengths" in inputs:  # Unsloth's packed or padding-free row: its samples' lengths
+        return int(inputs["packed_seq_lengths"].sum())
     if "attention_mask" in inputs:
         return int(inputs["attention_mask"].sum())
     return int(inputs["input_ids"].numel())  # padding-free: one flat row, no pad tokens (pad_to_multiple_of unset)
+
+
+def count_real_tokens(trainer, micro_tokens):
+    """Note each micro-batch's real tokens in `micro_tokens`, then run the trainer's own training step."""
+    own_step = trainer.training_step
+
+    def counting_step(model, inputs, *a, **k):
+        micro_tokens.append(real_tokens(inputs))
+        return own_step(model, inputs, *a, **k)
+
+    trainer.training_step = counting_step
+
+
+def lora_kit_levers(args, info, precision, lengths):
+    """The levers lora_kit.speed decides for fast_capability and samples of these lengths, as build_trainer would."""
+    from lora_kit import speed
+
+    decided, _ = speed.Levers().decide(fast_capability(args, info), precision, args.method, lengths, args.seq_len)
+    return decided
+
+
+def build_unsloth_trainer(args, model, tok, ds, sft_args):
+    """Unsloth's recipe from its notebooks: LoRA through FastLanguageModel.get_peft_model with Unsloth's gradient
+    checkpointing, then trl's SFTTrainer, which `import unsloth` has replaced with its own."""
+    from trl import SFTTrainer
+    from unsloth import FastLanguageModel
+
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0,
+        target_modules=TARGET_MODULES,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=args.seed,
+    )
+    return SFTTrainer(model=model, args=sft_args, train_dataset=ds, processing_class=tok)
 
 
 def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, precision, via_lora_kit):
@@ -590,11 +699,9 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
     """
     from dataclasses import replace
 
-    from lora_kit import speed
     from lora_kit import train as lk_train
 
-    lengths = [len(ids) for ids in ds["input_ids"]]
-    decided, _ = speed.Levers().decide(fast_capability(args, info), precision, args.method, lengths, args.seq_len)
+    decided = lora_kit_levers(args, info, precision, [len(ids) for ids in ds["input_ids"]])
     levers = replace(decided, **via_lora_kit["forced"])
     lora = lk_train.LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, target_modules=TARGET_MODULES)
     settings = lk_train.TrainSettings(
@@ -713,14 +820,48 @@ def write_profile(prof, out_dir, name, wall_s, steps):
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
+# Unsloth patches transformers, peft and trl as it is imported, and this script imports lora_kit (so transformers) at
+# its top: the unsloth recipe's worker imports unsloth first, then runs this script as __main__.
+IMPORT_UNSLOTH_FIRST = (
+    "import runpy, sys, unsloth; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def unsloth_missing(site) -> str | None:
+    """Why the unsloth recipe cannot run with this site folder (None: it can)."""
+    if not site:
+        return "no --unsloth-site and no UNSLOTH_SITE: Unsloth runs from its own site folder (benchmarks/README.md)"
+    if not (Path(site) / "unsloth" / "__init__.py").is_file():
+        return f"{site} holds no unsloth package (install its wheels there with pip install --target)"
+    return None
+
+
+def unsloth_env(site, pythonpath, compiled_cache=None) -> dict:
+    """Environment of the unsloth recipe's worker: its site folder first on the path (its trl and datasets shadow the
+    other recipes'), no hub look-ups (the checkpoint is local, and Unsloth otherwise downloads a file from the hub to
+    count its users), and the modules Unsloth generates written to a temporary folder, not the working directory."""
+    return {
+        "PYTHONPATH": os.pathsep.join([site, pythonpath] if pythonpath else [site]),
+        "HF_HUB_OFFLINE": "1",
+        "UNSLOTH_DISABLE_STATISTICS": "1",
+        "UNSLOTH_COMPILE_LOCATION": compiled_cache or os.path.join(tempfile.gettempdir(), "bench_unsloth_compiled"),
+    }
+
+
 def run_in_subprocess(args, shape, recipe, argv):
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", shape, recipe]
+    script = os.path.abspath(__file__)
+    cmd = [sys.executable, script, *argv, "--worker", shape, recipe]
     env = dict(os.environ)
+    unsloth_cache = None
     if args.cold_compile:
         cache = tempfile.mkdtemp(prefix="bench_cold_")
         env.update(
             TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), TRITON_CACHE_DIR=os.path.join(cache, "triton")
         )
+        unsloth_cache = os.path.join(cache, "unsloth")
+    if RECIPES[recipe].get("unsloth"):
+        cmd = [sys.executable, "-c", IMPORT_UNSLOTH_FIRST, script, *argv, "--worker", shape, recipe]
+        env.update(unsloth_env(args.unsloth_site, env.get("PYTHONPATH"), unsloth_cache))
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.recipe_timeout, env=env)
@@ -732,50 +873,116 @@ def run_in_subprocess(args, shape, recipe, argv):
             "error": f"timeout after {args.recipe_timeout}s",
             "log_tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else "",
         }
+    tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3500:]).strip()
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
             res = json.loads(line[len(RESULT_TAG) :])
             res["wall_s"] = round(time.time() - t0, 1)
+            if res.get("status") != "ok":  # the worker's traceback went to stderr
+                res["log_tail"] = tail
             return res
-    tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3500:]).strip()
     return {"shape": shape, "recipe": recipe, "status": "error", "error": f"exit {proc.returncode}", "log_tail": tail}
 
 
-def summarize(results):
-    """lora_kit / stock ratios per shape (and every other recipe against stock)."""
-    ratios = {}
-    # A recipe named more than once (stock,lora_kit,stock,lora_kit: interleaved repeats against drift on a shared
-    # machine) is compared through the mean of its repeats' tokens/s and the highest of their peaks.
+# Every recipe is compared with each of these that ran, per shape: "stock" (16-bit unquantized modules; ratio keys
+# "fixed/lora_kit"), "unsloth" ("fixed/lora_kit vs unsloth") and "stock_fp32base" ("fixed/lora_kit vs
+# stock_fp32base"), the Llama-2 QLoRA Colab tutorial's loading, which reproduces the stock figures the speed targets
+# were set against: kept as an extra row and in the JSON, not in the table's ratio columns.
+BASELINES = {"stock": "", "unsloth": " vs unsloth", "stock_fp32base": " vs stock_fp32base"}
+
+
+def aggregate(results):
+    """Per (shape, recipe) that ran: mean tokens/s and real tokens per step, and the highest peak.
+
+    A recipe named more than once (stock,lora_kit,stock,lora_kit: interleaved repeats against drift on a shared
+    machine) is compared through the mean of its repeats' tokens/s and the highest of their peaks.
+    """
     groups = {}
     for r in results:
         if r.get("status") == "ok":
             groups.setdefault((r["shape"], r["recipe"]), []).append(r)
-    by = {}
-    for key, runs in groups.items():
-        tps = [x["tokens_per_s"] for x in runs if x.get("tokens_per_s")]
-        peaks = [x["peak_gib"] for x in runs if x.get("peak_gib")]
-        by[key] = {"tokens_per_s": sum(tps) / len(tps) if tps else None, "peak_gib": max(peaks) if peaks else None}
-    # Two baselines: "stock" (16-bit unquantized modules) and, when it ran, "stock_fp32base" (the Llama-2 QLoRA Colab
-    # tutorial's loading, which reproduces the stock figures the speed targets were set against); keys
-    # "fixed/lora_kit" and "fixed/lora_kit vs stock_fp32base".
-    for baseline, suffix in (("stock", ""), ("stock_fp32base", " vs stock_fp32base")):
+
+    def mean(runs, key):
+        values = [x[key] for x in runs if x.get(key)]
+        return sum(values) / len(values) if values else None
+
+    return {
+        key: {
+            "tokens_per_s": mean(runs, "tokens_per_s"),
+            "real_tokens_per_step": mean(runs, "real_tokens_per_step"),
+            "peak_gib": max((x["peak_gib"] for x in runs if x.get("peak_gib")), default=None),
+        }
+        for key, runs in groups.items()
+    }
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def summarize(results):
+    """Each recipe's tokens/s and peak as ratios of each baseline's (BASELINES), per shape."""
+    by = aggregate(results)
+    ratios = {}
+    for baseline, suffix in BASELINES.items():
         for (shape, recipe), r in by.items():
-            st = by.get((shape, baseline))
-            if not st or recipe == baseline:
+            base = by.get((shape, baseline))
+            if not base or recipe == baseline:
                 continue
-            entry = {}
-            if r.get("tokens_per_s") and st.get("tokens_per_s"):
-                entry["tokens_per_s"] = round(r["tokens_per_s"] / st["tokens_per_s"], 3)
-            if r.get("peak_gib") and st.get("peak_gib"):
-                entry["peak"] = round(r["peak_gib"] / st["peak_gib"], 3)
-            ratios[f"{shape}/{recipe}{suffix}"] = entry
+            entry = {"tokens_per_s": ratio(r["tokens_per_s"], base["tokens_per_s"])}
+            entry["peak"] = ratio(r["peak_gib"], base["peak_gib"])
+            ratios[f"{shape}/{recipe}{suffix}"] = {k: v for k, v in entry.items() if v is not None}
     return ratios
 
 
+def vs_unsloth_summary(results, device, precision, other_versions):
+    """lora_kit against Unsloth per shape: speed_ratio (real tokens/s) and memory_ratio (peak allocated), both
+    lora_kit / Unsloth, beside both recipes' own figures; None when no unsloth recipe ran."""
+    if not any(r.get("recipe") == "unsloth" for r in results):
+        return None
+    by = aggregate(results)
+
+    def figures(shape, recipe):
+        runs = [r for r in results if r.get("shape") == shape and r.get("recipe") == recipe]
+        ok = [r for r in runs if r.get("status") == "ok"]
+        if not ok:
+            failed = runs[-1] if runs else {}
+            return {"error": failed.get("error", "did not run"), "log_tail": failed.get("log_tail", "")[-1500:]}
+        return {**by[(shape, recipe)], "micro_batch": ok[0]["micro_batch"], "grad_accum": ok[0]["grad_accum"]}
+
+    out = {}
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        lk, us = by.get((shape, "lora_kit"), {}), by.get((shape, "unsloth"), {})
+        out[shape] = {
+            "speed_ratio": ratio(lk.get("tokens_per_s"), us.get("tokens_per_s")),
+            "memory_ratio": ratio(lk.get("peak_gib"), us.get("peak_gib")),
+            "lora_kit": figures(shape, "lora_kit"),
+            "unsloth": figures(shape, "unsloth"),
+        }
+    unsloth_versions = next((r["versions"] for r in results if r.get("recipe") == "unsloth" and "versions" in r), None)
+    out.update(
+        device=device["name"],
+        precision=precision,
+        versions={"unsloth recipe": unsloth_versions, "other recipes": other_versions},
+    )
+    return out
+
+
 def print_table(results, ratios):
+    """One row per run: real tokens per step, tokens/s and peak, each also as a ratio of stock's and Unsloth's."""
+
+    def against(r, baseline, key):
+        if r["recipe"] == baseline:
+            return "1.00"
+        value = ratios.get(f"{r['shape']}/{r['recipe']}{BASELINES[baseline]}", {}).get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
     hdr = (
-        f"{'shape':6} {'recipe':14} {'mb x ga':8} {'tokens/s':>9} {'x stock':>7} {'step s':>7} {'peak GiB':>8} "
-        f"{'x stock':>7} {'loss first->last':>18}"
+        f"{'shape':6} {'recipe':14} {'mb x ga':8} {'tok/step':>8} {'tokens/s':>9} {'x stock':>7} {'x unsl.':>7} "
+        f"{'step s':>7} {'peak GiB':>8} {'x stock':>7} {'x unsl.':>7} {'loss first->last':>18}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -783,18 +990,20 @@ def print_table(results, ratios):
         if r.get("status") != "ok":
             print(f"{r['shape']:6} {r['recipe']:14} ERROR {r.get('error', '')}")
             continue
-        rt = ratios.get(f"{r['shape']}/{r['recipe']}", {})
         losses = r.get("losses") or [float("nan")]
-        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
         print(
             f"{r['shape']:6} {r['recipe']:14} {str(r['micro_batch']) + 'x' + str(r['grad_accum']):8} "
-            f"{r['tokens_per_s']:9.1f} {rt.get('tokens_per_s', 1.0) if r['recipe'] != 'stock' else 1.0:7.2f} "
-            f"{r['median_step_s']:7.3f} {peak:>8} {rt.get('peak', '-') if r['recipe'] != 'stock' else 1.0!s:>7} "
+            f"{cell(r.get('real_tokens_per_step'), '.0f'):>8} {cell(r.get('tokens_per_s'), '.1f'):>9} "
+            f"{against(r, 'stock', 'tokens_per_s'):>7} {against(r, 'unsloth', 'tokens_per_s'):>7} "
+            f"{cell(r.get('median_step_s'), '.3f'):>7} {cell(r.get('peak_gib'), '.2f'):>8} "
+            f"{against(r, 'stock', 'peak'):>7} {against(r, 'unsloth', 'peak'):>7} "
             f"{losses[0]:8.3f}->{losses[-1]:8.3f}"
         )
-    for key, entry in ratios.items():
-        if key.endswith(" vs stock_fp32base"):
-            print(f"{key}: tokens/s x{entry.get('tokens_per_s', '-')}, peak x{entry.get('peak', '-')}")
+    if any(r.get("recipe") == "stock_fp32base" for r in results):
+        print(
+            "stock_fp32base: an extra row, stock with the unquantized modules in fp32 (the Llama-2 QLoRA Colab "
+            "tutorial's loading); the ratio columns are against stock (bf16) and Unsloth"
+        )
 
 
 def main(argv=None):
@@ -829,6 +1038,13 @@ def main(argv=None):
     unknown = [r for r in recipes if r not in RECIPES] + [s for s in shapes if s not in ("fixed", "mixed")]
     if unknown:
         raise SystemExit(f"unknown recipe/shape {unknown}: recipes are {sorted(RECIPES)}, shapes fixed,mixed")
+    skipped = {}
+    if "unsloth" in recipes and (missing := unsloth_missing(args.unsloth_site)):
+        if args.unsloth_site:  # named, but wrong: stop before any recipe spends GPU time
+            raise SystemExit(f"--unsloth-site: {missing}")
+        print(f"# unsloth recipe skipped: {missing}", flush=True)
+        skipped["unsloth"] = missing
+        recipes = [r for r in recipes if r != "unsloth"]
     # The checkpoint stores 16-bit weights for GPU runs (what a hub checkpoint holds), fp32 on CPU.
     ckpt, build_s = ensure_checkpoint(args, "bf16" if precision != "fp32" else "fp32")
     print(
@@ -842,7 +1058,7 @@ def main(argv=None):
     for shape in shapes:
         for recipe in recipes:
             t0 = time.time()
-            if in_process:
+            if in_process and not RECIPES[recipe].get("unsloth"):  # Unsloth needs its own site folder: a subprocess
                 try:
                     res = run_recipe(args, shape, recipe, ckpt)
                 except Exception as e:  # noqa: BLE001
@@ -852,11 +1068,22 @@ def main(argv=None):
                 res = run_in_subprocess(args, shape, recipe, worker_argv)
             results.append(res)
             if args.json_out:  # one line per recipe as it finishes: survives a run cut short
+                Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
                 with open(str(args.json_out) + ".partial.jsonl", "a") as fh:
                     fh.write(json.dumps(res) + "\n")
             brief = {
                 k: res.get(k)
-                for k in ("shape", "recipe", "status", "tokens_per_s", "median_step_s", "peak_gib", "wall_s", "error")
+                for k in (
+                    "shape",
+                    "recipe",
+                    "status",
+                    "tokens_per_s",
+                    "real_tokens_per_step",
+                    "median_step_s",
+                    "peak_gib",
+                    "wall_s",
+                    "error",
+                )
             }
             print("# " + json.dumps(brief), flush=True)
             if res.get("status") != "ok" and res.get("log_tail"):
@@ -871,10 +1098,15 @@ def main(argv=None):
         "versions": versions(),
         "results": results,
         "ratios": ratios,
+        "skipped": skipped,
     }
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+    out["vs_unsloth"] = vs_unsloth_summary(results, info, precision, out["versions"])
+    for path, content in ((args.json_out, out), (args.vs_unsloth_out, out["vs_unsloth"])):
+        if path and content is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(content, indent=1) + "\n")
+    if args.vs_unsloth_out and out["vs_unsloth"] is None:
+        print(f"# no unsloth run: {args.vs_unsloth_out} not written", flush=True)
     print(json.dumps(out), flush=True)
     return 0 if all(r.get("status") == "ok" for r in results) else 1
 

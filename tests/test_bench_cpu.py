@@ -1,9 +1,12 @@
 """The GPU benchmark script must not rot: its tiny CPU mode runs end to end and prints its JSON."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,6 +112,97 @@ def test_cold_compile_gives_each_recipe_subprocess_empty_compiler_caches(tmp_pat
             assert all(Path(c).parent.parent == tmp_path for c in caches)
         else:  # without the flag the recipes inherit the caller's cache
             assert caches == [str(tmp_path / "shared_cache")] * 2
+
+
+def test_unsloth_recipe_is_skipped_with_its_reason_when_no_site_folder_is_named(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    monkeypatch.delenv("UNSLOTH_SITE", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    argv = ["--model-size", "tiny", "--recipes", "unsloth", "--ckpt-dir", str(tmp_path / "ckpt")]
+    assert bench_train.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "# unsloth recipe skipped: no --unsloth-site and no UNSLOTH_SITE" in printed
+    out = json.loads(printed.strip().splitlines()[-1])
+    assert out["results"] == [] and out["vs_unsloth"] is None
+    assert "UNSLOTH_SITE" in out["skipped"]["unsloth"]
+    # a named folder without Unsloth in it stops the run before any recipe trains
+    with pytest.raises(SystemExit, match="holds no unsloth package"):
+        bench_train.main(argv + ["--unsloth-site", str(tmp_path)])
+
+
+def test_unsloth_worker_imports_unsloth_first_from_its_own_site_and_reports_a_failure(tmp_path, monkeypatch):
+    """The worker's path starts with the named site folder, imports unsloth before transformers/peft/trl (Unsloth
+    patches them as it is imported), and an Unsloth that cannot train comes back as an error result with its text."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    site = tmp_path / "site"
+    (site / "unsloth").mkdir(parents=True)
+    (site / "unsloth" / "__init__.py").write_text(
+        "import sys\n"
+        f"open({str(tmp_path / 'imported_before.txt')!r}, 'w').write("
+        "' '.join(m for m in ('transformers', 'peft', 'trl') if m in sys.modules))\n"
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    argv = ["--model-size", "tiny", "--steps", "1", "--warmup", "1", "--ckpt-dir", str(tmp_path / "ckpt")]
+    args = bench_train.parse_args(argv + ["--unsloth-site", str(site)])
+    bench_train.ensure_checkpoint(args, "fp32")
+    res = bench_train.run_in_subprocess(args, "fixed", "unsloth", argv + ["--unsloth-site", str(site)])
+    assert (tmp_path / "imported_before.txt").read_text() == ""
+    assert res["status"] == "error" and "FastLanguageModel" in res["error"], res
+    assert "Traceback" in res["log_tail"]
+    env = bench_train.unsloth_env(str(site), "/normal/site")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(site), "/normal/site"]
+
+
+def test_vs_unsloth_summary_divides_lora_kit_by_unsloth_per_shape():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    def run(shape, recipe, tokens_per_s, peak_gib, real_tokens_per_step, mb, ga, **extra):
+        return {
+            "shape": shape,
+            "recipe": recipe,
+            "status": "ok",
+            "tokens_per_s": tokens_per_s,
+            "peak_gib": peak_gib,
+            "real_tokens_per_step": real_tokens_per_step,
+            "micro_batch": mb,
+            "grad_accum": ga,
+            **extra,
+        }
+
+    unsloth_versions = {"unsloth": "2026.10.9", "trl": "1.15.0"}
+    results = [
+        run("fixed", "stock", 6000.0, 5.8, 4096, 2, 1),
+        run("fixed", "lora_kit", 8000.0, 5.6, 4096, 2, 1),
+        run("fixed", "unsloth", 6400.0, 7.0, 4096, 2, 1, versions=unsloth_versions),
+        # two lora_kit repeats: the mean of their tokens/s, the higher of their peaks
+        run("mixed", "lora_kit", 8600.0, 7.3, 8187, 4, 1),
+        run("mixed", "lora_kit", 8800.0, 7.4, 8189, 4, 1),
+        {"shape": "mixed", "recipe": "unsloth", "status": "error", "error": "exit 1", "log_tail": "Traceback ..."},
+    ]
+    summary = bench_train.vs_unsloth_summary(results, {"name": "NVIDIA H200"}, "bf16", {"trl": "1.16.0"})
+    assert summary["fixed"]["speed_ratio"] == 1.25 and summary["fixed"]["memory_ratio"] == 0.8
+    assert summary["fixed"]["unsloth"] == {
+        "tokens_per_s": 6400.0,
+        "real_tokens_per_step": 4096.0,
+        "peak_gib": 7.0,
+        "micro_batch": 2,
+        "grad_accum": 1,
+    }
+    assert summary["mixed"]["speed_ratio"] is None and summary["mixed"]["memory_ratio"] is None
+    assert summary["mixed"]["lora_kit"]["tokens_per_s"] == 8700.0 and summary["mixed"]["lora_kit"]["peak_gib"] == 7.4
+    assert summary["mixed"]["lora_kit"]["real_tokens_per_step"] == 8188.0
+    assert summary["mixed"]["unsloth"]["error"] == "exit 1"
+    assert summary["device"] == "NVIDIA H200" and summary["precision"] == "bf16"
+    assert summary["versions"] == {"unsloth recipe": unsloth_versions, "other recipes": {"trl": "1.16.0"}}
+    ratios = bench_train.summarize(results)
+    assert ratios["fixed/lora_kit vs unsloth"] == {"tokens_per_s": 1.25, "peak": 0.8}
+    assert ratios["fixed/unsloth"] == {"tokens_per_s": round(6400 / 6000, 3), "peak": round(7.0 / 5.8, 3)}
+    assert bench_train.vs_unsloth_summary(results[:2], {"name": "cpu"}, "fp32", {}) is None
 
 
 def test_bench_memory_tiny_cpu(tmp_path):
