@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,25 @@ def autofit_points(budgets: list[float], max_length: int) -> list[dict]:
     return points
 
 
+# The longest context: 7B QLoRA at the notebook's rank, one sample per step, under a T4's memory cap, with and without
+# the saved activations in CPU RAM.
+LONGEST = [(8192, False), (12288, False), (16384, False), (32768, True), (49152, True), (65536, True)]
+LONGEST_16 = [(16384, False), (24576, True), (32768, True), (49152, True), (65536, True)]  # with stream16
+LONGEST_STEPS = 4
+
+
+def longest_points(cap_gib: float) -> list[dict]:
+    return [
+        dict(shape="llama2-7b", method="qlora", precision="fp16", seq=seq, mb=1, r=64, gc=True, packing=False,
+             offload=offload, budget_gib=cap_gib, steps=LONGEST_STEPS)
+        for seq, offload in LONGEST
+    ] + [
+        dict(shape="llama2-7b", method="qlora", precision="fp16", seq=seq, mb=1, r=64, gc=True, packing=False,
+             offload=offload, stream16=True, budget_gib=cap_gib, steps=LONGEST_STEPS)
+        for seq, offload in LONGEST_16
+    ]  # fmt: skip
+
+
 def estimate(point: dict) -> memory.MemoryBreakdown:
     """lora_kit.memory's estimate for one grid point."""
     from transformers import LlamaConfig
@@ -199,12 +219,20 @@ def run_point(point: dict, checkpoint: Path) -> dict:
             apply_t4_proxy(cap_gib=budget or total / GIB - 1)
         elif budget:
             torch.cuda.set_per_process_memory_fraction(budget * GIB / total, 0)
+    from transformers import TrainerCallback
+
     from lora_kit import load_model
     from lora_kit.speed import Levers
     from lora_kit.train import LoraSettings, TrainSettings, build_trainer
 
     precision = point["precision"] if cuda else "fp32"
     model, tokenizer = load_model(str(checkpoint), QUANTIZATION[point["method"]], precision=precision)
+    if point.get("stream16") and precision in ("fp16", "bf16"):
+        # The embeddings, norms and head back in 16-bit (prepare_model_for_kbit_training made them fp32): the
+        # hidden states between blocks, and every activation computed from them, are then 16-bit too.
+        for param in model.parameters():
+            if param.dtype == torch.float32 and not param.requires_grad:
+                param.data = param.data.to(torch.float16 if precision == "fp16" else torch.bfloat16)
     weights = torch.cuda.memory_allocated() if cuda else 0
     lora = LoraSettings(r=point["r"], alpha=point["r"] / 4, dropout=DROPOUT[point["method"]])
     settings = TrainSettings(
@@ -217,6 +245,7 @@ def run_point(point: dict, checkpoint: Path) -> dict:
         lr_scheduler_type="constant",
         warmup_ratio=0.0,
         gradient_checkpointing=point["gc"],
+        offload_activations=point.get("offload", False),
         save_steps=10**9,
         output_dir=tempfile.mkdtemp(prefix="bench_memory_"),
         levers=Levers(packing=point["packing"]),  # everything else as lora_kit decides on this machine
@@ -224,6 +253,10 @@ def run_point(point: dict, checkpoint: Path) -> dict:
     )
     rows = training_rows(point, model.config.vocab_size)
     trainer = build_trainer(model, tokenizer, rows, lora=lora, train=settings, precision=precision)
+    step_ends = []  # synchronised clock at each optimizer step's end: the speed of the steps after the first
+    trainer.add_callback(
+        type("StepClock", (TrainerCallback,), {"on_step_end": lambda *a, **k: step_ends.append(_now())})
+    )
     built = torch.cuda.memory_allocated() if cuda else 0  # weights + adapters (+ anything the build keeps)
     if cuda:
         torch.cuda.synchronize()
@@ -233,7 +266,11 @@ def run_point(point: dict, checkpoint: Path) -> dict:
     seconds = time.perf_counter() - start
     paged = memory.paged_state_bytes(trainer.optimizer)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    steps = [b - a for a, b in zip(step_ends, step_ends[1:])]
     return dict(
+        tokens_per_s=round(point["mb"] * point["seq"] / statistics.median(steps))
+        if steps and not point["packing"]
+        else None,
         weights_gib=weights / GIB,
         built_gib=built / GIB,
         peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None,
@@ -242,6 +279,14 @@ def run_point(point: dict, checkpoint: Path) -> dict:
         train_s=round(seconds, 1),
         last_loss=losses[-1] if losses else None,
     )
+
+
+def _now() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def worker(spec: str) -> int:
@@ -260,9 +305,11 @@ def reservation_gib(point: dict) -> float:
 def drive(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.autofit:
-        points = autofit_points([float(b) for b in args.autofit.split(",")], args.autofit_length)
+    if args.autofit or args.longest:
+        points = selected(args)
         points = [dict(p, index=i) for i, p in enumerate(points)]
+        if args.points:
+            points = [points[int(i)] for i in args.points.split(",")]
     else:
         wanted = [int(i) for i in args.points.split(",")] if args.points else range(len(POINTS))
         points = [dict(POINTS[i], index=i) for i in wanted]
@@ -319,7 +366,10 @@ def drive(args) -> list[dict]:
                     used = record["peak_reserved_gib"] + record["paged_states_gib"]
                     record["used_fraction"] = round(used / point["budget_gib"], 3)
             else:
-                record["error"] = text.strip().splitlines()[-1][:300] if text.strip() else f"exit {proc.returncode}"
+                # The last line that names an error (tqdm redraws its bar at exit, after any traceback).
+                errors = [line for line in text.splitlines() if "Error" in line or "error:" in line]
+                record["error"] = (errors or [f"exit {proc.returncode}"])[-1][:300]
+                (out / f"point_{point['index']}.log").write_text(text[-20000:])
             results.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -327,15 +377,25 @@ def drive(args) -> list[dict]:
             print(
                 f"#{point['index']:2d} {point['shape']:13s} {point['method']:5s} {point['precision']} "
                 f"{point['seq']:5d} x {point['mb']} r={point['r']:<3d} gc={point['gc']!s:5s} pack={point['packing']!s:5s}"
-                f" estimated {record['estimated_gib']:6.2f}  measured "
+                + (" offload" if point.get("offload") else "")
+                + (" stream16" if point.get("stream16") else "")
+                + (f" {record['tokens_per_s']} tokens/s" if record.get("tokens_per_s") else "")
+                + f" estimated {record['estimated_gib']:6.2f}  measured "
                 + (f"{measured:6.2f}" if measured is not None else record.get("error", "-"))
                 + f"  ({record['wall_s']} s)",
                 flush=True,
             )
     results.sort(key=lambda r: r["index"])
-    name = "memory_autofit.json" if args.autofit else "memory_grid.json"
+    name = "memory_autofit.json" if args.autofit else "memory_longest.json" if args.longest else "memory_grid.json"
     (out / name).write_text(json.dumps({"points": results}, indent=1))
     return results
+
+
+def selected(args) -> list[dict]:
+    """The auto-fit or longest-context points the options ask for."""
+    if args.autofit:
+        return autofit_points([float(b) for b in args.autofit.split(",")], args.autofit_length)
+    return longest_points(args.longest)
 
 
 def main(argv=None) -> int:
@@ -349,6 +409,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=int, default=480, help="start no point after this many seconds")
     p.add_argument("--autofit", metavar="GIB,...", help="check fit_settings' choices under these memory caps instead")
     p.add_argument("--autofit-length", type=int, default=1024, help="the longest sample the auto-fit runs want")
+    p.add_argument("--longest", type=float, metavar="GIB", help="the longest 7B QLoRA context under this memory cap")
     p.add_argument("--tiny", action="store_true", help="a tiny model for every point (CPU dry run)")
     p.add_argument("--list", action="store_true", help="print the grid with the estimates and stop")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -356,9 +417,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args.worker)
     if args.list:
-        listed = (
-            autofit_points([float(b) for b in args.autofit.split(",")], args.autofit_length) if args.autofit else POINTS
-        )
+        listed = selected(args) if args.autofit or args.longest else POINTS
         for i, point in enumerate(listed):
             print(i, point, f"{estimate(point).total_gib:.2f} GiB")
         return 0

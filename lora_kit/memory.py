@@ -97,7 +97,9 @@ LOGIT_BYTES = 4  # the loss reads the logits in fp32: one float per vocabulary e
 INT8_WORKSPACE_COPIES = 2.7  # lora8's backward dequantizes frozen int8 weights: ~2.7 16-bit copies of the largest one
 PAGED_MIN_ELEMENTS = 100_000  # bitsandbytes pages an optimizer state only from this size; smaller ones stay in place
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and kernel images: on the device, outside PyTorch's count
-ALLOCATOR_SLACK = 0.2  # PyTorch's caching allocator reserved up to 18% more than was allocated at the measured peaks
+# PyTorch's caching allocator reserved at most this much more than was allocated at the measured peaks (up to 18%
+# for qlora, whose dequantized weights come and go in many sizes; up to 10% for the others).
+ALLOCATOR_SLACK = {"qlora": 0.2, "lora8": 0.12, "lora": 0.12, "full": 0.12}
 
 
 # --- Model shapes ---------------------------------------------------------------------------
@@ -354,7 +356,7 @@ class MemoryBreakdown:
     @property
     def device_gib(self) -> float:
         """What the GPU needs free for this run: the peak, the allocator's slack, paged states, the CUDA context."""
-        return self.total_gib * (1 + ALLOCATOR_SLACK) + self.paged_optimizer_states + CUDA_CONTEXT_GIB
+        return self.total_gib * (1 + ALLOCATOR_SLACK[self.method]) + self.paged_optimizer_states + CUDA_CONTEXT_GIB
 
     def components(self) -> dict[str, float]:
         """``{component: GiB}`` for the five components, in plotting order."""

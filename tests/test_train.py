@@ -61,6 +61,15 @@ def test_contradictory_lora_settings_raise(kwargs, match):
         LoraSettings(**kwargs)
 
 
+def test_activation_offloading_is_asked_of_trl_only_on_a_gpu():
+    from lora_kit.train import sft_config
+
+    with pytest.raises(LoraKitError, match="offload_activations"):
+        TrainSettings(offload_activations="yes")
+    config = sft_config(TrainSettings(offload_activations=True, report_to="none"), "fp32", False)
+    assert config.activation_offloading is False  # this machine has no CUDA: nothing to copy to
+
+
 def test_trainable_parameters_follow_r_and_targets(base):
     model, _ = base
     counts = {}
