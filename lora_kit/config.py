@@ -34,23 +34,9 @@ SECTIONS = {
     "": ("method", "model", "output_dir"),
     "data": ("dataset", "n_train", "n_eval"),
     "lora": ("r", "alpha", "dropout", "target_modules", "bias"),
-    "train": (
-        "learning_rate",
-        "max_steps",
-        "num_epochs",
-        "micro_batch_size",
-        "gradient_accumulation_steps",
-        "max_length",
-        "optim",
-        "lr_scheduler_type",
-        "warmup_ratio",
-        "max_grad_norm",
-        "seed",
-        "gradient_checkpointing",
-        "fast",
-        "save_steps",
-        "resume",
-    ),
+    "train": ("learning_rate", "max_steps", "num_epochs", "micro_batch_size", "gradient_accumulation_steps")
+    + ("max_length", "optim", "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "seed")
+    + ("gradient_checkpointing", "fast", "save_steps", "resume"),
     "eval": ("eval_samples", "max_new_tokens"),
 }
 SECTION_OF = {knob: section for section, knobs in SECTIONS.items() for knob in knobs}
