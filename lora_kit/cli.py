@@ -150,11 +150,10 @@ def _load_for_chat(name: str):
 
 
 def _chat(args) -> None:
-    from .evaluate import GenerationSettings, stream_generate
+    from .chat import ChatSession
+    from .evaluate import GenerationSettings
 
-    model, tokenizer = _load_for_chat(args.model)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    history: list[dict] = []
+    session = ChatSession(*_load_for_chat(args.model), GenerationSettings(max_new_tokens=args.max_new_tokens))
     print(f"Chatting with {args.model}. An empty line or Ctrl-D ends.")
     while True:
         try:
@@ -163,14 +162,9 @@ def _chat(args) -> None:
             break
         if not text:
             break
-        history.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
-        pieces = []
-        for piece in stream_generate(model, tokenizer, history, settings):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+        session.send(text, on_token=lambda piece: print(piece, end="", flush=True))
         print()
-        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def main(argv=None) -> int:
