@@ -54,30 +54,15 @@ ROLE_ALIASES = {
 
 # Field names people often use, and the name lora_kit expects instead (for the "what to do" hint).
 _RENAME_HINTS = {
-    "question": "instruction",
-    "query": "instruction",
-    "prompt_text": "prompt",
-    "answer": "response",
-    "reply": "response",
-    "target": "output",
-    "conversation": "conversations",
-    "dialog": "messages",
-    "dialogue": "messages",
-    "chat": "messages",
-    "content": "text",
-    "document": "text",
+    **dict.fromkeys(("question", "query"), "instruction"),
+    **dict.fromkeys(("answer", "reply"), "response"),
+    **dict.fromkeys(("dialog", "dialogue", "chat"), "messages"),
+    **dict.fromkeys(("content", "document"), "text"),
+    **{"prompt_text": "prompt", "target": "output", "conversation": "conversations"},
 }
-
-_SUFFIXES = {
-    ".json": "json",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-    ".txt": "raw",
-    ".md": "raw",
-}
+# File extension -> how it is read.
+_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv"}
+_SUFFIXES |= {".parquet": "parquet", ".txt": "raw", ".md": "raw"}
 
 
 class _Problem(Exception):
@@ -115,13 +100,11 @@ def _clean(value, what: str, *, required: bool = True) -> str:
         if required:
             raise _Problem(f"{what} is null (empty)", f"Give {what} some text.")
         return ""
-    if (
-        isinstance(value, list)
-        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value)
-        and value
+    text_parts = isinstance(value, list) and value
+    if text_parts and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
     ):
-        # OpenAI "content parts": keep the text parts, in order.
-        value = "\n".join(p["text"] for p in value)
+        value = "\n".join(p["text"] for p in value)  # OpenAI "content parts": the text parts, in order
     if not isinstance(value, str):
         raise _Problem(
             f"{what} must be a string, got {type(value).__name__} {_short(value)}",
@@ -552,9 +535,10 @@ def _line_of(newlines: list[int], pos: int) -> int:
 
 
 def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\n\r":
-        pos += 1
-    return pos
+    return _WHITESPACE.match(text, pos).end()
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _array_offsets(text: str, pos: int) -> list[int]:
