@@ -13,9 +13,11 @@ from __future__ import annotations
 import html
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable
 
+from .data import render_chat
 from .errors import LoraKitError
 from .evaluate import GenerationSettings, stream_generate
 
@@ -51,13 +53,9 @@ def release_models(objects) -> int:
 
 
 class ChatSession:
-    """The turns of one conversation: history in, streamed answer out.
-
-    ``send(text, on_token)`` builds the prompt from the system message, the history so far and
-    ``text`` (through the tokenizer's chat template, as in training), streams the answer through
-    ``on_token(piece)``, and appends both messages to ``history``. ``reset()`` forgets the past.
-    When the history no longer fits the model's context, the oldest exchanges are left out of the
-    prompt (they stay in ``history``).
+    """The turns of one conversation: ``send(text, on_token)`` renders the system message, the history and
+    ``text`` with the tokenizer's chat template, streams the answer through ``on_token(piece)`` and appends both
+    messages to ``history``; the oldest exchanges are left out of the prompt when it outgrows the context.
     """
 
     def __init__(
@@ -104,7 +102,7 @@ class ChatSession:
                 "This chat's model was freed (free_memory). Run the chat cell again with a loaded model."
             )
         messages = self.conversation(text)
-        self.last_prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        self.last_prompt = render_chat(self.tokenizer, messages)
         pieces = []
         for piece in stream_generate(self.model, self.tokenizer, messages, self.settings):
             pieces.append(piece)
@@ -160,11 +158,7 @@ def _bubble(role: str, text: str) -> str:
 
 
 class ChatBox:
-    """The ipywidgets face of a ``ChatSession``: history area, text input, Send and Reset buttons.
-
-    ``widget`` is the VBox to display. The handlers ``_on_send`` and ``_on_reset`` are what the
-    buttons call; tests call them directly.
-    """
+    """The ipywidgets face of a ``ChatSession``: history area, text input, Send and Reset buttons (``widget``)."""
 
     def __init__(self, session: ChatSession):
         import ipywidgets as widgets
@@ -180,12 +174,9 @@ class ChatBox:
         self.reset_button = widgets.Button(description="Reset", icon="refresh", tooltip="Clear the conversation")
         self.send_button.on_click(self._on_send)
         self.reset_button.on_click(self._on_reset)
-        if hasattr(self.input, "on_submit"):  # Enter sends; deprecated in ipywidgets 8 but still the simplest hook
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.input.on_submit(self._on_send)
+        with warnings.catch_warnings():  # Enter sends; deprecated in ipywidgets 8 but still the simplest hook
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.input.on_submit(self._on_send)
         self.widget = widgets.VBox([self.output, widgets.HBox([self.input, self.send_button, self.reset_button])])
         self._busy = False
         self._hide_next_display = False
@@ -273,12 +264,10 @@ def chat_box(
 ):
     """Chat with ``model``: a widget in a notebook, a scripted, printed exchange elsewhere.
 
-    In a notebook (``mode="widget"``, or ``"auto"`` when ``widgets_can_render()``) it shows a chat
-    box (multi-turn, Reset clears the history, tokens appear as they stream) and returns the
-    ``ChatBox``; a ``script`` is played into it first. Elsewhere (``mode="script"``) it sends
-    ``script`` (default: two turns) through the same ``ChatSession``, prints the exchange and
-    returns the session. ``settings`` are the decoding knobs (default greedy, 128 new tokens);
-    ``system`` is an optional system message, e.g. the one the model was fine-tuned with.
+    In a notebook (``mode="widget"``, or ``"auto"`` when ``widgets_can_render()``) it shows and returns a
+    ``ChatBox`` with ``script`` played into it; elsewhere (``mode="script"``) it sends ``script`` (default: two
+    turns) through a ``ChatSession``, prints the exchange and returns the session. ``system``: e.g. the system
+    message the model was fine-tuned with.
     """
     if mode not in ("auto", "widget", "script"):
         raise LoraKitError(f"chat_box mode={mode!r}: expected 'auto', 'widget' or 'script'.")

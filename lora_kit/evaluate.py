@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .data import render_chat
 from .errors import LoraKitError
 
 
@@ -51,9 +52,7 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-# ---------------------------------------------------------------------------------------------
-# Perplexity
-# ---------------------------------------------------------------------------------------------
+# --- Perplexity -------------------------------------------------------------------------------
 @torch.no_grad()
 def perplexity(model, dataset, tokenizer=None, batch_size: int = 8, max_length: int = 2048) -> float:
     """exp(mean negative log-likelihood) over the tokens that carry loss (the answers).
@@ -113,9 +112,7 @@ def perplexity(model, dataset, tokenizer=None, batch_size: int = 8, max_length: 
     return math.exp(mean)
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
+# --- Generation -------------------------------------------------------------------------------
 @dataclass
 class GenerationSettings:
     """The knobs of decoding. Defaults are greedy: reproducible, best for extraction tasks.
@@ -251,23 +248,14 @@ def generate_details(
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             for start in range(0, len(conversations), batch_size):
-                texts = [
-                    tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                    for m in conversations[start : start + batch_size]
-                ]
+                texts = [render_chat(tokenizer, m) for m in conversations[start : start + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(**enc, **settings.as_kwargs(), pad_token_id=pad_id, eos_token_id=eos_ids)
                 for row in out[:, enc["input_ids"].shape[1] :].tolist():
                     end = next((k for k, t in enumerate(row) if t in eos_ids), None)
-                    if end is None:
-                        kept = [t for t in row if t != pad_id]
-                        results.append(
-                            Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), False)
-                        )
-                    else:
-                        results.append(
-                            Generation(tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end + 1, True)
-                        )
+                    kept = [t for t in row if t != pad_id] if end is None else row[:end]
+                    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    results.append(Generation(text, len(kept) if end is None else end + 1, end is not None))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return results
@@ -298,10 +286,9 @@ class _StopOnEvent:
 def stream_generate(model, tokenizer, messages, settings: GenerationSettings | None = None, **overrides):
     """Yield the answer to one prompt (a string or a message list) piece by piece as it is generated.
 
-    The model runs in a background thread and transformers' ``TextIteratorStreamer`` hands over
-    each decoded piece (usually a word). Joined, the pieces give the same text as ``generate``.
-    Beam search cannot stream (the best beam is known only at the end): with ``num_beams > 1``
-    the whole answer comes as one piece. Stopping the iteration early stops the model too.
+    The model runs in a background thread feeding transformers' ``TextIteratorStreamer``; joined, the pieces are
+    ``generate``'s text. Beam search (``num_beams > 1``) knows its answer only at the end, so it comes as one
+    piece. Stopping the iteration early stops the model too.
     """
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -313,7 +300,7 @@ def stream_generate(model, tokenizer, messages, settings: GenerationSettings | N
         yield generate(model, tokenizer, conversation, settings)[0]
         return
     eos_ids = _eos_ids(model, tokenizer)
-    text = tokenizer.apply_chat_template(conversation[0], tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, conversation[0])
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop, errors = threading.Event(), []
@@ -355,9 +342,7 @@ def stream_generate(model, tokenizer, messages, settings: GenerationSettings | N
 def decoding_showcase(model, tokenizer, prompt, seed: int = 0, max_new_tokens: int = 64):
     """One prompt answered under each decoding setting the notebooks teach, as a DataFrame.
 
-    Rows: greedy, temperature 0.3 and 1.2 (pure sampling), top-p 0.9, top-k 20, 4 beams and a
-    repetition penalty. Every row is seeded with ``seed``, so the table is reproducible; change
-    the seed to see how much the sampled rows vary while greedy and beams stay put.
+    Every row is seeded with ``seed``: change it to see the sampled rows vary while greedy and beams stay put.
     """
     import pandas as pd
 
@@ -376,9 +361,7 @@ def decoding_showcase(model, tokenizer, prompt, seed: int = 0, max_new_tokens: i
     return pd.DataFrame({"setting": [name for name, _ in rows], "answer": answers})
 
 
-# ---------------------------------------------------------------------------------------------
-# Task scores and before/after comparison
-# ---------------------------------------------------------------------------------------------
+# --- Task scores and before/after comparison --------------------------------------------------
 @dataclass
 class TaskScore:
     score: float

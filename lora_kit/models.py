@@ -9,10 +9,10 @@ ordinary transformers checkpoint in a cache folder.
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal, get_args
 import json
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import transformers
@@ -76,10 +76,8 @@ def _embedded_gguf() -> Path:
 def embedded_model_path() -> Path:
     """Return a folder holding the embedded model as an ordinary checkpoint, converting it once.
 
-    A model loaded from GGUF refuses ``save_pretrained`` (transformers marks it quantized), so we
-    build a fresh model from its config without ``quantization_config``, copy the dequantized
-    weights in and save that. The folder is written with ``files.atomic_folder``, so an interrupted
-    conversion is never mistaken for a finished one, and the next call removes what it left.
+    A model loaded from GGUF refuses ``save_pretrained`` (transformers marks it quantized), so its dequantized
+    weights go into a fresh model built from its config without ``quantization_config``.
     """
     target = cache_dir() / "SmolLM2-135M-Instruct"
     clean_stale_partials(target)  # what a killed conversion left: half a folder, or the previous one moved aside
@@ -294,10 +292,8 @@ def _check_quantization(quantization, load_in_8bit, load_in_4bit) -> str:
 def _keep_cpu_4bit_trainable(model) -> int:
     """Stop bitsandbytes (0.50) repacking 4-bit weights for fast CPU inference.
 
-    On a CPU with AVX512-BF16, the first no-grad eval forward of a ``Linear4bit`` rewrites its
-    weight in place into a CPU-only layout. The forward stays right but the backward through it
-    is wrong (LoRA gradients at cosine ~0.05 against the unpacked model), so training after an
-    evaluation goes astray. A no-op on a GPU and for 16-bit or 8-bit models.
+    On a CPU with AVX512-BF16 the first no-grad forward of a ``Linear4bit`` rewrites its weight into a layout whose
+    backward is wrong, so training after an evaluation would go astray.
     """
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for m in layers:
@@ -318,10 +314,9 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` ready for training.
 
-    quantization: "none" keeps the base in 16-bit (fp32 on CPU), "8bit" stores it in int8
-    (LLM.int8), "nf4" in 4-bit NormalFloat with double quantization (QLoRA). Precision comes
-    from the hardware unless given. A quantized model is prepared for k-bit training (layer
-    norms in fp32, input gradients on) so adapters can learn through the frozen base.
+    quantization: "none" keeps the base in 16-bit (fp32 on CPU), "8bit" stores it in int8 (LLM.int8), "nf4" in
+    4-bit NormalFloat with double quantization (QLoRA), prepared for k-bit training (norms in fp32, input gradients
+    on) so adapters learn through the frozen base. Precision comes from the hardware unless given.
     """
     from peft import prepare_model_for_kbit_training
 
