@@ -2,8 +2,9 @@
 
 The two notebooks tell the same story; only a few cells differ (the method, and the QLoRA-only
 section on 4-bit storage). Keeping both in one script means a fix to the shared story lands in
-both. Logic does not live here either: every cell calls into ``lora_kit`` (mostly
-``lora_kit.course``), so tests reach it.
+both. The LoRA mechanics (the shapes of A and B, the scale alpha / r, the update B A, its rank) are
+written out in cells, a few lines of torch on the live model's layers, for the learner to read and
+change; the rest is calls into ``lora_kit``, where tests reach it.
 
     python notebooks/build.py            # rewrite both notebooks, without outputs
 """
@@ -110,6 +111,7 @@ CELLS = [
     and lora_kit keeps the small trainable matrices in fp32 so the scaler works. A CPU trains in fp32.
     """),
     code("""
+    import torch
     from lora_kit import course
 
     course.notebook_defaults()  # tidy tables and figures, quiet known-harmless warnings
@@ -259,26 +261,73 @@ CELLS = [
     print(course.model_report(model, cfg))
     """),
     md("""
-    How many numbers would LoRA train at each rank? The next cell walks the loaded model, finds every
-    layer the knobs target, and adds up r x (d_in + d_out) for each.
+    How many numbers would LoRA train at each rank? Each adapted layer `W` (d_out x d_in) gets `A` (r x d_in)
+    and `B` (d_out x r): r x (d_in + d_out) numbers. The next cell finds the layers the knobs target (with
+    `find_target_modules`, the search `add_lora` uses) and adds their counts up for a few ranks. It reads each
+    layer's shape from `in_features` and `out_features`, because a quantized weight's tensor has another shape:
+    4-bit numbers are stored packed, two to a byte. Put other ranks in the list to see how the count grows; to
+    adapt fewer layers, set `OVERRIDES = dict(target_modules=["q_proj", "v_proj"])` (the LoRA paper's choice)
+    in section 2.
     """),
     code("""
-    course.rank_table(model, target_modules=cfg.target_modules)
+    from lora_kit import find_target_modules
+
+    targets = find_target_modules(model, cfg.target_modules)  # the layer names add_lora will adapt
+    shapes = [(m.in_features, m.out_features) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    n_base = model.num_parameters()  # counts a 4-bit weight at its real size, not its packed bytes
+    print(f"{len(shapes)} layers named {targets}; the base model has {n_base:,} parameters")
+    for r in sorted({1, 4, 16, 64, 256, cfg.r}):
+        n = sum(r * (d_in + d_out) for d_in, d_out in shapes)
+        print(f"r = {r:3d}: {n:12,} trainable, {n / n_base:7.2%} of the base" + ("  <- this run" if r == cfg.r else ""))
     """),
     md("""
-    Even at the largest rank in the table, the trainable share stays a small fraction of the base. That is
-    why the gradients and optimizer states in section 3 almost vanish for the LoRA bars.
+    The count grows in proportion to r, and at this run's rank it is a few percent of the base model or less.
+    That is why the gradients and optimizer states of section 3 almost vanish from the LoRA bars.
 
-    Now wrap the model with adapters of this run's rank. PEFT's own count of trainable parameters should
-    equal the table's row for this r. Then the check: run one prompt with the adapters switched off and
-    on, and compare the output logits.
+    Now wrap the model with adapters of this run's rank. PEFT counts the trainable parameters itself; with
+    `bias="none"` its count should equal the row marked above.
     """),
     code("""
     from lora_kit import add_lora
 
     model = add_lora(model, cfg.lora)
     model.print_trainable_parameters()
-    print(course.zero_init_check(model, tok))
+    trainable, _ = model.get_nb_trainable_parameters()
+    print("equal to r x (d_in + d_out) summed over the layers:", trainable == sum(cfg.r * (d_in + d_out) for d_in, d_out in shapes))
+    """),
+    md("""
+    Look inside one adapted layer. PEFT keeps the frozen layer as `base_layer` and puts the adapter's two
+    matrices beside it, under the adapter's name (`"default"`), with the scale alpha / r. The next cell prints
+    their shapes, how many numbers they hold next to `W`, and the update (alpha / r) B A itself. Look at the
+    last line: `B` is all zeros, so every entry of the update is exactly 0, whatever `A` holds.
+    `course.first_lora_layer` only finds the layer; `model.get_submodule(name)` reaches any other by its name.
+    """),
+    code("""
+    name, layer = course.first_lora_layer(model)  # the first layer that carries an adapter
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scale = layer.scaling["default"]  # alpha / r
+    d_in, d_out = layer.in_features, layer.out_features  # W's shape, also when it is stored packed
+    print(f"{name}: W is {d_out} x {d_in}, frozen ({type(layer.base_layer).__name__})")
+    print(f"A is {tuple(A.shape)}, random (std {A.float().std():.4f}); B is {tuple(B.shape)}, all zeros: {bool((B == 0).all())}")
+    print(f"A and B hold {A.numel() + B.numel():,} numbers, W {d_in * d_out:,}: {(A.numel() + B.numel()) / (d_in * d_out):.2%}")
+    delta = scale * (B.float() @ A.float())  # the update, d_out x d_in like W
+    print(f"alpha / r = {scale}; largest |(alpha / r) B A| = {delta.abs().max().item()}")
+    """),
+    md("""
+    `add_lora` starts every adapted layer like this one. Then the adapted model must compute exactly what the
+    base model computes, and the next cell checks it end to end: one prompt, run with the adapters switched off
+    (PEFT's `disable_adapter`) and on, and the largest difference between the two sets of output logits.
+    """),
+    code("""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    enc = enc.to(model.device)
+    model.eval()  # no dropout: the two runs see the same computation
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(**enc).logits.float()
+        on = model(**enc).logits.float()
+    print(f"{enc['input_ids'].shape[1]} prompt tokens; largest |logits on - logits off| = {(on - off).abs().max().item()}")
     """),
     md("""
     The difference is zero: with `B` all zeros the adapter adds nothing, so training starts from the base
@@ -466,7 +515,8 @@ CELLS = [
     md("""
     ## 8. Did it learn? Before and after
 
-    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7), `eval_ds` (section 6).*
+    *Uses `cfg` (section 2), `model` and `tok` (sections 4 and 7), `eval_ds` (section 6), and section 4's
+    `layer` (its `A`, `B` and `delta` are computed again here).*
 
     Two measurements on the held-out conversations, each taken twice on the same model object: once with the
     adapters switched off (the base model, exactly, as section 4 showed) and once with them on.
@@ -491,15 +541,37 @@ CELLS = [
     course.side_by_side(eval_ds, results, n=4)
     """),
     md("""
-    Back to the formula of section 4. After training, `B` is no longer zero. The next cell takes the first
-    adapted layer, computes the update (alpha / r) B A, compares its size with `W`, and checks on random
-    inputs that the layer really computes `W' x = (W + (alpha / r) B A) x`.
+    Back to the formula of section 4. After training, `B` is no longer zero. The next cell takes section 4's
+    `layer` again and computes `A`, `B` and the update (alpha / r) B A from their trained values. The update's
+    rank cannot exceed r, however long training runs: every column of `B A` is a mix of the r columns of `B`.
+    `torch.linalg.matrix_rank` counts the independent directions it really has.
     """),
     code("""
-    print(course.update_report(model))
+    A, B = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    delta = layer.scaling["default"] * (B @ A)  # (alpha / r) B A, d_out x d_in like W
+    print(f"B all zeros: {bool((B == 0).all())}; largest |(alpha / r) B A| = {delta.abs().max().item():.2e}")
+    print(f"rank of the update: {torch.linalg.matrix_rank(delta).item()} (r = {A.shape[0]}, W is {layer.out_features} x {layer.in_features})")
     """),
     md("""
-    The update is small next to `W` and its rank is at most r, yet it is enough to change the answers above.
+    Does the layer really compute W' x = W x + (alpha / r) B A x? Feed it random inputs: its output minus the
+    frozen layer's own (`layer.base_layer`, which holds `W` as stored, in 16, 8 or 4 bits) should be the update
+    applied to the inputs, up to rounding: compare the difference with the size of the outputs, printed beside
+    it. The last line measures the update against what `W` computes: how far training moved this layer's output.
+    """),
+    code("""
+    dtype = model.get_input_embeddings().weight.dtype  # the dtype hidden states have between layers
+    x = torch.randn(64, layer.in_features, device=A.device, dtype=dtype)  # 64 random inputs
+    model.eval()  # no dropout
+    with torch.no_grad():
+        frozen, adapted = layer.base_layer(x).float(), layer(x).float()  # W x and W' x
+    update = x.float() @ delta.T  # (alpha / r) B A x
+    print(f"largest |W' x - W x - (alpha / r) B A x| = {(adapted - frozen - update).abs().max().item():.1e}"
+          f" (outputs up to {adapted.abs().max().item():.1f})")
+    print(f"size of (alpha / r) B A x next to W x: {(update.norm() / frozen.norm()).item():.2%}")
+    """),
+    md("""
+    The update's rank is at most r, and it moves the layer's output by the fraction printed last, yet it is
+    enough to change the answers above.
     """),
     # ------------------------------------------------------------------------------------------ 9 generation
     md("""
