@@ -140,18 +140,61 @@ def clean_stale_partials(target: str | os.PathLike) -> list[Path]:
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
     for partial in _leftovers(target, "partial"):
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial.is_file():  # a file written with atomic_file
+            partial.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
         removed.append(partial)
     return removed
 
 
+def partial_file(target: Path, suffix: str = "") -> Path:
+    """A new empty file beside ``target`` named as clean_stale_partials expects (host tag and writer's pid)."""
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.partial-{_host_tag()}-{os.getpid()}-", suffix=suffix, dir=target.parent
+    )
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, suffix: str = ""):
+    """Yield a temporary file beside ``target``; on success it replaces ``target`` in one rename, readable by all."""
+    partial = partial_file(target, suffix)
+    try:
+        yield partial
+        os.chmod(partial, 0o666 & ~umask())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def check_disk_space(path: Path, needed: int, what: str, option: str) -> None:
+    """Refuse, before any work, an output of ``needed`` bytes that the disk holding ``path`` has no room for."""
+    folder = Path(path).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed * 1.02 + 2**20 > free:
+        raise LoraKitError(
+            f"Not enough disk space for {what}: it needs {needed / 2**30:.2f} GiB in {folder}, and "
+            f"{free / 2**30:.2f} GiB are free. Free some space or pass another {option}; nothing was written."
+        )
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _readable_by_all(folder: Path) -> None:
     # mkdtemp makes 0700 folders and some writers make 0600 files; a shared cache needs the usual umask modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    mask = umask()
+    folder.chmod(0o777 & ~mask)
     for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager

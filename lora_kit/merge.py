@@ -1,37 +1,24 @@
-"""Save adapters, merge them into the base's 16-bit weights, prove the merge, export.
+"""Save adapters, merge them into the base's 16-bit weights, prove the merge.
 
-Never merge into quantized weights: rounding the merged W + (alpha/r)BA back to 4 (or 8) bits
-throws most of the small update away. ``merge_adapter`` instead reads the base's own weights
-from its safetensors files one tensor at a time, adds the update in fp32 and writes the result
-in the stored precision, so no second copy of the model is ever held (a 7B merges on a free
-Colab). Every written shard is read back; where an fp32 copy fits, the merged logits are also
-compared with base + adapter's.
-
-A QLoRA adapter was trained against the NF4 weights, not the original ones. Two bases are on
-offer: ``base="original"`` (the base's own 16-bit weights: what users expect, the default) and
-``base="dequantized"`` (the NF4 weights dequantized: exactly what the adapter saw in training).
-``compare_merge_bases`` measures both against the adapter on its NF4 base.
-
-Folders are written through ``files.atomic_folder``: under a temporary name, renamed into place
-when complete, never over files lora_kit did not write.
+Never merge into quantized weights: rounding W + (alpha/r)BA back to 4 (or 8) bits throws most of the small update
+away. ``merge_adapter`` reads the base's safetensors one tensor at a time, adds the update in fp32 and writes the
+stored precision, so no second copy of the model is ever held (a 7B merges on a free Colab); every shard is read back.
+A QLoRA adapter was trained against the NF4 weights: ``base="original"`` merges into the base's own weights (the
+default), ``base="dequantized"`` into the NF4 weights dequantized, and ``compare_merge_bases`` measures both.
 
     adapter_dir = save_adapter(model, tokenizer, "out/adapter", card)   # small; loads with peft alone
     free_memory(trainer, model); del trainer, model; free_memory()      # before reloading the base
     check = merge_adapter(adapter_dir, "out/merged", card=card)         # loads with transformers alone
-
-The model card both folders carry, and the upload to the Hub, live in ``hub.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors import torch as safetensors_torch
 
+from .data import render_chat
 from .errors import LoraKitError
-from .files import atomic_folder, check_target
+from .files import atomic_folder, check_disk_space, check_target
 from .hub import write_model_card
-from .quant import quantization_of, round_trip
+from .quant import dequantize_4bit_weight, dequantize_int8_weight, quantization_of, round_trip
 
 
 logger = logging.getLogger(__name__)
@@ -54,11 +42,9 @@ ADAPTER_META = "lora_kit_adapter.json"
 def free_memory(*objects) -> None:
     """Drop references and return GPU memory, e.g. the training model before reloading the base.
 
-    Besides the objects themselves, what lora_kit and the libraries keep pointing at them lets go
-    too: chat boxes (a notebook's widget registry keeps them alive), a trainer's optimizer,
-    scheduler, callback handler and accelerator, and compiled code. Then ``del`` your own names and
-    call it once more with none: a model is full of reference cycles, which Python frees only when
-    its collector runs, so without the second call the memory comes back too late for a reload::
+    Chat boxes, a trainer's optimizer, scheduler, callback handler and accelerator, and compiled code let go of
+    the objects too. Then ``del`` your own names and call it once more with none: a model is full of reference
+    cycles, which only the collector frees::
 
         free_memory(trainer, model)
         del trainer, model
@@ -138,10 +124,15 @@ def base_fingerprint(model) -> dict:
     }
 
 
+def _adapter_meta(adapter_dir: Path) -> dict:
+    """What save_adapter recorded beside the adapter; empty for an adapter from elsewhere."""
+    meta = Path(adapter_dir) / ADAPTER_META
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def _check_fingerprint(adapter_dir: Path, base_name: str, weight_files: dict[str, Path]) -> None:
     """Refuse to merge into weights other than those the adapter was trained on (same name, other model)."""
-    meta_file = Path(adapter_dir) / ADAPTER_META
-    recorded = json.loads(meta_file.read_text()).get("base_fingerprint") if meta_file.is_file() else None
+    recorded = _adapter_meta(adapter_dir).get("base_fingerprint")
     name = next((n for n in weight_files if n.endswith("embed_tokens.weight")), None)
     if not recorded or name is None:
         return  # an adapter from elsewhere, or an architecture with other names: nothing to compare
@@ -185,10 +176,8 @@ def _lora_settings_of(adapter_dir: Path) -> dict:
 
 
 def _adapter_quantization(adapter_dir: Path) -> str:
-    meta = Path(adapter_dir) / ADAPTER_META
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("base_quantization", "nf4")
-    return "nf4"  # an adapter from elsewhere: base="dequantized" is asked for QLoRA adapters
+    # An adapter from elsewhere: base="dequantized" is asked for QLoRA adapters.
+    return _adapter_meta(adapter_dir).get("base_quantization", "nf4")
 
 
 def _adapter_tokenizer(adapter_dir: Path, fallback):
@@ -218,28 +207,11 @@ def merge_in_place(model):
 # --- Dequantizing -----------------------------------------------------------------------------
 
 
-def dequantize_4bit_weight(weight) -> torch.Tensor:
-    """The dense weight of a bitsandbytes ``Params4bit`` (NF4 or FP4, with or without double quant).
-
-    Dequantizes through a flat view: bitsandbytes cuts blocks from the flattened tensor anyway,
-    and bitsandbytes 0.50.2's CPU ``dequantize_4bit`` applies the wrong block constants to a 2-D
-    output whose last dimension is not a multiple of the blocksize.
-    """
-    import bitsandbytes.functional as F
-
-    state = weight.quant_state
-    shape = state.shape
-    flat_state = copy.copy(state)
-    flat_state.shape = torch.Size([shape.numel()])
-    return F.dequantize_4bit(weight.data.reshape(-1), flat_state).reshape(shape)
-
-
 @torch.no_grad()
 def dequantize_model(model, dtype: torch.dtype | None = None):
     """Replace every 4-bit / 8-bit bitsandbytes Linear by an ``nn.Linear`` holding its dequantized weight.
 
     The result is a plain model: no quantization config, saves and loads like any checkpoint.
-    4-bit layers use ``dequantize_4bit_weight``; 8-bit ones use row scale * int8 / 127.
     """
     import bitsandbytes as bnb
 
@@ -247,15 +219,7 @@ def dequantize_model(model, dtype: torch.dtype | None = None):
         if isinstance(module, bnb.nn.Linear4bit):
             weight = dequantize_4bit_weight(module.weight)
         elif isinstance(module, bnb.nn.Linear8bitLt):
-            state = module.state
-            int8 = module.weight.data
-            scale = getattr(module.weight, "SCB", None)
-            if scale is None:
-                scale = state.SCB
-            if int8.dtype != torch.int8:  # not quantized yet (still on its way to the device)
-                weight = int8
-            else:
-                weight = int8.float() * (scale.float().unsqueeze(1) / 127.0)
+            weight = dequantize_int8_weight(module)
         else:
             continue
         out_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
@@ -283,9 +247,13 @@ def _mark_unquantized(model) -> None:
         if getattr(model, attr, None) is not None:
             with contextlib.suppress(AttributeError):
                 setattr(model, attr, None)
-    config = getattr(model, "config", None)
+    if getattr(model, "config", None) is not None:
+        _drop_quantization_config(model.config)
+
+
+def _drop_quantization_config(config) -> None:
     for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if config is not None and hasattr(config, attr):
+        if hasattr(config, attr):
             delattr(config, attr)
 
 
@@ -370,10 +338,7 @@ CHECK_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn."
 
 @torch.no_grad()
 def _logits(model, tokenizer, prompts) -> torch.Tensor:
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    texts = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
@@ -383,9 +348,7 @@ def _logits(model, tokenizer, prompts) -> torch.Tensor:
     return logits[enc["attention_mask"].bool()].cpu()
 
 
-# Storing the merged weights in 16 bits moves the logits a little: 0.1% of the largest logit on the embedded
-# model, up to 1.4% on a random-weight Llama-2-7B (flat logits, measured on the GPU machine). A merge into the
-# wrong base or with a wrong scale moves them by tens of percent. Every weight is also checked exactly as written.
+# 16-bit storage moves the logits by up to ~1.4% of the largest; a wrong base or scale moves them by tens of percent.
 LOGITS_TOLERANCE = 0.02
 
 
@@ -429,14 +392,18 @@ def merged_model(
     check = compare_logits(reference, _logits(merged, tokenizer, prompts), tolerance)
     check.base = base
     merged.to(torch_dtype(resolve_precision(precision)))  # proven in fp32; used in this machine's precision
+    _refuse_disagreement(check, tolerance, adapter_dir, base_name)
+    _set_generation_tokens(merged.generation_config, merged.config, tokenizer)
+    return merged, tokenizer, check
+
+
+def _refuse_disagreement(check: MergeCheck, tolerance: float, adapter_dir, base_name: str) -> None:
     if not check.ok:
         raise LoraKitError(
             f"The merged model disagrees with base+adapter (max relative difference {check.max_rel_diff:.2e}, "
             f"tolerance {tolerance}; same argmax: {check.same_argmax}); nothing was saved. "
             f"Was the adapter in {adapter_dir} trained on {base_name}?"
         )
-    _set_generation_tokens(merged.generation_config, merged.config, tokenizer)
-    return merged, tokenizer, check
 
 
 def _set_generation_tokens(generation, config, tokenizer) -> None:
@@ -489,22 +456,12 @@ def merge_adapter(
 ) -> MergeCheck:
     """Write W' = W + (alpha/r)·B·A into a plain model folder, one tensor at a time.
 
-    Each weight is read from the base's safetensors files, merged in fp32 (on the GPU when there
-    is one), cast back to its stored dtype and written in shards of ``max_shard_size``; every
-    written shard is read back and compared with what was computed. At no time does a whole model
-    sit in GPU or CPU memory, so a 7B merges on a free Colab (15 GB GPU, 12.7 GB RAM).
-
-    ``base="original"`` merges into the base's own weights; ``"dequantized"`` first rounds every
-    quantized layer the way training saw it (NF4 or int8), so the merged model reproduces the
-    adapter on its quantized base. ``base_model`` points at the base when the name recorded in
-    the adapter no longer finds it (a moved folder).
-
-    ``check_logits``: also compare the merged model's logits with base + adapter's on a few
-    prompts (``"auto"``: when a 16-bit copy of the model fits the free memory with room to spare;
-    the two are loaded one after the other). A failed check raises and leaves no output folder.
-
-    The folder holds config, generation config (EOS and pad set), the training tokenizer with its
-    chat template and a README.md model card, and loads with ``AutoModelForCausalLM`` alone.
+    Each weight is read from the base's safetensors, merged in fp32 (on the GPU when there is one), cast back to
+    its stored dtype, written in shards of ``max_shard_size`` and read back. ``base="dequantized"`` first rounds
+    every quantized layer the way training saw it (NF4 or int8). ``base_model`` points at the base when the name
+    recorded in the adapter no longer finds it. ``check_logits`` also compares the logits with base + adapter's
+    (``"auto"``: when an fp32 copy fits memory); a failed check raises and leaves no output folder. The folder
+    (config, generation config with EOS and pad, the training tokenizer, a model card) loads with transformers alone.
     """
     from .hardware import resolve_precision, torch_dtype
     from .models import load_tokenizer
@@ -521,7 +478,7 @@ def merge_adapter(
     _check_fingerprint(adapter_dir, base_name, weight_files)
     plan = _shard_plan(weight_files, replaced, max_shard_size)
     needed = sum(size for shard in plan for _, size in shard)
-    _check_disk_space(Path(out_dir), needed)
+    check_disk_space(Path(out_dir).parent, needed, "the merged model", "out_dir")
     quantized = _quantized_weight_names(base_dir) if quantization != "none" else set()
     train_dtype = torch_dtype(resolve_precision(precision))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -582,15 +539,10 @@ def merge_adapter(
         info["kind"] = f"merged model (LoRA adapter merged into the {base} base weights)"
         if _logits_fit(plan, device) if check_logits == "auto" else bool(check_logits):
             logits = _logits_check(adapter_dir, tmp, base_name, base, precision, quantization, tokenizer, tolerance)
+            for key in ("max_abs_diff", "max_rel_diff", "same_argmax", "near_ties", "positions"):
+                setattr(check, key, getattr(logits, key))
             check.logits_checked = True
-            check.max_abs_diff, check.max_rel_diff = logits.max_abs_diff, logits.max_rel_diff
-            check.same_argmax, check.near_ties, check.positions = logits.same_argmax, logits.near_ties, logits.positions
-            if not logits.ok:
-                raise LoraKitError(
-                    f"The merged model disagrees with base+adapter (max relative difference {logits.max_rel_diff:.2e}, "
-                    f"tolerance {tolerance}; same argmax: {logits.same_argmax}); nothing was saved. "
-                    f"Was the adapter in {adapter_dir} trained on {base_name}?"
-                )
+            _refuse_disagreement(logits, tolerance, adapter_dir, base_name)
         else:
             check.note = (
                 "logits not compared: an fp32 copy of this model does not fit the free memory with room to "
@@ -765,26 +717,12 @@ def _quantized_weight_names(base_dir: Path) -> set[str]:
     }
 
 
-def _check_disk_space(out_dir: Path, needed: int) -> None:
-    folder = out_dir.resolve().parent
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if needed * 1.02 + 2**20 > free:
-        raise LoraKitError(
-            f"Not enough disk space for the merged model: it needs {needed / 2**30:.2f} GiB in {folder}, and "
-            f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_dir; nothing was written."
-        )
-
-
 def _write_config_files(base_dir: Path, folder: Path, tokenizer, replaced: dict) -> None:
     """config.json without quantization, generation_config.json with EOS and pad, and the tokenizer."""
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(base_dir)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    _drop_quantization_config(config)
     embeddings = [t for name, t in replaced.items() if name.endswith("embed_tokens.weight")]
     if embeddings and embeddings[0].shape[0] != config.vocab_size:  # the vocabulary grew in training (a pad token)
         config.vocab_size = embeddings[0].shape[0]
@@ -857,24 +795,22 @@ class MergeComparison:
                 return r
         raise KeyError(name)
 
+    def _cells(self) -> list[list[str]]:
+        head = ["model", "exact match", "perplexity", "same answers as adapter"]
+        keys = ("exact_match", "perplexity", "same_answers_as_adapter")
+        return [head] + [[r["model"]] + ["" if r[k] is None else f"{r[k]:.3f}" for k in keys] for r in self.rows]
+
     def __str__(self) -> str:
-        head = f"{'model':<44} {'exact match':>11} {'perplexity':>10} {'same answers as adapter':>24}"
-        lines = [head, "-" * len(head)]
-        for r in self.rows:
-            agree = "" if r["same_answers_as_adapter"] is None else f"{r['same_answers_as_adapter']:.3f}"
-            lines.append(f"{r['model']:<44} {r['exact_match']:>11.3f} {r['perplexity']:>10.3f} {agree:>24}")
-        lines.append(f"({self.n_eval} held-out examples; greedy decoding)")
-        return "\n".join(lines)
+        lines = [f"{m:<44} {e:>11} {p:>10} {s:>24}" for m, e, p, s in self._cells()]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines + [f"({self.n_eval} held-out examples; greedy decoding)"])
 
     def _repr_html_(self) -> str:
-        cells = "".join(
-            f"<tr><td>{r['model']}</td><td>{r['exact_match']:.3f}</td><td>{r['perplexity']:.3f}</td>"
-            f"<td>{'' if r['same_answers_as_adapter'] is None else format(r['same_answers_as_adapter'], '.3f')}</td></tr>"
-            for r in self.rows
-        )
+        head, *rows = self._cells()
+        cells = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
         return (
-            "<table><tr><th>model</th><th>exact match</th><th>perplexity</th><th>same answers as adapter</th></tr>"
-            f"{cells}</table><p>{self.n_eval} held-out examples; greedy decoding</p>"
+            "<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + f"</tr>{cells}</table>"
+            f"<p>{self.n_eval} held-out examples; greedy decoding</p>"
         )
 
 
@@ -894,16 +830,9 @@ def compare_merge_bases(
     precision: str = "auto",
     include_base: bool = False,
 ) -> MergeComparison:
-    """Measure a QLoRA adapter three ways on ``eval_ds`` (a ``messages`` dataset):
-
-    * the adapter on its NF4 base (how it was trained; pass the in-memory model as
-      ``adapter_model`` to skip reloading it),
-    * merged into the original 16-bit weights (``merge_adapter(..., base="original")``),
-    * merged into the NF4 weights dequantized (``merge_adapter(..., base="dequantized")``).
-
-    Returns a table: exact match, perplexity, and the share of answers identical to the
-    adapter's. The dequantized merge reproduces the adapter; the original one gives the adapter's
-    update a base it never saw, which on a small model (large NF4 error) changes the answers.
+    """Measure a QLoRA adapter on ``eval_ds`` (a ``messages`` dataset) on its NF4 base (as trained; pass the
+    in-memory model as ``adapter_model`` to skip reloading it), merged into the original weights and merged into
+    the dequantized NF4 weights: exact match, perplexity and the share of answers identical to the adapter's.
     ``include_base`` adds the NF4 base without the adapter (the "before").
     """
     from .evaluate import GenerationSettings, adapter_disabled, perplexity, task_score

@@ -1,28 +1,15 @@
-"""What 4-bit NormalFloat (NF4) does, measured.
+"""What 4-bit NormalFloat (NF4) does, measured; and the one home of bitsandbytes' quantized weights.
 
-QLoRA stores the frozen base model in 4 bits. A 4-bit number can take only 16 values, so the
-whole question is *which* 16 values. This module lets a notebook look at three answers and
-measure them on a real weight matrix:
-
-* **NF4** (NormalFloat4, from the QLoRA paper): 16 levels placed at quantiles of a standard
-  normal distribution, rescaled to [-1, 1], with an exact zero. Trained weights are roughly
-  normal, so each level gets about the same share of weights.
-* **FP4**: a tiny floating-point format (sign, exponent, mantissa); it spends three codes on
-  zero or nearly zero (+0, -0 and a tiny subnormal pair) and spaces the rest like a float.
-* **int4**: 16 evenly spaced levels, the plain "integer" choice.
-
-All three are *blockwise absmax* quantizers: the weight is cut into blocks of ``blocksize``
-values, each block is divided by its largest absolute value (the block's "quantization
-constant", kept in higher precision) so that it lies in [-1, 1], and every value is replaced by
-the nearest level. Dequantizing multiplies back by the constant.
-
-NF4 and FP4 use bitsandbytes' own kernels (``quantize_4bit`` / ``dequantize_4bit``, which run on
-CPU in bitsandbytes 0.50); int4 is implemented here in a few lines because nothing ships it.
-bitsandbytes is imported inside the functions that need it, so importing this module is cheap.
+A 4-bit number takes only 16 values; the question is which. NF4 (QLoRA) puts them at quantiles of a normal
+distribution with an exact zero, FP4 spaces them like a tiny float, int4 evenly. All three are blockwise absmax
+quantizers: each block of ``blocksize`` values is divided by its largest absolute value (kept in higher precision)
+and every value is replaced by the nearest level. NF4 and FP4 use bitsandbytes' own kernels (they run on CPU);
+int4 is written here because nothing ships it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -40,31 +27,9 @@ __all__ = [
     "plot_nf4_levels",
 ]
 
-# The NF4 table as published in the QLoRA paper (Dettmers et al., 2023, appendix E). Used only if
-# bitsandbytes is missing; the library's own table is preferred and agrees with this one.
-_NF4_PAPER_TABLE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-
 
 def _bitsandbytes_functional():
     """Import ``bitsandbytes.functional`` quietly, or say how to get it."""
-    import logging
     import warnings
 
     # bitsandbytes logs a harmless note about the optional ``kernels`` package on import.
@@ -89,19 +54,12 @@ def _bitsandbytes_functional():
 
 
 def nf4_levels() -> torch.Tensor:
-    """The 16 NF4 values, sorted, from -1 to 1 with an exact 0 (float32, on CPU).
+    """The 16 NF4 values bitsandbytes quantizes with, sorted, from -1 to 1 with an exact 0 (float32, on CPU).
 
-    Taken from bitsandbytes (``get_4bit_type("nf4")``), the table that actually quantizes
-    QLoRA models; if bitsandbytes is not installed, the table published in the QLoRA paper.
-    There are 7 negative and 8 positive levels: with an even number of codes, an exact zero
-    (so that zero weights and padding stay exactly zero) costs one level of symmetry.
+    7 negative and 8 positive levels: with an even number of codes, an exact zero costs one level of symmetry.
     """
-    try:
-        F = _bitsandbytes_functional()
-        levels = F.get_4bit_type("nf4", device="cpu").float()
-    except LoraKitError:  # pragma: no cover - depends on the environment
-        levels = torch.tensor(_NF4_PAPER_TABLE)
-    return torch.sort(levels.cpu()).values
+    F = _bitsandbytes_functional()
+    return torch.sort(F.get_4bit_type("nf4", device="cpu").float().cpu()).values
 
 
 def fp4_levels() -> torch.Tensor:
@@ -125,19 +83,11 @@ def int4_levels() -> torch.Tensor:
 
 
 def normal_quantile_levels(n: int = 16) -> torch.Tensor:
-    """Build NF4-style levels from scratch: quantiles of N(0, 1) scaled to [-1, 1], exact 0.
+    """Build NF4-style levels from scratch, as the QLoRA paper (and bitsandbytes' ``create_normal_map``) does.
 
-    This is the construction of the QLoRA paper (and of bitsandbytes' ``create_normal_map``):
-
-    1. Take ``n/2`` positive levels at the normal quantiles of ``n/2 + 1`` evenly spaced
-       probabilities from 0.5 to ``offset`` (dropping the 0.5 itself, whose quantile is 0),
-       and ``n/2 - 1`` negative levels the same way from the other side.
-    2. Add an exact 0, giving ``n`` levels.
-    3. Divide by the largest, so the levels run from -1 to 1.
-
-    The quantile of probability 1 is infinite, so the outermost probability ``offset`` is set
-    to the mean of ``1 - 1/(2(n-1))`` and ``1 - 1/(2n)`` (0.9677 for n = 16, the paper's value).
-    For ``n = 16`` the result matches :func:`nf4_levels` to about 1e-6.
+    ``n/2`` positive and ``n/2 - 1`` negative normal quantiles of evenly spaced probabilities between 0.5 and
+    ``offset``, an exact 0, all divided by the largest. The quantile of probability 1 is infinite, so ``offset`` is
+    the mean of ``1 - 1/(2(n-1))`` and ``1 - 1/(2n)`` (0.9677 for n = 16). For n = 16 this is :func:`nf4_levels`.
     """
     if n < 4 or n % 2:
         raise LoraKitError(
@@ -159,10 +109,8 @@ def normal_quantile_levels(n: int = 16) -> torch.Tensor:
 def quantize_to_levels(weight: torch.Tensor, levels: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     """Blockwise absmax quantization to the nearest of ``levels``; returns the dequantized tensor.
 
-    Written out so a reader can see every step (and so int4 can be measured the same way):
-    flatten, cut into blocks of ``blocksize`` (the last block is zero-padded), divide each block
-    by its absmax, snap each value to the nearest level, multiply back, reshape.
-    With ``levels=nf4_levels()`` this reproduces bitsandbytes' NF4 round trip.
+    Every step written out: flatten, cut into blocks (the last zero-padded), divide by each block's absmax, snap
+    to the nearest level, multiply back. With ``levels=nf4_levels()`` this is bitsandbytes' NF4 round trip.
     """
     if blocksize < 1:
         raise LoraKitError(f"blocksize must be a positive integer (received {blocksize}); 64 is QLoRA's.")
@@ -181,13 +129,7 @@ def quantize_to_levels(weight: torch.Tensor, levels: torch.Tensor, blocksize: in
 
 
 def _bnb_round_trip(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> torch.Tensor:
-    """Quantize and dequantize with bitsandbytes, through a flat view of the weight.
-
-    bitsandbytes cuts blocks from the flattened tensor anyway, so flattening changes nothing,
-    except that it avoids a bitsandbytes 0.50.2 CPU bug: for a 2-D tensor whose last dimension
-    is not a multiple of ``blocksize`` (e.g. 64 x 96), ``dequantize_4bit`` applies the wrong
-    block constants (the packed codes themselves are right).
-    """
+    """Quantize and dequantize with bitsandbytes, through a flat view of the weight (see dequantize_4bit_weight)."""
     F = _bitsandbytes_functional()
     packed, state = F.quantize_4bit(
         w.reshape(-1), blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
@@ -195,19 +137,36 @@ def _bnb_round_trip(w: torch.Tensor, quant_type: str, blocksize: int, double_qua
     return F.dequantize_4bit(packed, state).reshape(w.shape).float()
 
 
+def dequantize_4bit_weight(weight) -> torch.Tensor:
+    """The dense weight of a bitsandbytes ``Params4bit`` (NF4 or FP4, with or without double quant).
+
+    Through a flat view: bitsandbytes cuts blocks from the flattened tensor anyway, and 0.50.2's CPU
+    ``dequantize_4bit`` applies the wrong block constants to a 2-D output whose last dimension is not a
+    multiple of the blocksize.
+    """
+    F = _bitsandbytes_functional()
+    shape = weight.quant_state.shape
+    flat_state = copy.copy(weight.quant_state)
+    flat_state.shape = torch.Size([shape.numel()])
+    return F.dequantize_4bit(weight.data.reshape(-1), flat_state).reshape(shape)
+
+
+def dequantize_int8_weight(module) -> torch.Tensor:
+    """The fp32 weight of a bitsandbytes ``Linear8bitLt``: each row's int8 codes times its absmax / 127."""
+    codes = module.weight.data
+    if codes.dtype != torch.int8:  # not quantized yet (still on its way to the device)
+        return codes
+    scale = getattr(module.weight, "SCB", None)
+    return _bitsandbytes_functional().int8_vectorwise_dequant(codes, module.state.SCB if scale is None else scale)
+
+
 def quantization_error(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> dict:
     """Quantize ``weight`` with NF4, FP4 and int4 and measure how far each lands from it.
 
-    Returns ``{"nf4": {...}, "fp4": {...}, "int4": {...}}``, each with
-
-    * ``mean_abs_error``: mean of ``|W - Q(W)|``;
-    * ``relative_rms_error``: ``||W - Q(W)||_F / ||W||_F`` (the same as RMS error over RMS weight),
-      so 0.1 means the error is a tenth the size of the weights.
-
-    NF4 and FP4 go through bitsandbytes' ``quantize_4bit`` / ``dequantize_4bit``; int4 is
-    :func:`quantize_to_levels` with :func:`int4_levels`. All use the same blocksize and fp32
-    block constants (``double_quant=True`` quantizes bitsandbytes' constants to 8 bits as QLoRA
-    does; it changes the errors very little). The weight is copied to CPU float32 first.
+    Returns ``{"nf4": {...}, "fp4": {...}, "int4": {...}}``, each with ``mean_abs_error`` (mean ``|W - Q(W)|``)
+    and ``relative_rms_error`` (``||W - Q(W)||_F / ||W||_F``: 0.1 means the error is a tenth of the weights).
+    All three use the same blocksize; ``double_quant=True`` quantizes bitsandbytes' block constants to 8 bits as
+    QLoRA does.
     """
     if not isinstance(weight, torch.Tensor):
         raise LoraKitError(
@@ -241,16 +200,8 @@ def quantization_error(weight: torch.Tensor, blocksize: int = 64, double_quant: 
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256) -> float:
     """Storage cost of a 4-bit blockwise-quantized weight, in bits per parameter.
 
-    Every parameter costs its 4-bit code. Each block of ``blocksize`` parameters also needs its
-    quantization constant (the block's absmax):
-
-    * without double quantization the constant is a 32-bit float:
-      ``4 + 32/64 = 4.5`` bits per parameter;
-    * with double quantization (QLoRA) the constants are themselves quantized to 8 bits, in
-      blocks of ``dq_blocksize`` = 256 constants that each need one 32-bit constant of their own:
-      ``4 + 8/64 + 32/(64*256) = 4.127`` bits per parameter.
-
-    So double quantization saves about 0.373 bits per parameter, roughly 0.3 GB on a 7B model.
+    The 4-bit code plus each block's absmax: a 32-bit float (``4 + 32/64 = 4.5``), or with double quantization
+    8 bits plus one 32-bit constant per ``dq_blocksize`` constants (``4 + 8/64 + 32/(64*256) = 4.127``).
     """
     if blocksize < 1 or dq_blocksize < 1:
         raise LoraKitError(
@@ -267,23 +218,16 @@ def bits_per_parameter(blocksize: int = 64, double_quant: bool = True, dq_blocks
 def plot_nf4_levels(title: str = "Where the 16 four-bit levels sit"):
     """Plot NF4's levels against the normal-quantile construction, FP4 and the uniform int4 grid.
 
-    One point per 4-bit code (x: code 0-15, y: the value it stands for after absmax scaling).
-    NF4 lies on the normal-quantile curve: levels are dense near 0, where most weights are, and
-    sparse in the tails. Returns a matplotlib Figure (nothing is shown; notebooks display it).
+    One point per 4-bit code; NF4 lies on the normal-quantile curve, dense near 0 where most weights are.
+    Returns a matplotlib Figure (nothing is shown; notebooks display it).
     """
     from matplotlib.figure import Figure
 
     codes = list(range(16))
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.plot(
-        codes,
-        normal_quantile_levels(16).tolist(),
-        "-",
-        color="0.6",
-        lw=2,
-        label="normal quantiles, rescaled (construction)",
-    )
+    construction = normal_quantile_levels(16).tolist()
+    ax.plot(codes, construction, "-", color="0.6", lw=2, label="normal quantiles, rescaled (construction)")
     ax.plot(codes, nf4_levels().tolist(), "o", color="C0", label="NF4 (bitsandbytes)")
     ax.plot(codes, fp4_levels().tolist(), "s", color="C1", mfc="none", label="FP4 (bitsandbytes)")
     ax.plot(codes, int4_levels().tolist(), "x", color="C2", label="int4 uniform grid")
@@ -304,11 +248,8 @@ _INT8_CHECKED = ("0.50",)
 
 
 class _QuietInt8Cast(logging.Filter):
-    """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" line.
-
-    It is logged on every 8-bit matmul whose input is not fp16 (a bf16 or fp32 model): a 7B writes
-    it thousands of times per answer. The cast is bitsandbytes' normal path, not a fault.
-    """
+    """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" line, logged on every 8-bit matmul
+    of a bf16 or fp32 model (thousands per answer) for bitsandbytes' normal path."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
@@ -320,10 +261,8 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietInt8Cast()
 class _FrozenInt8Matmul(torch.autograd.Function):
     """``y = x W^T`` through a frozen LLM.int8 layer, keeping nothing of ``x`` for the backward pass.
 
-    bitsandbytes' own int8 matmul stores its input (and the input's outlier columns) as plain
-    attributes of the autograd context, not through ``save_for_backward``, so gradient
-    checkpointing cannot drop them: every 8-bit layer of the model keeps its input alive until the
-    backward pass. For a frozen weight the backward needs only the weight, dequantized.
+    bitsandbytes' own int8 matmul keeps its input as plain attributes of the autograd context, which gradient
+    checkpointing cannot drop; for a frozen weight the backward needs only the weight, dequantized.
     """
 
     @staticmethod
@@ -349,19 +288,14 @@ def _int8_forward(module, x):
 
 
 def lean_int8_backward(model) -> int:
-    """Route every frozen bitsandbytes ``Linear8bitLt`` of ``model`` through ``_FrozenInt8Matmul``.
+    """Route every frozen bitsandbytes ``Linear8bitLt`` of ``model`` through ``_FrozenInt8Matmul``; return how many.
 
-    Returns how many layers were switched. On a Llama-2-7B with 2 x 1024 tokens the retained
-    inputs came to several GiB, enough to run a 15 GB T4 out of memory at the first step.
-    Gradients are bitsandbytes' own (the same dequantized weight, the same product).
+    The inputs bitsandbytes keeps would run a 7B on a 15 GB T4 out of memory; the gradients stay its own.
     """
     import importlib.metadata
-    import logging
 
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
+    import bitsandbytes as bnb
+
     version = importlib.metadata.version("bitsandbytes")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt) and not m.weight.requires_grad]
     if layers and not version.startswith(_INT8_CHECKED):

@@ -469,7 +469,7 @@ def test_merge_checks_the_disk_space_first(run, tmp_path, monkeypatch):
     import shutil
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(merge.shutil, "disk_usage", lambda path: usage._replace(free=100 * 2**20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100 * 2**20))
     with pytest.raises(LoraKitError, match=r"needs 0\.\d+ GiB .* 0\.10 GiB are free"):
         merge.merge_adapter(run["adapter_dir"], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

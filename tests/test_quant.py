@@ -19,9 +19,16 @@ def test_nf4_has_16_sorted_levels_with_exact_zero_and_unit_endpoints():
     assert (levels < 0).sum().item() == 7 and (levels > 0).sum().item() == 8
 
 
+# The NF4 table as published in the QLoRA paper (Dettmers et al., 2023, appendix E).
+NF4_PAPER_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635]
+NF4_PAPER_TABLE += [-0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725]
+NF4_PAPER_TABLE += [0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941]
+NF4_PAPER_TABLE += [0.7229568362236023, 1.0]
+
+
 def test_nf4_matches_the_published_table_and_the_normal_quantile_construction():
     levels = quant.nf4_levels()
-    assert torch.allclose(levels, torch.tensor(quant._NF4_PAPER_TABLE), atol=1e-6)
+    assert torch.allclose(levels, torch.tensor(NF4_PAPER_TABLE), atol=1e-6)
     assert torch.allclose(quant.normal_quantile_levels(16), levels, atol=1e-5)
 
 
