@@ -3,17 +3,12 @@
     path = export_gguf("out/merged", "out/model-q8_0.gguf", quantization="q8_0")
     write_modelfile(path)          # out/Modelfile, then:  ollama create my-model -f out/Modelfile
 
-The conversion is llama.cpp's own ``convert_hf_to_gguf.py``, run in a separate Python process:
-it maps the tensors and copies the tokenizer, its chat template and the BOS/EOS tokens into the
-file's metadata. llama.cpp publishes that script in its source only; the sdist of
-``llama-cpp-python`` (the Python binding lora_kit pins, which compiles llama.cpp) carries the
-source it is built from. So lora_kit fetches the sdist of the installed binding's version with
-pip, once, and keeps the converter in the cache folder: the converter and the runtime that loads
-the file come from the same llama.cpp. ``LORA_KIT_LLAMA_CPP`` may name a llama.cpp checkout instead.
-
-Files are written like lora_kit's folders: under a hidden ``.name.partial-*`` name beside the
-target, renamed into place when complete, and never over a file lora_kit did not write. A small
-hidden ``.name.lora_kit_output.json`` beside each GGUF records that lora_kit wrote it.
+The conversion is llama.cpp's own ``convert_hf_to_gguf.py``, run in its own process. llama.cpp publishes it in its
+source only, so lora_kit fetches the sdist of the installed (else pinned) ``llama-cpp-python`` once and keeps the
+converter in the cache: the converter and the runtime that loads the file come from the same llama.cpp.
+``LORA_KIT_LLAMA_CPP`` may name a llama.cpp checkout instead. Files are written like lora_kit's folders (under a
+hidden partial name, renamed into place, never over a file lora_kit did not write); a hidden
+``.name.lora_kit_output.json`` beside each GGUF records that lora_kit wrote it.
 """
 
 from __future__ import annotations
@@ -23,8 +18,8 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import math
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -32,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import LoraKitError
-from .files import MARKER, _host_tag, _leftovers, atomic_folder, clean_stale_partials
+from .files import MARKER, atomic_file, atomic_folder, check_disk_space, clean_stale_partials, partial_file
 from .models import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -52,17 +47,7 @@ QUANTIZATIONS = {
 _LLAMA_FTYPE_Q4_K_M = 15  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_K_M in llama.h
 
 
-# ---------------------------------------------------------------------------------------------
-# The converter
-# ---------------------------------------------------------------------------------------------
-def runtime_version() -> str | None:
-    """The installed llama-cpp-python version, or None when it is not installed."""
-    try:
-        return importlib.metadata.version("llama-cpp-python")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
+# --- The converter ---------------------------------------------------------------------------
 def converter_dir() -> Path:
     """A folder holding llama.cpp's ``convert_hf_to_gguf.py`` and what it imports; fetched once."""
     override = os.environ.get("LORA_KIT_LLAMA_CPP")
@@ -74,29 +59,18 @@ def converter_dir() -> Path:
                 "or unset it to let lora_kit fetch the converter of the installed llama-cpp-python."
             )
         return folder
-    version = runtime_version() or LLAMA_CPP_PYTHON
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = LLAMA_CPP_PYTHON
     target = cache_dir() / f"llama.cpp-converter-{version}"
     clean_stale_partials(target)
     if (target / CONVERTER).is_file():
         return target
     logger.info("Fetching llama.cpp's converter from the llama-cpp-python %s sdist (once) into %s", version, target)
     with tempfile.TemporaryDirectory() as download:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                "llama-cpp-python",
-                f"llama-cpp-python=={version}",
-                "-d",
-                download,
-            ],
-            capture_output=True,
-            text=True,
-        )
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python"]
+        done = subprocess.run(pip + [f"llama-cpp-python=={version}", "-d", download], capture_output=True, text=True)
         sdists = list(Path(download).glob("*.tar.gz"))
         if done.returncode != 0 or not sdists:
             raise LoraKitError(
@@ -147,9 +121,7 @@ def _supported_architectures(converter: Path) -> set[str] | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Checks, before any work
-# ---------------------------------------------------------------------------------------------
+# --- Checks, before any work ------------------------------------------------------------------
 def _model_config(merged_dir: Path, given: str) -> dict:
     if not merged_dir.is_dir():
         raise LoraKitError(
@@ -209,24 +181,10 @@ def _weight_count(merged_dir: Path) -> int:
                 f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); the folder "
                 "is damaged or half-copied. Merge or copy it again, then export."
             ) from None
-        for name, info in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                count += n
+        count += sum(math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__")
     if count == 0:
         count = sum(f.stat().st_size for f in merged_dir.glob("*.bin")) // 2
     return count
-
-
-def _check_disk_space(folder: Path, needed: int, what: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise LoraKitError(
-            f"Not enough disk space for {what}: it needs {needed / 2**30:.2f} GiB in {folder}, and "
-            f"{free / 2**30:.2f} GiB are free. Free some space or pass another out_path; nothing was written."
-        )
 
 
 def _record_path(path: Path) -> Path:
@@ -255,9 +213,7 @@ def _check_output_file(out_path: Path, given: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------
+# --- Export ----------------------------------------------------------------------------------
 def _last_lines(text: str, n: int) -> str:
     # Skip the converter's progress bars and traceback carets: the error is the last line that says something.
     lines = [
@@ -268,32 +224,10 @@ def _last_lines(text: str, n: int) -> str:
     return " | ".join(lines[-n:]) or "nothing"
 
 
-def _partial_file(target: Path, suffix: str = "") -> Path:
-    # The name files.clean_stale_partials' rules read: host tag and pid tell a killed writer from a live one.
-    fd, name = tempfile.mkstemp(
-        prefix=f".{target.name}.partial-{_host_tag()}-{os.getpid()}-", suffix=suffix, dir=target.parent
-    )
-    os.close(fd)
-    return Path(name)
-
-
-def _clean_stale_partial_files(target: Path) -> None:
-    for partial in _leftovers(target, "partial"):
-        if partial.is_file():
-            partial.unlink(missing_ok=True)
-
-
 def _run_converter(converter: Path, merged_dir: Path, outfile: Path, outtype: str, given: str, arch: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py beside the converter
-    command = [
-        sys.executable,
-        str(converter / CONVERTER),
-        str(merged_dir),
-        "--outfile",
-        str(outfile),
-        "--outtype",
-        outtype,
-    ]
+    command = [sys.executable, str(converter / CONVERTER), str(merged_dir), "--outfile", str(outfile)]
+    command += ["--outtype", outtype]
     logger.info("Running %s", " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode == 0:
@@ -386,65 +320,39 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quan
         raise _unsupported(given, arch, converter)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partial_files(out_path)
+    clean_stale_partials(out_path)  # what a killed export left
     _check_output_file(out_path, given_out)
     weights = _weight_count(merged_dir)
     needed = weights * QUANTIZATIONS[quantization][0] + 64 * 2**20  # + tokenizer and metadata
     if quantization == "q4_k_m":
         needed += weights * QUANTIZATIONS["f16"][0]  # the f16 file it is quantized from, removed afterwards
-    _check_disk_space(out_path.parent, int(needed), f"the {quantization} GGUF of {given!r}")
+    check_disk_space(out_path.parent, int(needed), f"the {quantization} GGUF of {given!r}", "out_path")
 
-    partial = _partial_file(out_path, ".gguf")
-    intermediate = None
-    try:
+    with atomic_file(out_path, ".gguf") as partial:
         if quantization == "q4_k_m":
-            intermediate = _partial_file(out_path, ".f16.gguf")
-            _run_converter(converter, merged_dir, intermediate, "f16", given, arch)
-            _quantize(intermediate, partial, _LLAMA_FTYPE_Q4_K_M)
+            intermediate = partial_file(out_path, ".f16.gguf")
+            try:
+                _run_converter(converter, merged_dir, intermediate, "f16", given, arch)
+                _quantize(intermediate, partial, _LLAMA_FTYPE_Q4_K_M)
+            finally:
+                intermediate.unlink(missing_ok=True)
         else:
             _run_converter(converter, merged_dir, partial, quantization, given, arch)
-        metadata = gguf_metadata(partial)
-        if not metadata.get("chat_template"):
+        if not gguf_metadata(partial).get("chat_template"):
             raise LoraKitError(
                 f"The converter wrote no chat template into the GGUF of {given!r}; nothing was written "
                 "to out_path. Check that the folder's tokenizer files are complete."
             )
         _check_output_file(out_path, given_out)  # again: a file may have appeared while this export ran
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, out_path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        if intermediate is not None:
-            intermediate.unlink(missing_ok=True)
     stat = out_path.stat()
-    _record_path(out_path).write_text(
-        json.dumps(
-            {
-                "written_by": "lora_kit",
-                "from": str(merged_dir),
-                "quantization": quantization,
-                "size": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    record = {"written_by": "lora_kit", "from": str(merged_dir), "quantization": quantization}
+    record.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    _record_path(out_path).write_text(json.dumps(record, indent=1) + "\n")
     logger.info("Wrote %s (%.0f MB, %s)", out_path, stat.st_size / 1e6, quantization)
     return out_path
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-# ---------------------------------------------------------------------------------------------
-# What the file says about itself, and Ollama's Modelfile
-# ---------------------------------------------------------------------------------------------
+# --- What the file says about itself, and Ollama's Modelfile ----------------------------------
 def gguf_metadata(gguf_path: str | os.PathLike) -> dict:
     """The chat template and special tokens a GGUF file carries, read with gguf-py's GGUFReader.
 
@@ -477,19 +385,17 @@ def gguf_metadata(gguf_path: str | os.PathLike) -> dict:
 
 
 def _render(template: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
-    """The template rendered the way transformers and llama-cpp-python render chat templates."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The template rendered the way transformers renders chat templates."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos or "", eos_token=eos or ""
+    rendered, _ = render_jinja_template(
+        [messages],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos or "",
+        eos_token=eos or "",
     )
+    return rendered[0]
 
 
 def _between(text: str, start: str | None, end: str | None) -> str:
@@ -645,12 +551,6 @@ def write_modelfile(gguf_path: str | os.PathLike, path: str | os.PathLike | None
                 "would replace it. Pass another path, or move that file away."
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial_file(path)
-    try:
+    with atomic_file(path) as partial:
         partial.write_text(text, encoding="utf-8")
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     return path

@@ -250,7 +250,7 @@ def test_a_killed_export_leaves_no_gguf_and_the_next_one_cleans_up(folder, tmp_p
     assert not out.exists() and len(partials) == 1
     # The next export removes the dead writer's partial file before anything else can fail (here: the disk).
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: usage._replace(free=100 * 2**20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100 * 2**20))
     with pytest.raises(LoraKitError, match=r"needs 0\.\d\d GiB .* 0\.10 GiB are free"):
         export.export_gguf(folder, out)
     assert list(tmp_path.iterdir()) == []
