@@ -60,7 +60,6 @@ __all__ = [
     "compare_methods",
     "fit_settings",
     "FitChoice",
-    "format_breakdowns",
     "plot_memory_breakdown",
     "seed_claims",
 ]
@@ -488,23 +487,6 @@ def memory_breakdown(
 def compare_methods(config, methods=METHODS, **settings) -> dict[str, MemoryBreakdown]:
     """:func:`memory_breakdown` for several methods with the same settings: ``{method: breakdown}``."""
     return {method: memory_breakdown(config, method, **settings) for method in methods}
-
-
-def format_breakdowns(breakdowns: dict[str, MemoryBreakdown]) -> str:
-    """A plain-text table (GiB) of several breakdowns, for printing in a notebook."""
-    header = ["method", *_COMPONENTS, "total", "trainable"]
-    rows = [
-        [
-            label,
-            *(f"{value:.2f}" for value in b.components().values()),
-            f"{b.total_gib:.2f}",
-            f"{b.trainable_parameters / b.parameters:.2%}",
-        ]
-        for label, b in breakdowns.items()
-    ]
-    widths = [max(len(str(row[k])) for row in [header, *rows]) for k in range(len(header))]
-    lines = ["  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def paged_state_bytes(optimizer) -> int:
