@@ -15,7 +15,12 @@ each batch padded to its longest sequence, constant learning rate. "lora_kit" is
 each lever is measured alone. "unsloth" is Unsloth's own recipe (FastLanguageModel, its gradient checkpointing, its
 patched SFTTrainer) on the same checkpoint, data, optimizer and steps, with the batch shape lora_kit decides for the
 data (the mixed shape packed into seq_len rows), so both see the same real tokens per optimizer step. It runs from its
-own site folder (--unsloth-site), because Unsloth pins its own trl and datasets, and is skipped without one.
+own site folder (--unsloth-site), because Unsloth pins its own trl and datasets, and is skipped without one, with a
+transformers its requirement admits (unsloth_path: on 5.23 its Llama path loses gradient checkpointing).
+
+Every recipe's result also says whether gradient checkpointing really ran ("checkpointing", the table's ckpt column):
+the first decoder layer's runs are counted during the first step, recomputes in the backward apart (CheckpointProbe);
+OFF! marks a recipe that asked for checkpointing and recomputed nothing.
 
 Two data shapes: "fixed" (every sample seq_len tokens) and "mixed" (log-normal lengths, median ~250 tokens, clipped
 to [16, seq_len], seeded: chat-like, mostly short with a long tail).
@@ -36,6 +41,7 @@ every result and each recipe's ratios against stock (bf16 base) and against Unsl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -153,6 +159,14 @@ def parse_args(argv=None):
         default=os.environ.get("UNSLOTH_SITE"),
         help="folder Unsloth and its own trl and datasets are installed in (pip install --target DIR), put first on "
         "the unsloth recipe's PYTHONPATH only. Default: $UNSLOTH_SITE; without either the unsloth recipe is skipped",
+    )
+    p.add_argument(
+        "--unsloth-transformers",
+        choices=["supported", "path"],
+        default="supported",
+        help="supported (default): the unsloth recipe imports the first transformers on its path that Unsloth's "
+        "requirement admits, a PYTHONPATH folder whose transformers it does not admit being replaced on that "
+        "recipe's path by a view without it (so the interpreter's own can serve); path: whatever comes first",
     )
     p.add_argument(
         "--vs-unsloth-out",
@@ -527,9 +541,11 @@ def run_recipe(args, shape, recipe, ckpt):
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.t0, self.prof = [], None, None
+            self.times, self.t0, self.prof, self.probe = [], None, None, None
 
         def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == 0 and kw.get("model") is not None:  # the first (untimed) step only
+                self.probe = CheckpointProbe(kw["model"], compiled=bool(getattr(a, "torch_compile", False)))
             if on_cuda:
                 torch.cuda.synchronize()
             if args.profile_dir and state.global_step == args.warmup + args.steps and self.prof is None:
@@ -545,6 +561,11 @@ def run_recipe(args, shape, recipe, ckpt):
                     self.prof, args.profile_dir, f"{shape}_{recipe}", sum(self.times[-PROFILE_STEPS:]), PROFILE_STEPS
                 )
                 self.prof = None
+            if self.probe is not None:
+                result["checkpointing"] = self.probe.finish(
+                    len(micro_tokens), expected=levers.get("gc", "full") != "off"
+                )
+                self.probe = None
             step_tokens.append(micro_tokens[:])
             micro_tokens.clear()
 
@@ -651,6 +672,101 @@ def real_tokens(inputs) -> int:
     if "attention_mask" in inputs:
         return int(inputs["attention_mask"].sum())
     return int(inputs["input_ids"].numel())  # padding-free: one flat row, no pad tokens (pad_to_multiple_of unset)
+
+
+# ---- is gradient checkpointing really on? ------------------------------------------------------------------------
+def first_decoder_layer(model):
+    return next((m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")), None)
+
+
+class CheckpointProbe:
+    """Counts, during one optimizer step, how often the first decoder layer runs, and how many of those runs happen
+    inside the backward pass: a recompute, i.e. gradient checkpointing at work.
+
+    Two counters on that layer, the same for every recipe: a forward pre-hook on the layer (it runs inside the
+    checkpointed region where transformers <= 5.17 checkpoints the layer's whole call, outside it on 5.23, which
+    checkpoints its forward), and a wrapper around the function the layer hands to its checkpoint function
+    (layer._gradient_checkpointing_func, which transformers' enabler and Unsloth's both set; never called when the
+    layer is not checkpointed). With checkpointing the layer runs twice per micro-batch (the forward, then its
+    recompute in the backward), without it once; the flags alone (layer.gradient_checkpointing) can say on while
+    nothing is recomputed, and the count is what the memory follows. Both counters sit outside compiled code (lora_kit
+    and Unsloth compile the layer's blocks or its forward, not its call); where the layer's call itself is compiled
+    (a compiled model or layer) nothing is counted, since torch.compile would keep the hooks it traced. Installed for
+    the first step only; finish() takes it off.
+    """
+
+    def __init__(self, model, compiled=False):
+        self.runs, self.undo = {}, []
+        layer = first_decoder_layer(model)
+        if (
+            layer is None
+            or compiled
+            or any(
+                getattr(m, "_compiled_call_impl", None) is not None and any(x is layer for x in m.modules())
+                for m in model.modules()
+            )
+        ):
+            return
+        function = layer.__dict__.get("_gradient_checkpointing_func")
+        self.flags = {
+            "layer": type(layer).__name__,
+            # what the layer's flag says (True, or Unsloth's "unsloth" for its offloading mode) ...
+            "layer_flag": repr(getattr(layer, "gradient_checkpointing", None)),
+            # ... and the checkpoint function set on it (Unsloth's offloading one is unsloth_checkpoint)
+            "checkpoint_function": getattr(getattr(function, "func", function), "__name__", None),
+        }
+        self.runs = {"layer": {"forward": 0, "recompute": 0}, "checkpointed": {"forward": 0, "recompute": 0}}
+        self.undo.append(layer.register_forward_pre_hook(self._counter(self.runs["layer"])).remove)
+        if function is not None:
+            count = self._counter(self.runs["checkpointed"])
+
+            def checkpoint(run, *args, **kwargs):
+                def counted(*a, **k):
+                    count()
+                    return run(*a, **k)
+
+                return function(counted, *args, **kwargs)
+
+            layer._gradient_checkpointing_func = checkpoint
+            self.undo.append(lambda: setattr(layer, "_gradient_checkpointing_func", function))
+
+    @staticmethod
+    def _counter(tally):
+        import torch
+
+        @torch.compiler.disable
+        def count(*_):  # inside a backward pass the autograd engine has a graph task running
+            tally["recompute" if torch._C._current_graph_task_id() != -1 else "forward"] += 1
+
+        return count
+
+    def finish(self, micro_batches, expected=True) -> dict | None:
+        """Take the counters off; recomputes_per_micro_batch (1 with checkpointing, 0 without), active, whether that is
+        what the recipe asked for, and both counters' runs (None where nothing was counted)."""
+        for undo in self.undo:
+            undo()
+        self.undo = []
+        if not self.runs or not micro_batches or not self.runs["layer"]["forward"]:
+            return None  # no decoder layer, its call compiled, or it never ran through the counter
+        recomputes = max(r["recompute"] for r in self.runs.values()) / micro_batches
+        return {
+            **self.flags,
+            "micro_batches": micro_batches,
+            "runs": self.runs,
+            "recomputes_per_micro_batch": round(recomputes, 2),
+            "active": recomputes > 0,
+            "expected": expected,
+        }
+
+
+def checkpointing_mark(result) -> str:
+    """The table's ckpt cell: on / off as measured, OFF! where the recipe asked for checkpointing and got none."""
+    c = result.get("checkpointing")
+    if not c:
+        return "-"
+    if c["active"] == c["expected"]:
+        return "on" if c["active"] else "off"
+    return "ON!" if c["active"] else "OFF!"
 
 
 def count_real_tokens(trainer, micro_tokens):
@@ -836,12 +952,121 @@ def unsloth_missing(site) -> str | None:
     return None
 
 
-def unsloth_env(site, pythonpath, compiled_cache=None) -> dict:
+# Unsloth declares the transformers versions it supports (2026.10.9: <=5.17.0), and outside them its Llama path can
+# lose gradient checkpointing without a word: transformers 5.23 checkpoints a decoder layer in a wrapper around the
+# layer class's forward, installed when the class is defined, and Unsloth replaces that forward with its own
+# (LlamaDecoderLayer.forward = LlamaDecoderLayer_fast_forward) and leaves checkpointing to
+# GradientCheckpointingLayer.__call__, where transformers <= 5.17 did it. So by default the unsloth recipe's worker
+# imports the first transformers on its path that Unsloth's requirement admits: a folder on PYTHONPATH whose
+# transformers it does not admit is replaced on that worker's path by a view of it without transformers (the other
+# recipes' folder keeps serving peft, bitsandbytes and the rest), so the one after it, or the interpreter's own, is
+# imported. --unsloth-transformers path keeps the path as it is.
+def unsloth_transformers_requirement(site) -> str | None:
+    """The transformers versions Unsloth's wheel metadata admits (its unconditional Requires-Dist), or None."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for meta in sorted(Path(site).glob("unsloth-*.dist-info/METADATA")):
+        for line in meta.read_text(errors="replace").splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            try:
+                req = Requirement(line.split(":", 1)[1].strip())
+            except InvalidRequirement:
+                continue
+            if req.name == "transformers" and req.marker is None:
+                return str(req.specifier)
+    return None
+
+
+def transformers_in(folder) -> str | None:
+    """Version of the transformers installed in `folder` (pip install --target), from its dist-info."""
+    if not (Path(folder) / "transformers").is_dir():
+        return None
+    infos = sorted(Path(folder).glob("transformers-*.dist-info"))
+    return infos[0].name[len("transformers-") : -len(".dist-info")] if infos else None
+
+
+def interpreter_transformers() -> str | None:
+    """Version of the interpreter's own transformers (the one imported with no PYTHONPATH), or None."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "from importlib.metadata import version; print(version('transformers'))"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tempfile.gettempdir(),
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def without_transformers(folder) -> str:
+    """A folder of links to everything in `folder` but transformers and its dist-info."""
+    view = Path(tempfile.mkdtemp(prefix="bench_no_transformers_"))
+    for entry in Path(folder).iterdir():
+        if entry.name == "transformers" or (
+            entry.name.startswith("transformers-") and entry.name.endswith(".dist-info")
+        ):
+            continue
+        (view / entry.name).symlink_to(entry.absolute())
+    return str(view)
+
+
+@functools.lru_cache(maxsize=None)
+def unsloth_path(site, pythonpath, transformers="supported", own=interpreter_transformers):
+    """The unsloth worker's PYTHONPATH folders and a record of the transformers it imports.
+
+    transformers="supported": the first transformers on the path (the site folder, then PYTHONPATH's folders in
+    order, then the interpreter's own) that Unsloth's requirement admits; folders before it that hold another are
+    replaced by a view without it. "path": the path as it is. With no admitted one anywhere the path stays as it is
+    and the record says so. `own` gives the interpreter's own version (asked only when no folder's is admitted).
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    folders = [site] + [p for p in (pythonpath or "").split(os.pathsep) if p]
+    required = unsloth_transformers_requirement(site)
+    found = [(folder, transformers_in(folder)) for folder in folders]
+    record = {"mode": transformers, "required": required, "found": {f: v for f, v in found if v}}
+
+    def admitted(version):
+        try:
+            return version is not None and Version(version) in SpecifierSet(required)
+        except InvalidVersion:
+            return False
+
+    first = next(((f, v) for f, v in found if v), None)
+    if transformers == "path" or not required or (first and admitted(first[1])):
+        chosen = first or ("interpreter", own())
+    else:
+        chosen = next(((f, v) for f, v in found if admitted(v)), None)
+        if chosen is None and admitted(interpreter := own()):
+            chosen = ("interpreter", interpreter)
+        if chosen is None:
+            record["note"] = f"no transformers on the path or in the interpreter meets Unsloth's {required}"
+            chosen = first or ("interpreter", own())
+        else:
+            stop = folders.index(chosen[0]) if chosen[0] in folders else len(folders)
+            hidden = [f for f, v in found[:stop] if v]
+            record["hidden"] = hidden
+            folders = [without_transformers(f) if f in hidden else f for f in folders]
+    record.update(version=chosen[1], source=chosen[0])
+    record["admitted"] = admitted(chosen[1]) if required else None
+    return folders, record
+
+
+def unsloth_env(site, pythonpath, compiled_cache=None, transformers="supported") -> dict:
     """Environment of the unsloth recipe's worker: its site folder first on the path (its trl and datasets shadow the
-    other recipes'), no hub look-ups (the checkpoint is local, and Unsloth otherwise downloads a file from the hub to
-    count its users), and the modules Unsloth generates written to a temporary folder, not the working directory."""
+    other recipes'; transformers as unsloth_path chooses), no hub look-ups (the checkpoint is local, and Unsloth
+    otherwise downloads a file from the hub to count its users), and the modules Unsloth generates written to a
+    temporary folder, not the working directory."""
+    folders, _ = unsloth_path(site, pythonpath or None, transformers)
     return {
-        "PYTHONPATH": os.pathsep.join([site, pythonpath] if pythonpath else [site]),
+        "PYTHONPATH": os.pathsep.join(folders),
         "HF_HUB_OFFLINE": "1",
         "UNSLOTH_DISABLE_STATISTICS": "1",
         "UNSLOTH_COMPILE_LOCATION": compiled_cache or os.path.join(tempfile.gettempdir(), "bench_unsloth_compiled"),
@@ -852,7 +1077,7 @@ def run_in_subprocess(args, shape, recipe, argv):
     script = os.path.abspath(__file__)
     cmd = [sys.executable, script, *argv, "--worker", shape, recipe]
     env = dict(os.environ)
-    unsloth_cache = None
+    unsloth_cache, extra = None, {}
     if args.cold_compile:
         cache = tempfile.mkdtemp(prefix="bench_cold_")
         env.update(
@@ -861,7 +1086,9 @@ def run_in_subprocess(args, shape, recipe, argv):
         unsloth_cache = os.path.join(cache, "unsloth")
     if RECIPES[recipe].get("unsloth"):
         cmd = [sys.executable, "-c", IMPORT_UNSLOTH_FIRST, script, *argv, "--worker", shape, recipe]
-        env.update(unsloth_env(args.unsloth_site, env.get("PYTHONPATH"), unsloth_cache))
+        transformers = getattr(args, "unsloth_transformers", "supported")
+        extra["unsloth_transformers"] = unsloth_path(args.unsloth_site, env.get("PYTHONPATH") or None, transformers)[1]
+        env.update(unsloth_env(args.unsloth_site, env.get("PYTHONPATH"), unsloth_cache, transformers))
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.recipe_timeout, env=env)
@@ -872,6 +1099,7 @@ def run_in_subprocess(args, shape, recipe, argv):
             "status": "error",
             "error": f"timeout after {args.recipe_timeout}s",
             "log_tail": (e.stdout or "")[-2000:] if isinstance(e.stdout, str) else "",
+            **extra,
         }
     tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3500:]).strip()
     for line in proc.stdout.splitlines()[::-1]:
@@ -880,8 +1108,15 @@ def run_in_subprocess(args, shape, recipe, argv):
             res["wall_s"] = round(time.time() - t0, 1)
             if res.get("status") != "ok":  # the worker's traceback went to stderr
                 res["log_tail"] = tail
-            return res
-    return {"shape": shape, "recipe": recipe, "status": "error", "error": f"exit {proc.returncode}", "log_tail": tail}
+            return {**res, **extra}
+    return {
+        "shape": shape,
+        "recipe": recipe,
+        "status": "error",
+        "error": f"exit {proc.returncode}",
+        "log_tail": tail,
+        **extra,
+    }
 
 
 # Every recipe is compared with each of these that ran, per shape: "stock" (16-bit unquantized modules; ratio keys
@@ -948,7 +1183,10 @@ def vs_unsloth_summary(results, device, precision, other_versions):
         if not ok:
             failed = runs[-1] if runs else {}
             return {"error": failed.get("error", "did not run"), "log_tail": failed.get("log_tail", "")[-1500:]}
-        return {**by[(shape, recipe)], "micro_batch": ok[0]["micro_batch"], "grad_accum": ok[0]["grad_accum"]}
+        out = {**by[(shape, recipe)], "micro_batch": ok[0]["micro_batch"], "grad_accum": ok[0]["grad_accum"]}
+        if any(r.get("checkpointing") for r in ok):  # as measured: on, or OFF! where it was asked for and missing
+            out["checkpointing"] = "/".join(sorted({checkpointing_mark(r) for r in ok}))
+        return out
 
     out = {}
     for shape in dict.fromkeys(r["shape"] for r in results):
@@ -965,6 +1203,9 @@ def vs_unsloth_summary(results, device, precision, other_versions):
         precision=precision,
         versions={"unsloth recipe": unsloth_versions, "other recipes": other_versions},
     )
+    chosen = next((r["unsloth_transformers"] for r in results if r.get("unsloth_transformers")), None)
+    if chosen:  # which transformers the unsloth recipe imported, and why (unsloth_path)
+        out["unsloth_transformers"] = chosen
     return out
 
 
@@ -982,7 +1223,7 @@ def print_table(results, ratios):
 
     hdr = (
         f"{'shape':6} {'recipe':14} {'mb x ga':8} {'tok/step':>8} {'tokens/s':>9} {'x stock':>7} {'x unsl.':>7} "
-        f"{'step s':>7} {'peak GiB':>8} {'x stock':>7} {'x unsl.':>7} {'loss first->last':>18}"
+        f"{'step s':>7} {'peak GiB':>8} {'x stock':>7} {'x unsl.':>7} {'ckpt':>5} {'loss first->last':>18}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -996,8 +1237,17 @@ def print_table(results, ratios):
             f"{cell(r.get('real_tokens_per_step'), '.0f'):>8} {cell(r.get('tokens_per_s'), '.1f'):>9} "
             f"{against(r, 'stock', 'tokens_per_s'):>7} {against(r, 'unsloth', 'tokens_per_s'):>7} "
             f"{cell(r.get('median_step_s'), '.3f'):>7} {cell(r.get('peak_gib'), '.2f'):>8} "
-            f"{against(r, 'stock', 'peak'):>7} {against(r, 'unsloth', 'peak'):>7} "
+            f"{against(r, 'stock', 'peak'):>7} {against(r, 'unsloth', 'peak'):>7} {checkpointing_mark(r):>5} "
             f"{losses[0]:8.3f}->{losses[-1]:8.3f}"
+        )
+    print(
+        "ckpt: gradient checkpointing as measured in the first step (the first decoder layer recomputed in the "
+        "backward: on; not: off); OFF! / ON!: not what the recipe asked for"
+    )
+    wrong = [f"{r['shape']}/{r['recipe']}" for r in results if checkpointing_mark(r) in ("OFF!", "ON!")]
+    if wrong:
+        print(
+            f"WARNING: gradient checkpointing is not what the recipe asked for in {', '.join(wrong)}: not like for like"
         )
     if any(r.get("recipe") == "stock_fp32base" for r in results):
         print(
@@ -1045,6 +1295,14 @@ def main(argv=None):
         print(f"# unsloth recipe skipped: {missing}", flush=True)
         skipped["unsloth"] = missing
         recipes = [r for r in recipes if r != "unsloth"]
+    if "unsloth" in recipes:
+        _, chosen = unsloth_path(args.unsloth_site, os.environ.get("PYTHONPATH") or None, args.unsloth_transformers)
+        print(
+            f"# unsloth recipe: transformers {chosen['version']} from {chosen['source']} (Unsloth requires "
+            f"{chosen['required']}; hidden from its path: {chosen.get('hidden') or 'none'})"
+            + (f"; {chosen['note']}" if chosen.get("note") else ""),
+            flush=True,
+        )
     # The checkpoint stores 16-bit weights for GPU runs (what a hub checkpoint holds), fp32 on CPU.
     ckpt, build_s = ensure_checkpoint(args, "bf16" if precision != "fp32" else "fp32")
     print(
@@ -1085,6 +1343,7 @@ def main(argv=None):
                     "error",
                 )
             }
+            brief["ckpt"] = checkpointing_mark(res)
             print("# " + json.dumps(brief), flush=True)
             if res.get("status") != "ok" and res.get("log_tail"):
                 print(res["log_tail"][-3000:], flush=True)

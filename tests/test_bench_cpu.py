@@ -25,7 +25,7 @@ def test_bench_train_tiny_cpu(tmp_path):
         "--shapes",
         "fixed,mixed",
         "--recipes",
-        "stock_fp32base,stock,lora_kit",
+        "stock_fp32base,stock,lora_kit,nogc",
         "--mixed-grad-accum",
         "1",
         "--ckpt-dir",
@@ -46,7 +46,7 @@ def test_bench_train_tiny_cpu(tmp_path):
     data = json.loads(last)
     assert data == json.loads(out.read_text())
     assert {"device", "precision", "versions", "results", "ratios"} <= set(data)
-    assert len(data["results"]) == 6
+    assert len(data["results"]) == 8
     for r in data["results"]:
         assert r["status"] == "ok", r
         assert {
@@ -63,6 +63,16 @@ def test_bench_train_tiny_cpu(tmp_path):
     assert {"fixed/lora_kit", "mixed/lora_kit", "fixed/lora_kit vs stock_fp32base"} <= set(data["ratios"])
     fp32base = [r for r in data["results"] if r["recipe"] == "stock_fp32base"]
     assert fp32base and all(r["base_dtypes"] == ["torch.float32"] for r in fp32base)
+    # gradient checkpointing as measured: the first decoder layer runs twice per micro-batch (the forward, then its
+    # recompute in the backward) where it is on, once where it is off (nogc), every micro-batch of the step
+    for r in data["results"]:
+        ckpt, on = r["checkpointing"], r["recipe"] != "nogc"
+        mb = ckpt["micro_batches"]
+        assert mb == r["grad_accum"] and ckpt["runs"]["layer"]["forward"] == mb, r
+        assert ckpt["runs"]["checkpointed"] == {"forward": mb if on else 0, "recompute": mb if on else 0}, r
+        assert ckpt["recomputes_per_micro_batch"] == (1.0 if on else 0.0) and ckpt["active"] is on, r
+        assert ckpt["expected"] is on and ckpt["layer_flag"] == repr(on), r
+    assert "WARNING: gradient checkpointing" not in proc.stdout
 
 
 def test_peak_breakdown_replays_the_allocation_trace():
@@ -155,6 +165,78 @@ def test_unsloth_worker_imports_unsloth_first_from_its_own_site_and_reports_a_fa
     assert "Traceback" in res["log_tail"]
     env = bench_train.unsloth_env(str(site), "/normal/site")
     assert env["PYTHONPATH"].split(os.pathsep) == [str(site), "/normal/site"]
+
+
+def test_unsloth_recipe_imports_a_transformers_its_requirement_admits(tmp_path):
+    """A PYTHONPATH folder whose transformers Unsloth's wheel does not admit is replaced, on the unsloth recipe's path
+    only, by a view of it without transformers, so the next admitted one (a later folder, or the interpreter's own) is
+    the one imported; the folder's other packages stay reachable."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    def folder(name, transformers=None, others=("peft",)):
+        path = tmp_path / name
+        for package in others:
+            (path / package).mkdir(parents=True)
+        if transformers:
+            (path / "transformers").mkdir(parents=True)
+            (path / f"transformers-{transformers}.dist-info").mkdir()
+        return str(path)
+
+    site = folder("usite", others=("unsloth", "trl"))
+    meta = Path(site) / "unsloth-2026.10.9.dist-info" / "METADATA"
+    meta.parent.mkdir()
+    meta.write_text(
+        "Name: unsloth\nRequires-Dist: transformers!=5.0.0,<=5.17.0,>=4.52.4\n"
+        'Requires-Dist: transformers>=5.20; extra == "future"\n'
+    )
+    new, old = folder("site523", "5.23.0"), folder("site517", "5.17.0", others=())
+    assert bench_train.unsloth_transformers_requirement(site) == "!=5.0.0,<=5.17.0,>=4.52.4"
+
+    def path_of(pythonpath, mode="supported", own="5.23.0"):
+        return bench_train.unsloth_path(site, pythonpath, mode, own=lambda: own)
+
+    folders, chosen = path_of(os.pathsep.join([new, old]))
+    assert folders[0] == site and folders[2] == old and folders[1] not in (new, old)
+    assert sorted(p.name for p in Path(folders[1]).iterdir()) == ["peft"]  # all of site523 but its transformers
+    assert chosen["version"] == "5.17.0" and chosen["source"] == old and chosen["hidden"] == [new]
+    # the interpreter's own, where it is the admitted one (the GPU machine: 5.23 in the usual site, 5.17 its own)
+    folders, chosen = path_of(new, own="5.17.0")
+    assert len(folders) == 2 and folders[1] != new and chosen["source"] == "interpreter" and chosen["admitted"]
+    # --unsloth-transformers path, an admitted one first, or none admitted anywhere: the path as it is
+    assert path_of(os.pathsep.join([new, old]), "path")[0] == [site, new, old]
+    assert path_of(os.pathsep.join([old, new]))[0] == [site, old, new]
+    folders, chosen = path_of(new)
+    assert folders == [site, new] and chosen["admitted"] is False and "<=5.17.0" in chosen["note"]
+    env = bench_train.unsloth_env(site, os.pathsep.join([new, old]))
+    assert env["PYTHONPATH"].split(os.pathsep)[2] == old
+
+
+def test_table_flags_a_recipe_whose_checkpointing_is_off_where_it_asked_for_it(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    def run(recipe, active, expected=True):
+        ckpt = {"active": active, "expected": expected, "recomputes_per_micro_batch": float(active)}
+        return {
+            "shape": "fixed",
+            "recipe": recipe,
+            "status": "ok",
+            "micro_batch": 2,
+            "grad_accum": 1,
+            "tokens_per_s": 1.0,
+            "peak_gib": 1.0,
+            "checkpointing": ckpt,
+        }
+
+    results = [run("stock", True), run("nogc", False, expected=False), run("unsloth", False)]
+    bench_train.print_table(results, bench_train.summarize(results))
+    rows = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("fixed")}
+    assert rows["stock"][-3] == "on" and rows["nogc"][-3] == "off" and rows["unsloth"][-3] == "OFF!"
+    bench_train.print_table(results, {})
+    assert (
+        "WARNING: gradient checkpointing is not what the recipe asked for in fixed/unsloth" in capsys.readouterr().out
+    )
 
 
 def test_vs_unsloth_summary_divides_lora_kit_by_unsloth_per_shape():
