@@ -2,8 +2,6 @@
 
 `train.build_trainer` uses them in five calls (each a no-op where its levers are off)::
 
-    from lora_kit import speed
-
     levers, notes = speed.Levers().decide(capability, precision, method, lengths, max_length)  # or Levers.off()
     extra = speed.sft_settings(levers)                          # extra trl.SFTConfig kwargs (packing, Liger)
     micro_batch, grad_accum = speed.batch_shape(micro_batch, grad_accum, levers)
@@ -11,21 +9,25 @@
     trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(..., **extra), ...)
     speed.after_trainer_built(trainer, levers)                  # adapter dtype, compiled blocks, optimizer
 
-`Levers.off()` is the stock transformers + peft + trl recipe (`TrainSettings(fast=False)`). Each lever was measured
-alone on an H100 with a Llama-2-7B-shaped QLoRA run: benchmarks/README.md has the numbers, and the levers that did not
-help and stay out (activation offloading, no gradient checkpointing, whole-model torch.compile, selective
-checkpointing).
+`Levers.off()` is the stock transformers + peft + trl recipe (`TrainSettings(fast=False)`). benchmarks/README.md
+has each lever's measurements, and the levers that did not help and stay out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
+import types
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-# Liger's kernels, FlexAttention's and the compiled blocks' are Triton code, run by lora_kit only from sm_80 (a T4 is
-# sm_75; no lever was run on a real one).
+logger = logging.getLogger(__name__)
+
+# Liger's kernels, FlexAttention's and the compiled blocks' are Triton code, run by lora_kit only from sm_80.
 _MIN_CAPABILITY_FOR_TRITON = (8, 0)
+# The optimizer levers call bitsandbytes' private step internals, as written in this version; another steps aside.
+_BNB_TESTED = "0.50."
 
 VALID_PRECISIONS = ("bf16", "fp16", "fp32")
 VALID_METHODS = ("lora", "lora8", "qlora", None)  # preset()'s names; None: not known
@@ -38,42 +40,37 @@ PACKING_MIN_SAVING = 0.10
 class Levers:
     """The speed levers of a training run, each True (on), False (off) or None (this machine and these data decide).
 
-    `Levers()` lets the machine decide every lever (`TrainSettings(fast=True)`); `Levers.off()` is the stock recipe
-    (`TrainSettings(fast=False)`); `Levers(compile_blocks=False)` is the first with one lever off. A lever forced on
-    where it cannot run (Triton code on a CPU or below sm_80, bf16 adapters under fp16) steps aside: `decide` switches
-    it off and returns the reason, which build_trainer prints. A recipe written for one machine then still trains on
-    another, only without that lever.
+    `Levers()` lets the machine decide every lever; `Levers.off()` is the stock recipe. A lever forced on where it
+    cannot run steps aside: `decide` switches it off and returns the reason, so a recipe still trains elsewhere.
     """
 
     packing: bool | None = None
-    """Pack whole samples into max_length rows (TRL's best-fit decreasing), so no compute goes to pad tokens and each
-    micro-batch carries more of QLoRA's fixed per-batch cost. None: on for a GPU where the samples fill less than 90%
-    of max_length (packing_pays); off on CPU, where it was slower."""
+    """Pack whole samples into max_length rows (TRL's best-fit decreasing): no compute on pad tokens. None: on for a
+    GPU where packing_pays; off on CPU, where it was slower."""
     flex_attention: bool | None = None
-    """FlexAttention: skips the masked-out blocks of a packed row, which sdpa computes in full. None: on with packing on
-    CUDA sm_80+ in 16 bits (on unpacked rows sdpa's flash kernel is faster)."""
+    """FlexAttention skips the masked-out blocks of a packed row, which sdpa computes. None: on with packing on sm_80+
+    in 16 bits (on unpacked rows sdpa's flash kernel is faster)."""
     liger: bool | None = None
-    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU: fewer, fused kernels. None: on for CUDA sm_80+ where
-    liger-kernel is installed."""
+    """Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU. None: on for sm_80+ where liger-kernel is
+    installed."""
     liger_rope: bool | None = None
-    """Liger's RoPE among them. None: on, except where the blocks are compiled: it is wrapped in
-    torch.compiler.disable, so it would split each compiled attention block in two, and Inductor's RoPE is faster."""
+    """Liger's RoPE among them. None: on, except in compiled blocks: it is torch.compiler.disable'd, so it would split
+    each compiled block in two, and Inductor's RoPE is faster."""
     compile_blocks: bool | None = None
-    """torch.compile each decoder layer's attention and MLP blocks, fusing the elementwise work between the matrix
-    products. None: on for CUDA sm_80+ in 16 bits, but not with packing (every new row length recompiles) nor on an
-    8-bit base (never run compiled)."""
+    """torch.compile each decoder layer's attention and MLP blocks, fusing the elementwise work between matrix
+    products. None: on for sm_80+ in 16 bits, but not with packing (each row length recompiles) nor on an 8-bit base
+    (never run compiled)."""
     autotune_pointwise: bool = False
-    """Inductor's pointwise autotuning in the compiled blocks. Off: on a fresh machine its L2-flushing buffer lands on
-    the training peak, and the launch configuration it picks is worth little for these kernels."""
+    """Inductor's pointwise autotuning in the compiled blocks. Off: its L2-flushing buffer lands on the training peak
+    for little gain."""
     one_sync_optimizer: bool | None = None
-    """A bitsandbytes optimizer waits for the GPU once per step instead of after every tensor (skip_optimizer_syncs).
-    None: on for every GPU."""
+    """A bitsandbytes optimizer waits for the GPU once per step, not after every tensor (skip_optimizer_syncs). None:
+    on for every GPU."""
     lean_update: bool | None = None
-    """bitsandbytes' update op called straight from the parameter group, without its per-tensor Python
-    (lean_update_step). None: on for every GPU."""
+    """bitsandbytes' update op called straight from the parameter group (lean_update_step). None: on for every GPU."""
     bf16_adapters: bool | None = None
-    """Keep the bf16 adapters TRL gives a quantized model instead of casting them to fp32: less memory, same speed, as
-    in the QLoRA paper's code. None: on for bf16 QLoRA; fp16 runs (their grad scaler) and fp32 runs need fp32."""
+    """Keep the bf16 adapters TRL gives a quantized model (less memory, same speed, as in the QLoRA paper's code).
+    None: on for bf16 QLoRA; fp16 runs (their grad scaler) and fp32 runs need fp32."""
 
     @classmethod
     def off(cls) -> Levers:
@@ -92,15 +89,11 @@ class Levers:
         lengths=None,
         max_length: int | None = None,
     ) -> tuple[Levers, list[str]]:
-        """These levers with every None answered for this machine and these data, and one line per lever that was
-        forced on but cannot run here (it is switched off).
+        """These levers with every None answered, and one note per lever forced on that cannot run here (now off).
 
-        hardware_capability: a (major, minor) tuple such as (9, 0), None for CPU, or an object with a
-                             `compute_capability` attribute (lora_kit.hardware.Hardware).
-        precision:           "bf16" | "fp16" | "fp32", what the run computes in (a T4 is fp16).
-        method:              "lora" | "lora8" | "qlora" | None (the adapter dtype and compilation depend on it).
-        lengths, max_length: the training samples' token counts and their cut-off; without them packing is assumed
-                             to pay (chat data).
+        hardware_capability: (major, minor) such as (9, 0), None for CPU, or an object with `compute_capability`.
+        precision: "bf16" | "fp16" | "fp32". method: "lora" | "lora8" | "qlora" | None.
+        lengths, max_length: the samples' token counts and cut-off; without them packing is assumed to pay.
         """
         cap = _capability(hardware_capability)
         if precision not in VALID_PRECISIONS:
@@ -128,28 +121,19 @@ class Levers:
             return wanted
 
         packing = choose("packing", gpu and (lengths is None or packing_pays(lengths, max_length)))
-        flex = choose(
-            "flex_attention",
-            packing and sixteen_bit,
-            no_triton or (None if _flex_available() else "this torch has no FlexAttention"),
-        )
+        no_flex = None if _flex_available() else "this torch has no FlexAttention"
+        flex = choose("flex_attention", packing and sixteen_bit, no_triton or no_flex)
         eight_bit = "8-bit bases (bitsandbytes' Linear8bitLt) were never run compiled" if method == "lora8" else None
         compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit)
-        liger = choose(
-            "liger", True, no_triton or (None if _importable("liger_kernel") else "liger-kernel is not installed")
-        )
-        # Liger's RoPE stays out of compiled blocks; an 8-bit base, whose blocks would compile but for the base, keeps
-        # the torch RoPE it has been run with.
+        no_liger = None if _importable("liger_kernel") else "liger-kernel is not installed"
+        liger = choose("liger", True, no_triton or no_liger)
+        # An 8-bit base, whose blocks would compile but for the base, keeps the torch RoPE it has been run with.
         rope = liger and choose("liger_rope", not (compiled or (eight_bit and triton and sixteen_bit and not packing)))
-        not_bf16 = (
-            None
-            if precision == "bf16"
-            else (
-                "fp16's grad scaler cannot unscale bf16 gradients"
-                if precision == "fp16"
-                else "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)"
-            )
-        )
+        not_bf16 = {
+            "bf16": None,
+            "fp16": "fp16's grad scaler cannot unscale bf16 gradients",
+            "fp32": "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)",
+        }[precision]
         decided = replace(
             self,
             packing=packing,
@@ -165,26 +149,21 @@ class Levers:
 
 
 def packing_pays(lengths, max_length: int | None) -> bool:
-    """True when the samples, cut to max_length, fill less than 90% of it on average (so packing removes padding).
-
-    Chat data fill ~20% of a 2048-token max_length; samples that all reach max_length leave nothing to pack, and the
-    flattened rows are then slower than plain padded ones (benchmarks/README.md).
-    """
+    """True when the samples, cut to max_length, fill less than 90% of it on average: packing then removes padding
+    (full rows leave nothing to pack, and flattened rows are slower than padded ones)."""
     lengths = [int(n) for n in lengths]
     if not lengths:
         return False
     cap = max_length or max(lengths)
-    fill = sum(min(n, cap) for n in lengths) / (len(lengths) * cap)
-    return fill < 1.0 - PACKING_MIN_SAVING
+    return sum(min(n, cap) for n in lengths) / (len(lengths) * cap) < 1.0 - PACKING_MIN_SAVING
 
 
 def sft_settings(levers: Levers) -> dict[str, Any]:
-    """The `trl.SFTConfig` keyword arguments of decided levers (a new dict; empty when packing and Liger are off).
+    """The `trl.SFTConfig` keyword arguments of decided levers (empty when packing and Liger are off).
 
-    Packing: TRL's collator flattens a micro-batch into one row whose position_ids restart at 0 for each sample, and
-    transformers (>= 5, sdpa / eager / flex_attention, no KV cache: SFTTrainer's case) builds the block-diagonal causal
-    mask from them; tests/test_speed.py checks that the packed loss equals the padded one. Liger: TRL keeps its own
-    chunked LM-head loss (it refuses Liger's fused cross-entropy), so only the layer kernels apply.
+    Packing: transformers builds the block-diagonal causal mask from position_ids that restart at each sample
+    (tests/test_speed.py checks packed loss == padded loss). Liger: TRL keeps its own chunked LM-head loss, so only
+    the layer kernels apply.
     """
     _check_decided(levers)
     settings: dict[str, Any] = {}
@@ -198,22 +177,15 @@ def sft_settings(levers: Levers) -> dict[str, Any]:
 
 
 def batch_shape(micro_batch: int, grad_accum: int, levers: Levers) -> tuple[int, int]:
-    """Micro-batch size and gradient accumulation to use with decided `levers`.
-
-    Packing: the micro-batch counts max_length rows, so its memory bound is the stock worst case (micro_batch samples
-    of max_length) and it stays; accumulation drops to 1, since each row already holds several chat samples, so a step
-    still sees more samples than the stock accumulated one. Otherwise unchanged.
-    """
+    """Micro-batch size and gradient accumulation under decided `levers`: with packing a row already holds several
+    samples, so accumulation drops to 1 (the micro-batch of max_length rows keeps the stock memory bound)."""
     _check_decided(levers)
     return (micro_batch, 1) if levers.packing else (micro_batch, grad_accum)
 
 
 def prepare_model(model, levers: Levers):
-    """Switch `model` (a PreTrainedModel, or a PeftModel around one) to FlexAttention where the lever is on; returns it.
-
-    Call before SFTTrainer is built. With the lever off, a FlexAttention left by an earlier run goes back to sdpa and
-    any other implementation stays as loaded.
-    """
+    """Switch `model` to FlexAttention where the lever is on (else a FlexAttention left by an earlier run goes back to
+    sdpa); returns it. Call before SFTTrainer is built."""
     _check_decided(levers)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = getattr(base.config, "_attn_implementation", None)
@@ -224,11 +196,8 @@ def prepare_model(model, levers: Levers):
 
 
 def after_trainer_built(trainer, levers: Levers) -> list[str]:
-    """The levers that act on a built trainer; returns one line per action, for the log.
-
-    Adapter dtype: fp32 (upcast_trainable_params) unless bf16_adapters. Compiled blocks: after the build, since PEFT
-    has wrapped the projections by then. Optimizer levers: a callback, since the optimizer exists only at train().
-    """
+    """Apply the levers that act on a built trainer (adapter dtype, compiled blocks once PEFT has wrapped the
+    projections, optimizer levers as a callback since the optimizer exists only at train()); one log line each."""
     _check_decided(levers)
     done = []
     if not levers.bf16_adapters:
@@ -240,13 +209,9 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
     if levers.one_sync_optimizer or levers.lean_update:
         trainer.add_callback(OptimizerLevers(levers.one_sync_optimizer, levers.lean_update))
-        done.append(
-            "bitsandbytes optimizer: "
-            + ", ".join(
-                ["one synchronisation per step instead of one per tensor"] * levers.one_sync_optimizer
-                + ["update kernels called without bnb's per-tensor Python"] * levers.lean_update
-            )
-        )
+        actions = ["one synchronisation per step instead of one per tensor"] * levers.one_sync_optimizer
+        actions += ["update kernels called without bnb's per-tensor Python"] * levers.lean_update
+        done.append("bitsandbytes optimizer: " + ", ".join(actions))
     return done
 
 
@@ -258,15 +223,10 @@ def _check_decided(levers: Levers) -> None:
 
 @contextlib.contextmanager
 def eager_inference(model):
-    """Inside the block, training's attention kernel and compiled blocks are off: generation and evaluation run eager.
-
-    FlexAttention without a packed training batch falls back to an unfused kernel that materialises the full score
-    matrix, and compiled blocks recompile for every new generation length (and say so, once per shape). sdpa and
-    the eager blocks are what inference wants; both are put back on exit, for a later training run.
-    """
+    """Inside the block generation and evaluation run with sdpa and eager blocks (FlexAttention without a packed batch
+    runs unfused; compiled blocks recompile per generation length); both are put back on exit."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    attention = getattr(config, "_attn_implementation", None)
+    attention = getattr(getattr(base, "config", None), "_attn_implementation", None)
     switch = attention == "flex_attention" and hasattr(base, "set_attn_implementation")
     compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
     if switch:
@@ -285,17 +245,14 @@ def eager_inference(model):
 def skip_optimizer_syncs(optimizer) -> bool:
     """Make a bitsandbytes optimizer synchronise the GPU once per step instead of after every tensor.
 
-    bitsandbytes 0.50's Optimizer8bit.step (every paged/8-bit/32-bit AdamW) calls torch.cuda.synchronize() after
-    each parameter's update: 448 times per step for a 7B with adapters on all 7 projections, each a round trip that
-    leaves the GPU idle (benchmarks/README.md has the cost). The updates are issued on one stream in order, and the
-    paged state prefetches are asynchronous hints on that same order, so the result does not depend on those
-    waits (benchmarks/check_optimizer_syncs.py compares the parameters bit for bit). The last wait of the step stays.
-    Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
+    Optimizer8bit.step calls torch.cuda.synchronize() after each parameter; its updates and paged prefetches are
+    issued in order on one stream, so the result does not depend on those waits (benchmarks/check_optimizer_syncs.py
+    compares bit for bit). Returns False, changing nothing, for another optimizer. Accepts accelerate's wrapper.
     """
     inner, bnb_optimizer = _untouched_bnb_optimizer(optimizer, "Optimizer8bit", "_lora_kit_one_sync")
     if inner is None:
         return False
-    original_step = inner.step  # may already be wrapped by an LR scheduler: keep that wrapper in the chain
+    original_step = inner.step  # may already be an LR scheduler's wrapper: keep it in the chain
     per_tensor_sync = bnb_optimizer.sync_gpu
 
     def step(_inner, *args, **kwargs):
@@ -315,14 +272,9 @@ def skip_optimizer_syncs(optimizer) -> bool:
 
 
 def _install_step(optimizer, inner, step) -> None:
-    """Make `step(inner, *args, **kwargs)` the bitsandbytes optimizer's step; `step` calls the one it replaces.
-
-    Bound, because torch's LR schedulers wrap `optimizer.step.__func__`; marked as the scheduler's if the step it
-    replaces was (it still runs inside, so the scheduler's step counting holds). And accelerate's fp16 wrapper (a
-    GradScaler: every T4 run) swaps in, on every step, the step it saw when it was built: tell it about this one.
+    """Make `step(inner, ...)` the bnb optimizer's bound step, marked as an LR scheduler's if the one it replaces was
+    (schedulers wrap `step.__func__`), and tell accelerate's fp16 GradScaler wrapper, which re-installs the step it saw.
     """
-    import types
-
     if getattr(inner.step, "_wrapped_by_lr_sched", False):
         step._wrapped_by_lr_sched = True
     inner.step = types.MethodType(step, inner)
@@ -342,41 +294,40 @@ def _first_param(optimizer):
 
 
 def _untouched_bnb_optimizer(optimizer, class_name: str, done_flag: str):
-    """(the bitsandbytes optimizer inside `optimizer`, bnb's optimizer module), or (None, None) when it is not a
-    bnb `class_name`, bitsandbytes is missing, or `done_flag` says this lever was applied already."""
+    """(the bnb `class_name` optimizer inside `optimizer`, bnb's optimizer module), or (None, None) when it is not
+    one, bitsandbytes is missing or untested, or `done_flag` says this lever was applied already."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     try:
+        import bitsandbytes
         from bitsandbytes.optim import optimizer as bnb_optimizer
     except Exception:  # noqa: BLE001 - no bitsandbytes: nothing to do
         return None, None
     if not isinstance(inner, getattr(bnb_optimizer, class_name)) or getattr(inner, done_flag, False):
         return None, None
+    if not bitsandbytes.__version__.startswith(_BNB_TESTED):
+        logger.warning(f"bitsandbytes {bitsandbytes.__version__}: {done_flag} left off (written for {_BNB_TESTED}x)")
+        return None, None
     return inner, bnb_optimizer
 
 
 def lean_update_step(optimizer) -> bool:
-    """Run a bitsandbytes 32-bit-state optimizer's per-tensor update without the Python around its kernel.
+    """Run a bitsandbytes 32-bit two-state optimizer's per-tensor update without the Python around its kernel.
 
-    For each tensor bnb 0.50's Optimizer2State.update_step re-assigns p.data and p.grad to contiguous copies (a no-op
-    for adapters, but the .data setter is not free), builds an 11-key config dict (get_config), checks devices
-    (is_on_gpu) and only then calls its update op, torch.ops.bitsandbytes.optimizer_update_32bit. With 448 adapter
-    tensors that Python, not the ~8 us kernels, is most of the optimizer's time while the GPU waits. This calls the
-    same op with the same arguments straight from the parameter group, so the update is bit for bit bnb's
-    (tests/test_speed.py on CPU, benchmarks/check_optimizer_syncs.py on the GPU). Anything the short path does not
-    cover goes through bnb's own update_step: 8-bit states, one-state optimizers, max_unorm, per-parameter overrides
-    (GlobalOptimManager), non-contiguous tensors; optimizers with their own update_step (AdEMAMix) are left alone.
-    bnb's step() still creates the states; paged states are prefetched only when the GPU has come near full (see
-    step below).
-    Returns False (and changes nothing) for any other optimizer. `optimizer` may be accelerate's wrapper.
+    Optimizer2State.update_step copies, builds a config dict and checks devices per tensor before calling
+    torch.ops.bitsandbytes.optimizer_update_32bit; with hundreds of adapter tensors that Python, not the kernels, is
+    most of the optimizer's time. This calls the same op with the same arguments, bit for bit bnb's
+    (tests/test_speed.py, benchmarks/check_optimizer_syncs.py). 8-bit states, one-state optimizers, max_unorm,
+    per-parameter overrides and non-contiguous tensors go through bnb's update_step; optimizers with their own
+    (AdEMAMix) are left alone. Paged states are prefetched only once the GPU nears full (see step below).
+    Returns False, changing nothing, for another optimizer. Accepts accelerate's wrapper.
     """
     import torch
 
     inner, bnb_optimizer = _untouched_bnb_optimizer(optimizer, "Optimizer2State", "_lora_kit_lean_update")
-    # Subclasses with their own update_step (AdEMAMix schedules alpha and beta3 per step) keep bnb's.
     if inner is None or type(inner).update_step is not bnb_optimizer.Optimizer2State.update_step:
         return False
     update = torch.ops.bitsandbytes.optimizer_update_32bit
-    bnb_update_step = inner.update_step  # the bound method of the class: the fallback
+    bnb_update_step = inner.update_step  # the fallback
     name, args, mng = inner.optimizer_name, inner.args, inner.mng
 
     def update_step(group, p, gindex, pindex):
@@ -391,36 +342,20 @@ def lean_update_step(optimizer) -> bool:
         ):
             return bnb_update_step(group, p, gindex, pindex)
         state["step"] += 1
-        betas = group["betas"]
-        update(
-            name,
-            grad,
-            p,
-            state["state1"],
-            state["state2"],
-            None,
-            0.0,
-            0.0,
-            betas[0],
-            betas[1],
-            betas[2] if len(betas) >= 3 else 0.0,
-            group.get("alpha", 0.0),
-            group["eps"],
-            group["weight_decay"],
-            state["step"],
-            group["lr"],
-            1.0,
-            args.skip_zeros,
-        )
+        beta1, beta2, beta3 = (*group["betas"], 0.0)[:3]
+        # fmt: off
+        update(name, grad, p, state["state1"], state["state2"], None, 0.0, 0.0, beta1, beta2, beta3,
+               group.get("alpha", 0.0), group["eps"], group["weight_decay"], state["step"], group["lr"], 1.0,
+               args.skip_zeros)
+        # fmt: on
 
     bnb_prefetch_state, bnb_step = inner.prefetch_state, inner.step
     decided = {"prefetch": True, "paged_tensors": -1, "paged_bytes": 0}
 
     def step(_inner, *a, **k):
-        # Paged states stay on the GPU until the driver evicts them, which it does only when the GPU runs short, so
-        # prefetching resident pages is a driver call per state for nothing (benchmarks/README.md has the cost). Once
-        # per step: prefetch as bnb does only once this process's peak reservation plus the paged states came within
-        # 10% of the card.
+        # Paged states stay on the GPU until the driver evicts them, when it runs short: prefetching resident pages is
+        # a driver call per state for nothing. Prefetch as bnb does only once this process's peak reservation plus the
+        # paged states come within 10% of the card (decided once per step).
         first = _first_param(inner)
         if first is not None and first.is_cuda:
             paged = inner.page_mng.paged_tensors
@@ -444,8 +379,7 @@ def lean_update_step(optimizer) -> bool:
 
 
 class OptimizerLevers:
-    """A transformers TrainerCallback that applies skip_optimizer_syncs (one_sync) and lean_update_step (lean) once the
-    optimizer exists."""
+    """A transformers TrainerCallback applying skip_optimizer_syncs and lean_update_step once the optimizer exists."""
 
     def __new__(cls, one_sync: bool = True, lean: bool = True):
         from transformers import TrainerCallback
@@ -461,12 +395,10 @@ class OptimizerLevers:
 
 
 def upcast_trainable_params(model) -> int:
-    """Cast every trainable parameter (the LoRA adapters) to fp32 in place; returns how many were cast.
+    """Cast every trainable parameter (the adapters) to fp32 in place; returns how many were cast.
 
-    Call it AFTER `trl.SFTTrainer(...)` is built, for fp16 (every T4) and fp32 runs. TRL's SFTTrainer (1.15, 1.16)
-    casts a quantized model's trainable adapter weights to bf16 while it is built; under fp16 mixed precision the
-    first optimizer step then dies in the grad scaler ("_amp_foreach_non_finite_check_and_unscale_cuda" not
-    implemented for 'BFloat16'), and on CPU bf16 adapters made QLoRA diverge. bf16 runs can skip it.
+    Call after `trl.SFTTrainer(...)` is built, for fp16 and fp32 runs: TRL (1.15, 1.16) casts a quantized model's
+    adapters to bf16, which fp16's grad scaler cannot unscale.
     """
     import torch
 
@@ -479,14 +411,10 @@ def upcast_trainable_params(model) -> int:
 
 
 def compile_layers(model, autotune_pointwise: bool = False) -> int:
-    """torch.compile each decoder layer's attention and MLP block in place; returns how many blocks were compiled.
+    """torch.compile each decoder layer's attention and MLP block in place; returns how many were compiled.
 
-    Regional compilation: the blocks are compiled, not the whole model, so gradient checkpointing (which wraps each
-    layer's forward) stays outside the compiled code and keeps its memory savings, and the 32 identical layers of a
-    7B share one compiled graph per block type instead of one whole-model graph. Inductor fuses what sits between
-    the matrix products (the LoRA scale-and-add, RMSNorm, RoPE, SwiGLU, dtype casts). Call it after the trainer is
-    built (PEFT has wrapped the projections by then). The first step pays the compilation (tens of seconds).
-    autotune_pointwise: Inductor's pointwise autotuning (Levers.autotune_pointwise says why it is off by default).
+    Blocks, not the whole model: gradient checkpointing (around each layer) stays outside the compiled code and keeps
+    its memory savings, and identical layers share one graph per block type. Call after the trainer is built.
     """
     import torch
 
@@ -503,11 +431,11 @@ def compile_layers(model, autotune_pointwise: bool = False) -> int:
 
 
 def _allow_a_recompile_per_layer() -> None:
+    """Each layer's block is its own module object that dynamo may specialise on: allow a recompile per layer rather
+    than falling back to eager after the default 8."""
     import torch
 
     config = torch._dynamo.config
-    # Each layer's block is a different module object; dynamo may specialise on some of them, so allow a recompile
-    # per layer rather than falling back to eager after the default 8.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 256))
@@ -516,8 +444,6 @@ def _allow_a_recompile_per_layer() -> None:
 
 
 def _capability(hardware_capability) -> tuple[int, int] | None:
-    if hardware_capability is None:
-        return None
     cap = getattr(hardware_capability, "compute_capability", hardware_capability)
     if cap is None:
         return None
@@ -532,8 +458,6 @@ def _capability(hardware_capability) -> tuple[int, int] | None:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
