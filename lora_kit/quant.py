@@ -343,3 +343,8 @@ def quantization_of(model) -> str:
     if getattr(base, "is_loaded_in_4bit", False):
         return "nf4"
     return "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none"
+
+
+def method_of(model) -> str:
+    """The fine-tuning method a model's base calls for: "qlora" (NF4), "lora8" (8-bit) or "lora" (16-bit)."""
+    return {"nf4": "qlora", "8bit": "lora8"}.get(quantization_of(model), "lora")

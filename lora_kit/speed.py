@@ -16,6 +16,7 @@ has each lever's measurements, and the levers that did not help and stay out.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import logging
 import types
@@ -129,6 +130,7 @@ class Levers:
         liger = choose("liger", True, no_triton or no_liger)
         # An 8-bit base, whose blocks would compile but for the base, keeps the torch RoPE it has been run with.
         rope = liger and choose("liger_rope", not (compiled or (eight_bit and triton and sixteen_bit and not packing)))
+        untested = _untested_bitsandbytes()
         not_bf16 = {
             "bf16": None,
             "fp16": "fp16's grad scaler cannot unscale bf16 gradients",
@@ -141,8 +143,8 @@ class Levers:
             liger=liger,
             liger_rope=rope,
             compile_blocks=compiled,
-            one_sync_optimizer=choose("one_sync_optimizer", gpu),
-            lean_update=choose("lean_update", gpu),
+            one_sync_optimizer=choose("one_sync_optimizer", gpu, untested),
+            lean_update=choose("lean_update", gpu, untested),
             bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16),
         )
         return decided, notes
@@ -298,16 +300,28 @@ def _untouched_bnb_optimizer(optimizer, class_name: str, done_flag: str):
     one, bitsandbytes is missing or untested, or `done_flag` says this lever was applied already."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     try:
-        import bitsandbytes
         from bitsandbytes.optim import optimizer as bnb_optimizer
     except Exception:  # noqa: BLE001 - no bitsandbytes: nothing to do
         return None, None
     if not isinstance(inner, getattr(bnb_optimizer, class_name)) or getattr(inner, done_flag, False):
         return None, None
-    if not bitsandbytes.__version__.startswith(_BNB_TESTED):
-        logger.warning(f"bitsandbytes {bitsandbytes.__version__}: {done_flag} left off (written for {_BNB_TESTED}x)")
+    untested = _untested_bitsandbytes()
+    if untested:
+        logger.warning(f"{done_flag} left off: {untested}")
         return None, None
     return inner, bnb_optimizer
+
+
+def _untested_bitsandbytes() -> str | None:
+    """Why the optimizer levers cannot run with the installed bitsandbytes, or None when it is the version they
+    were written for (they call its private step internals)."""
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return "bitsandbytes is not installed"
+    if version.startswith(_BNB_TESTED):
+        return None
+    return f"it calls bitsandbytes {_BNB_TESTED}x internals, and {version} is installed"
 
 
 def lean_update_step(optimizer) -> bool:

@@ -421,7 +421,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     """
     from trl import SFTTrainer
 
-    from .quant import quantization_of
+    from .quant import method_of
 
     lora = lora or LoraSettings()
     train = train or TrainSettings()
@@ -434,7 +434,7 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     if not hasattr(model, "peft_config"):
         model = add_lora(model, lora)
     seed_fresh_adapters(model, train.seed)
-    method = {"nf4": "qlora", "8bit": "lora8"}.get(quantization_of(model), "lora")
+    method = method_of(model)
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
     levers, notes = train.chosen_levers.decide(detect_hardware(), precision, method, lengths, train.max_length)
     for note in notes:
