@@ -141,14 +141,11 @@ LONGEST_STEPS = 4
 
 
 def longest_points(cap_gib: float) -> list[dict]:
+    runs = [(seq, offload, False) for seq, offload in LONGEST] + [(seq, offload, True) for seq, offload in LONGEST_16]
     return [
         dict(shape="llama2-7b", method="qlora", precision="fp16", seq=seq, mb=1, r=64, gc=True, packing=False,
-             offload=offload, budget_gib=cap_gib, steps=LONGEST_STEPS)
-        for seq, offload in LONGEST
-    ] + [
-        dict(shape="llama2-7b", method="qlora", precision="fp16", seq=seq, mb=1, r=64, gc=True, packing=False,
-             offload=offload, stream16=True, budget_gib=cap_gib, steps=LONGEST_STEPS)
-        for seq, offload in LONGEST_16
+             offload=offload, **({"stream16": True} if stream16 else {}), budget_gib=cap_gib, steps=LONGEST_STEPS)
+        for seq, offload, stream16 in runs
     ]  # fmt: skip
 
 
@@ -305,14 +302,9 @@ def reservation_gib(point: dict) -> float:
 def drive(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.autofit or args.longest:
-        points = selected(args)
-        points = [dict(p, index=i) for i, p in enumerate(points)]
-        if args.points:
-            points = [points[int(i)] for i in args.points.split(",")]
-    else:
-        wanted = [int(i) for i in args.points.split(",")] if args.points else range(len(POINTS))
-        points = [dict(POINTS[i], index=i) for i in wanted]
+    points = [dict(p, index=i) for i, p in enumerate(selected(args))]
+    if args.points:
+        points = [points[int(i)] for i in args.points.split(",")]
     if args.tiny:
         points = [dict(p, shape="tiny", seq=64, mb=1) for p in points]
     work = Path(args.work)
@@ -392,10 +384,10 @@ def drive(args) -> list[dict]:
 
 
 def selected(args) -> list[dict]:
-    """The auto-fit or longest-context points the options ask for."""
+    """The points the options ask for: the auto-fit checks, the longest-context runs, or the grid."""
     if args.autofit:
         return autofit_points([float(b) for b in args.autofit.split(",")], args.autofit_length)
-    return longest_points(args.longest)
+    return longest_points(args.longest) if args.longest else POINTS
 
 
 def main(argv=None) -> int:
@@ -417,7 +409,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args.worker)
     if args.list:
-        listed = selected(args) if args.autofit or args.longest else POINTS
+        listed = selected(args)
         for i, point in enumerate(listed):
             print(i, point, f"{estimate(point).total_gib:.2f} GiB")
         return 0

@@ -57,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from lora_kit import memory  # noqa: E402  (after the path above)
+from lora_kit.hardware import torch_dtype  # noqa: E402
 
 GIB = 2**30
 RESULT_TAG = "BENCH_RESULT "
@@ -303,12 +304,6 @@ def ensure_checkpoint(args, dtype_name):
     if device == "cuda":
         torch.cuda.empty_cache()
     return ckpt, time.time() - t0
-
-
-def torch_dtype(name):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def load_model(args, ckpt, precision, on_cuda, attn="sdpa", base_dtype=None):
@@ -1086,7 +1081,7 @@ def run_in_subprocess(args, shape, recipe, argv):
         unsloth_cache = os.path.join(cache, "unsloth")
     if RECIPES[recipe].get("unsloth"):
         cmd = [sys.executable, "-c", IMPORT_UNSLOTH_FIRST, script, *argv, "--worker", shape, recipe]
-        transformers = getattr(args, "unsloth_transformers", "supported")
+        transformers = args.unsloth_transformers
         extra["unsloth_transformers"] = unsloth_path(args.unsloth_site, env.get("PYTHONPATH") or None, transformers)[1]
         env.update(unsloth_env(args.unsloth_site, env.get("PYTHONPATH"), unsloth_cache, transformers))
     t0 = time.time()
@@ -1313,6 +1308,8 @@ def main(argv=None):
     in_process = args.in_process or info["device"] == "cpu"
     worker_argv = [a for a in argv if a != "--in-process"] + ["--ckpt-dir", str(ckpt)]
     results = []
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         for recipe in recipes:
             t0 = time.time()
@@ -1326,7 +1323,6 @@ def main(argv=None):
                 res = run_in_subprocess(args, shape, recipe, worker_argv)
             results.append(res)
             if args.json_out:  # one line per recipe as it finishes: survives a run cut short
-                Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
                 with open(str(args.json_out) + ".partial.jsonl", "a") as fh:
                     fh.write(json.dumps(res) + "\n")
             brief = {
