@@ -117,6 +117,9 @@ RECIPES = {
     },
     # lora_kit with Liger's RoPE kernel back inside the compiled attention blocks
     "lora_kit_ligerrope": {"fast": True, "levers": {"liger_rope": True}},
+    # lora_kit with TrainSettings.offload_activations: each checkpointed layer's input kept in CPU RAM (TRL's
+    # activation offloading), as Unsloth's own gradient checkpointing does
+    "lora_kit_offload": {"fast": True, "offload": True},
     # lora_kit with Inductor's pointwise autotuning back on (torch's default; Levers.autotune_pointwise)
     "lora_kit_pwautotune": {"fast": True, "levers": {"autotune_pointwise": True}},
     # Unsloth's recipe (FastLanguageModel + its SFTTrainer), in a subprocess with its own site folder first on the path
@@ -392,12 +395,17 @@ def recipe_settings(args, shape, recipe, info, precision):
         return kw, mb, ga, {"unsloth": "FastLanguageModel + its SFTTrainer", "packs_as_lora_kit": decided.packing}
     if levers.pop("fast", False):
         # lora_kit's own entry point decides everything (lora_kit.train.build_trainer with TrainSettings(fast=True))
-        kw["_via_lora_kit"] = {"forced": levers.get("levers", {}), "whole_layers": levers.get("whole_layers", False)}
+        kw["_via_lora_kit"] = {
+            "forced": levers.get("levers", {}),
+            "whole_layers": levers.get("whole_layers", False),
+            "offload": levers.get("offload", False),
+        }
         levers = {
             "fast": "lora_kit.train.build_trainer",
             "capability_seen": fast_capability(args, info),
             "levers_forced": kw["_via_lora_kit"]["forced"],
             "whole_layers": kw["_via_lora_kit"]["whole_layers"],
+            "offload_activations": kw["_via_lora_kit"]["offload"],
         }
     if levers.get("liger"):
         kw["use_liger_kernel"] = True
@@ -827,6 +835,7 @@ def build_lora_kit_trainer(args, info, model, tok, ds, mb, ga, total_steps, prec
         max_grad_norm=1.0,
         weight_decay=0.0,
         gradient_checkpointing=True,
+        offload_activations=via_lora_kit["offload"],
         logging_steps=1,
         save_steps=10**9,
         output_dir=tempfile.mkdtemp(prefix="bench_lk_"),
@@ -1192,6 +1201,17 @@ def vs_unsloth_summary(results, device, precision, other_versions):
             "lora_kit": figures(shape, "lora_kit"),
             "unsloth": figures(shape, "unsloth"),
         }
+        # lora_kit with one switch changed (lora_kit_offload: TrainSettings.offload_activations), same ratios
+        variants = sorted({r["recipe"] for r in results if r["shape"] == shape and r["recipe"].startswith("lora_kit_")})
+        if variants:
+            out[shape]["variants"] = {
+                name: {
+                    "speed_ratio": ratio(by.get((shape, name), {}).get("tokens_per_s"), us.get("tokens_per_s")),
+                    "memory_ratio": ratio(by.get((shape, name), {}).get("peak_gib"), us.get("peak_gib")),
+                    **figures(shape, name),
+                }
+                for name in variants
+            }
     unsloth_versions = next((r["versions"] for r in results if r.get("recipe") == "unsloth" and "versions" in r), None)
     out.update(
         device=device["name"],

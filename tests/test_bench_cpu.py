@@ -261,6 +261,7 @@ def test_vs_unsloth_summary_divides_lora_kit_by_unsloth_per_shape():
         run("fixed", "stock", 6000.0, 5.8, 4096, 2, 1),
         run("fixed", "lora_kit", 8000.0, 5.6, 4096, 2, 1),
         run("fixed", "unsloth", 6400.0, 7.0, 4096, 2, 1, versions=unsloth_versions),
+        run("fixed", "lora_kit_offload", 7040.0, 4.9, 4096, 2, 1),
         # two lora_kit repeats: the mean of their tokens/s, the higher of their peaks
         run("mixed", "lora_kit", 8600.0, 7.3, 8187, 4, 1),
         run("mixed", "lora_kit", 8800.0, 7.4, 8189, 4, 1),
@@ -275,6 +276,9 @@ def test_vs_unsloth_summary_divides_lora_kit_by_unsloth_per_shape():
         "micro_batch": 2,
         "grad_accum": 1,
     }
+    assert summary["fixed"]["variants"]["lora_kit_offload"]["speed_ratio"] == 1.1
+    assert summary["fixed"]["variants"]["lora_kit_offload"]["memory_ratio"] == 0.7
+    assert summary["fixed"]["variants"]["lora_kit_offload"]["peak_gib"] == 4.9 and "variants" not in summary["mixed"]
     assert summary["mixed"]["speed_ratio"] is None and summary["mixed"]["memory_ratio"] is None
     assert summary["mixed"]["lora_kit"]["tokens_per_s"] == 8700.0 and summary["mixed"]["lora_kit"]["peak_gib"] == 7.4
     assert summary["mixed"]["lora_kit"]["real_tokens_per_step"] == 8188.0

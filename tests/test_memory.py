@@ -162,6 +162,32 @@ def test_estimates_match_every_point_measured_on_the_gpu():
         assert b.paged_optimizer_states == pytest.approx(p["paged_states_gib"], abs=0.01), p
 
 
+def test_the_published_auto_fit_runs_are_what_fit_settings_chooses_today():
+    # benchmarks/results/memory_estimates.json "autofit": fit_settings' choices trained on the GPU under each cap. If
+    # the estimate or the slack changes, the choices change and those runs no longer stand for the code.
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_estimates.json"
+    runs = json.loads(results.read_text())["autofit"]
+    optimizer = {"qlora": "paged_adamw_32bit", "lora8": "adamw_torch", "lora": "adamw_torch"}
+    assert {(r["budget_gib"], r["method"]) for r in runs} == {
+        (b, m) for b in (15.0, 24.0, 40.0) for m in ("qlora", "lora8", "lora")
+    }
+    for run in runs:
+        choice = memory.fit_settings(
+            LlamaConfig(**SHAPES[run["model"]]),
+            run["method"],
+            run["budget_gib"],
+            max_length=run["max_length"],
+            r=run["r"],
+            optimizer=optimizer[run["method"]],
+            precision=run["precision"],
+        )
+        assert (choice.micro_batch_size, choice.max_length) == (run["micro_batch"], run["max_length"]), run
+        assert run["trained"] and run["used_fraction"] >= 0.70, run
+
+
 def test_fit_settings_picks_the_largest_micro_batch_that_fits(c7):
     choice = memory.fit_settings(c7, "qlora", 15.0, max_length=1024, r=64, optimizer="paged_adamw_32bit")
     usable = 15.0 * 0.9
