@@ -11,6 +11,7 @@ accepted and what to do.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import io
 import json
@@ -21,14 +22,7 @@ from pathlib import Path
 
 from lora_kit.errors import DataFormatError
 
-__all__ = [
-    "load_data",
-    "to_messages",
-    "detect_format",
-    "chunk_text",
-    "CONVERTERS",
-    "FORMATS",
-]
+__all__ = ["load_data", "to_messages", "detect_format", "chunk_text", "CONVERTERS", "FORMATS"]
 
 # What each format looks like, in words (used in every error message).
 FORMATS = {
@@ -70,8 +64,7 @@ class _Problem(Exception):
 
     def __init__(self, problem: str, fix: str = ""):
         super().__init__(problem)
-        self.problem = problem
-        self.fix = fix
+        self.problem, self.fix = problem, fix
 
 
 def _short(value, width: int = 60) -> str:
@@ -79,16 +72,11 @@ def _short(value, width: int = 60) -> str:
     return shown if len(shown) <= width else shown[: width - 3] + "..."
 
 
-def _fields(record) -> str:
-    if isinstance(record, dict):
-        return repr(list(record.keys()))
-    return f"none (the item is a {type(record).__name__}, not an object)"
-
-
 def _message(where: str | None, record, problem: str, fix: str, fmt_note: str = "") -> str:
-    head = f"{where}: " if where else ""
-    note = f" [format {fmt_note}]" if fmt_note else ""
-    seen = "" if problem.startswith("fields seen") else f" Fields seen: {_fields(record)}."
+    head, note = (f"{where}: " if where else ""), (f" [format {fmt_note}]" if fmt_note else "")
+    kind = type(record).__name__
+    fields = repr(list(record)) if isinstance(record, dict) else f"none (the item is a {kind}, not an object)"
+    seen = "" if problem.startswith("fields seen") else f" Fields seen: {fields}."
     fix = fix or "Fix this record, or pass format=... to say which format the data uses."
     return f"{head}{problem}{note}.{seen} {ACCEPTED} {fix}"
 
@@ -100,9 +88,10 @@ def _clean(value, what: str, *, required: bool = True) -> str:
         if required:
             raise _Problem(f"{what} is null (empty)", f"Give {what} some text.")
         return ""
-    text_parts = isinstance(value, list) and value
-    if text_parts and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value)
     ):
         value = "\n".join(p["text"] for p in value)  # OpenAI "content parts": the text parts, in order
     if not isinstance(value, str):
@@ -132,18 +121,21 @@ def _field(record: dict, name: str, fmt: str):
     return record[name]
 
 
+def _text_field(record: dict, name: str, fmt: str, *, required: bool = True) -> str:
+    return _clean(_field(record, name, fmt), f"'{name}'", required=required)
+
+
 def _finish(messages: list[dict]) -> tuple[list[dict], bool]:
     """Check the conversation rules; drop trailing user turns (nothing to learn from them).
 
     Returns the messages and whether trailing turns were dropped.
     """
-    for i, m in enumerate(messages):
-        if m["role"] == "system" and i != 0:
-            raise _Problem(
-                f"turn {i + 1} is a system turn; a system prompt may only be the first turn, once",
-                "Move the system prompt to the start, or merge the system turns into one.",
-            )
     roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        raise _Problem(
+            f"turn {roles.index('system', 1) + 1} is a system turn; a system prompt may only be the first turn, once",
+            "Move the system prompt to the start, or merge the system turns into one.",
+        )
     if "user" not in roles:
         raise _Problem(
             "the conversation has no user turn",
@@ -154,16 +146,13 @@ def _finish(messages: list[dict]) -> tuple[list[dict], bool]:
             "the conversation has no assistant turn to learn from",
             "Every example needs at least one assistant answer after a user turn.",
         )
-    trimmed = False
-    while messages[-1]["role"] != "assistant":
-        messages = messages[:-1]
-        trimmed = True
-    if "user" not in [m["role"] for m in messages]:
+    last = len(roles) - 1 - roles[::-1].index("assistant")
+    if "user" not in roles[:last]:
         raise _Problem(
             "no user turn comes before the last assistant answer",
             "Every example needs a user turn followed by an assistant answer.",
         )
-    return messages, trimmed
+    return messages[: last + 1], last < len(roles) - 1
 
 
 def _turns(turns, list_field: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
@@ -177,19 +166,16 @@ def _turns(turns, list_field: str, role_key: str = "role", content_key: str = "c
         )
     if not turns:
         raise _Problem(f"'{list_field}' is an empty list", "Drop this record or give it turns.")
-    out = []
+    out, shape = [], f'Write each turn as {{"{role_key}": ..., "{content_key}": ...}}.'
     for n, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
-            raise _Problem(
-                f"turn {n} of '{list_field}' is a {type(turn).__name__}, not an object",
-                f'Write each turn as {{"{role_key}": ..., "{content_key}": ...}}.',
-            )
+            raise _Problem(f"turn {n} of '{list_field}' is a {type(turn).__name__}, not an object", shape)
         rk = role_key if role_key in turn else "role"  # ShareGPT dumps also use role/content
         ck = content_key if content_key in turn else "content"
         if rk not in turn or ck not in turn:
             raise _Problem(
                 f"turn {n} of '{list_field}' has keys {list(turn.keys())!r}, expected '{role_key}' and '{content_key}'",
-                f'Write each turn as {{"{role_key}": ..., "{content_key}": ...}}.',
+                shape,
             )
         raw_role = turn[rk]
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
@@ -199,8 +185,7 @@ def _turns(turns, list_field: str, role_key: str = "role", content_key: str = "c
                 "Use one of system, user, assistant "
                 f"(also understood: {', '.join(sorted(set(ROLE_ALIASES) - set(ROLES)))}).",
             )
-        content = _clean(turn[ck], f"the content of turn {n} of '{list_field}'")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _clean(turn[ck], f"the content of turn {n} of '{list_field}'")})
     return out
 
 
@@ -208,21 +193,23 @@ def _with_system(system: str, messages: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
-# One converter per format: record -> list of messages (checked by _finish afterwards).
-def _from_alpaca(record: dict) -> list[dict]:
-    instruction = _clean(_field(record, "instruction", "alpaca"), "'instruction'")
-    extra = _clean(record.get("input"), "'input'", required=False)
-    output = _clean(_field(record, "output", "alpaca"), "'output'")
+def _exchange(record: dict, prompt: str, answer: str) -> list[dict]:
+    """One user prompt and its answer, after the record's optional 'system' field."""
     system = _clean(record.get("system"), "'system'", required=False)
-    prompt = f"{instruction}\n\n{extra}" if extra else instruction
-    return _with_system(system, [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
+    return _with_system(system, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+
+
+# One converter per format, named _from_<format>: record -> list of messages (checked by _finish afterwards).
+def _from_alpaca(record: dict) -> list[dict]:
+    instruction = _text_field(record, "instruction", "alpaca")
+    extra = _clean(record.get("input"), "'input'", required=False)
+    output = _text_field(record, "output", "alpaca")
+    return _exchange(record, f"{instruction}\n\n{extra}" if extra else instruction, output)
 
 
 def _from_instruction(record: dict) -> list[dict]:
-    instruction = _clean(_field(record, "instruction", "instruction"), "'instruction'")
-    response = _clean(_field(record, "response", "instruction"), "'response'")
-    system = _clean(record.get("system"), "'system'", required=False)
-    return _with_system(system, [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}])
+    instruction, response = (_text_field(record, k, "instruction") for k in ("instruction", "response"))
+    return _exchange(record, instruction, response)
 
 
 def _from_sharegpt(record: dict) -> list[dict]:
@@ -244,20 +231,15 @@ def _from_prompt_completion(record: dict) -> list[dict]:
         # TRL's conversational prompt-completion: two lists of {role, content}.
         return _turns(prompt, "prompt") + _turns(completion, "completion")
     system = _clean(record.get("system"), "'system'", required=False)
-    return _with_system(
-        system,
-        [
-            {"role": "user", "content": _clean(prompt, "'prompt'")},
-            {"role": "assistant", "content": _clean(completion, "'completion'")},
-        ],
-    )
+    prompt, completion = _clean(prompt, "'prompt'"), _clean(completion, "'completion'")
+    return _with_system(system, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
 
 
 _GUANACO_SPLIT = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
 
 
 def _from_guanaco(record: dict) -> list[dict]:
-    text = _clean(_field(record, "text", "guanaco"), "'text'")
+    text = _text_field(record, "text", "guanaco")
     pieces = _GUANACO_SPLIT.split(text)
     if len(pieces) < 3:
         raise _Problem(
@@ -268,30 +250,24 @@ def _from_guanaco(record: dict) -> list[dict]:
     lead = pieces[0].strip()
     if lead:  # text before the first marker reads as a system prompt
         out.append({"role": "system", "content": lead})
-    for n, i in enumerate(range(1, len(pieces), 2), 1):
-        role = "user" if pieces[i].lower() == "human" else "assistant"
-        content = pieces[i + 1].strip()
-        if not content:
-            raise _Problem(f"turn {n} ('### {pieces[i]}:') of 'text' is empty", "Give every turn some text.")
-        out.append({"role": role, "content": content})
+    for n, (marker, content) in enumerate(zip(pieces[1::2], pieces[2::2]), 1):
+        if not content.strip():
+            raise _Problem(f"turn {n} ('### {marker}:') of 'text' is empty", "Give every turn some text.")
+        out.append({"role": "user" if marker.lower() == "human" else "assistant", "content": content.strip()})
     return out
 
 
 _LLAMA2_SPLIT = re.compile(r"(\[/?INST\])")
 _SYS = re.compile(r"^\s*<<SYS>>(.*?)<</SYS>>(.*)$", re.DOTALL)
+_BOS_EOS = re.compile(r"\A(?:\s*<s>)*|(?:\s*</?s>)*\s*\Z")  # leading <s>, trailing </s> or <s>, any number
 
 
 def _strip_bos_eos(s: str) -> str:
-    s = s.strip()
-    while True:
-        before = s
-        s = s.removeprefix("<s>").removesuffix("</s>").removesuffix("<s>").strip()
-        if s == before:
-            return s
+    return _BOS_EOS.sub("", s).strip()
 
 
 def _from_llama2(record: dict) -> list[dict]:
-    text = _clean(_field(record, "text", "llama2"), "'text'")
+    text = _text_field(record, "text", "llama2")
     parts = _LLAMA2_SPLIT.split(text)
     if _strip_bos_eos(parts[0]):
         raise _Problem(
@@ -307,8 +283,8 @@ def _from_llama2(record: dict) -> list[dict]:
     bodies = parts[2::2]  # user, assistant, user, assistant, ...
     out = []
     for k, body in enumerate(bodies):
-        content = _strip_bos_eos(body)
-        if k % 2 == 0:
+        content, role = _strip_bos_eos(body), "user" if k % 2 == 0 else "assistant"
+        if role == "user":
             m = _SYS.match(content)
             if m:
                 if k != 0:
@@ -324,9 +300,6 @@ def _from_llama2(record: dict) -> list[dict]:
                     "'text' has an unclosed or misplaced <<SYS>> block",
                     "Write '<<SYS>>\\nsystem prompt\\n<</SYS>>' right after [INST].",
                 )
-            role = "user"
-        else:
-            role = "assistant"
         if not content:
             if role == "assistant" and k == len(bodies) - 1:
                 continue  # a prompt with no answer yet: dropped like any trailing user turn
@@ -342,16 +315,7 @@ def _from_text(record: dict) -> list[dict]:
     )
 
 
-CONVERTERS = {
-    "alpaca": _from_alpaca,
-    "instruction": _from_instruction,
-    "sharegpt": _from_sharegpt,
-    "messages": _from_messages,
-    "prompt_completion": _from_prompt_completion,
-    "guanaco": _from_guanaco,
-    "llama2": _from_llama2,
-    "text": _from_text,
-}
+CONVERTERS = {name: globals()[f"_from_{name}"] for name in FORMATS}
 
 
 # Detection.
@@ -377,18 +341,23 @@ def _detect(record) -> str:
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     if "text" in keys:
-        text = record["text"]
-        if isinstance(text, str):
-            if "[INST]" in text and "[/INST]" in text:
-                return "llama2"
-            if _GUANACO_SPLIT.search(text):
-                return "guanaco"
-        return "text"
+        text = record["text"] if isinstance(record["text"], str) else ""
+        if "[INST]" in text and "[/INST]" in text:
+            return "llama2"
+        return "guanaco" if _GUANACO_SPLIT.search(text) else "text"
     hints = [f"'{k}' -> '{_RENAME_HINTS[k]}'" for k in record if isinstance(k, str) and k in _RENAME_HINTS]
     hint = f" (e.g. {', '.join(hints)})" if hints else ""
     raise _Problem(
         f"fields seen {list(record.keys())!r} match no known format", f"Rename the fields{hint} or pass format=..."
     )
+
+
+def _format_of(record) -> str | None:
+    """The format of ``record``, or None when it matches none (a turn alone matches none)."""
+    try:
+        return _detect(record)
+    except _Problem:
+        return None
 
 
 def detect_format(record: dict) -> str:
@@ -402,15 +371,14 @@ def detect_format(record: dict) -> str:
         raise DataFormatError(_message(None, record, p.problem, p.fix)) from None
 
 
+# Other names people give the formats.
+_FORMAT_ALIASES = {"openai": "messages", "chat": "messages", "raw": "text", "llama_2": "llama2"}
+_FORMAT_ALIASES |= {"prompt_and_completion": "prompt_completion"}
+
+
 def _normalise_format(fmt) -> str:
     name = fmt.strip().lower().replace("-", "_") if isinstance(fmt, str) else fmt
-    name = {
-        "openai": "messages",
-        "chat": "messages",
-        "raw": "text",
-        "llama_2": "llama2",
-        "prompt_and_completion": "prompt_completion",
-    }.get(name, name)
+    name = _FORMAT_ALIASES.get(name, name)
     if name != "auto" and name not in CONVERTERS:
         raise DataFormatError(
             f"format={fmt!r} is not a format lora_kit knows. Pass format='auto' to detect it, "
@@ -441,44 +409,31 @@ def to_messages(record: dict, fmt: str = "auto") -> list[dict]:
 
 
 # Raw text chunking.
-def _token_spans(text: str, tokenizer) -> list[tuple[int, int]] | None:
-    """Character spans of the tokens of ``text``; None when the tokenizer cannot give offsets."""
-    if tokenizer is None:
-        return [m.span() for m in re.finditer(r"\S+", text)]
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        spans = [tuple(s) for s in enc["offset_mapping"]]
-    except Exception:  # slow tokenizers cannot give offsets
-        return None
-    return [s for s in spans if s[1] > s[0]] or []
-
-
 def chunk_text(text: str, chunk_tokens: int = 512, overlap_tokens: int = 64, tokenizer=None) -> list[str]:
     """Split ``text`` into pieces of at most ``chunk_tokens`` tokens; neighbours share
     ``overlap_tokens`` tokens. Tokens come from ``tokenizer`` when given, else whitespace.
     The pieces are slices of the original text, so inner spacing and newlines survive."""
     _check_chunking(chunk_tokens, overlap_tokens)
-    step = chunk_tokens - overlap_tokens
-    spans = _token_spans(text, tokenizer)
-    if spans is None:  # tokenizer without offsets: decode the ids of each window
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        pieces = []
-        for i in range(0, len(ids), step):
-            piece = tokenizer.decode(ids[i : i + chunk_tokens], skip_special_tokens=True).strip()
-            if piece:
-                pieces.append(piece)
-            if i + chunk_tokens >= len(ids):
-                break
-        return pieces
-    pieces = []
-    for i in range(0, len(spans), step):
-        j = min(i + chunk_tokens, len(spans))
-        piece = text[spans[i][0] : spans[j - 1][1]].strip()
-        if piece:
-            pieces.append(piece)
-        if j == len(spans):
-            break
-    return pieces
+    spans = ids = None  # character spans of the tokens, or (tokenizer without offsets) their ids
+    if tokenizer is None:
+        spans = [m.span() for m in re.finditer(r"\S+", text)]
+    else:
+        try:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            spans = [tuple(s) for s in enc["offset_mapping"]]
+        except Exception:  # slow tokenizers cannot give offsets: decode the ids of each window instead
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            spans = [s for s in spans if s[1] > s[0]]
+    n = len(ids if spans is None else spans)
+    # A window starts every chunk - overlap tokens, until one has reached the end.
+    windows = [(i, min(i + chunk_tokens, n)) for i in range(0, n, chunk_tokens - overlap_tokens)]
+    windows = [(i, j) for i, j in windows if i == 0 or i + overlap_tokens < n]
+    if spans is None:
+        pieces = [tokenizer.decode(ids[i:j], skip_special_tokens=True) for i, j in windows]
+    else:
+        pieces = [text[spans[i][0] : spans[j - 1][1]] for i, j in windows]
+    return [p.strip() for p in pieces if p.strip()]
 
 
 def _check_chunking(chunk_tokens, overlap_tokens) -> None:
@@ -534,44 +489,24 @@ def _line_of(newlines: list[int], pos: int) -> int:
     return bisect.bisect_left(newlines, pos) + 1
 
 
-def _skip_ws(text: str, pos: int) -> int:
-    return _WHITESPACE.match(text, pos).end()
-
-
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _array_offsets(text: str, pos: int) -> list[int]:
-    """Start offsets of the items of the (already valid) JSON array starting at ``pos``."""
-    dec = json.JSONDecoder()
-    out = []
-    pos = _skip_ws(text, pos + 1)
-    if text[pos] == "]":
-        return out
-    while True:
-        out.append(pos)
-        _, pos = dec.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
-        if text[pos] != ",":
-            return out
-        pos = _skip_ws(text, pos + 1)
-
-
-def _value_offset(text: str, pos: int, key: str) -> int | None:
-    """Offset of the value of ``key`` in the (already valid) JSON object starting at ``pos``."""
-    dec = json.JSONDecoder()
-    found = None
-    pos = _skip_ws(text, pos + 1)
-    while text[pos] != "}":
-        k, pos = dec.raw_decode(text, pos)
-        pos = _skip_ws(text, _skip_ws(text, pos) + 1)
-        if k == key:
-            found = pos  # the last duplicate wins, as in json.loads
-        _, pos = dec.raw_decode(text, pos)
-        pos = _skip_ws(text, pos)
+def _value_offsets(text: str, pos: int) -> dict:
+    """Start offset of each value in the (already valid) JSON array or object starting at ``pos``,
+    keyed by index or key (the last duplicate key wins, as in json.loads)."""
+    dec, skip = json.JSONDecoder(), lambda at: _WHITESPACE.match(text, at).end()
+    out, is_object, pos = {}, text[pos] == "{", skip(pos + 1)
+    while text[pos] not in "]}":
+        key = len(out)
+        if is_object:
+            key, pos = dec.raw_decode(text, pos)
+            pos = skip(skip(pos) + 1)  # past the colon
+        out[key] = pos
+        pos = skip(dec.raw_decode(text, pos)[1])
         if text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
-    return found
+            pos = skip(pos + 1)
+    return out
 
 
 def _json_error(name: str, text: str, e: Exception, offset_line: int = 0) -> DataFormatError:
@@ -598,10 +533,8 @@ def _records_jsonl(path: Path, name: str, text: str):
             value = json.loads(line)
         except (ValueError, RecursionError) as e:
             if not records:  # maybe a whole JSON document saved as .jsonl
-                try:
+                with contextlib.suppress(DataFormatError):
                     return _records_json(path, name, text, fallback=False)
-                except DataFormatError:
-                    pass
             raise _json_error(name, line, e, offset_line=n - 1) from None
         if not records and isinstance(value, list):  # a JSON array on one line
             return _records_json(path, name, text, fallback=False)
@@ -609,43 +542,25 @@ def _records_jsonl(path: Path, name: str, text: str):
     return records
 
 
-def _holds_records(items: list) -> bool:
-    """Whether a list's first item is a whole record (a turn alone matches no format)."""
-    if not items or not isinstance(items[0], dict):
-        return False
-    try:
-        _detect(items[0])
-    except _Problem:
-        return False
-    return True
-
-
 def _records_json(path: Path, name: str, text: str, fallback: bool = True):
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if fallback and e.msg == "Extra data":  # JSON Lines saved as .json
-            try:
+            with contextlib.suppress(DataFormatError):
                 return _records_jsonl(path, name, text)
-            except DataFormatError:
-                pass
         raise _json_error(name, text, e) from None
     except (ValueError, RecursionError) as e:
         raise _json_error(name, text, e) from None
     newlines = [m.start() for m in re.finditer("\n", text)]
-    start = _skip_ws(text, 0)
+    start = _WHITESPACE.match(text).end()
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         # {"conversations": [record, ...]}: whole records, not the turns of one conversation.
-        nested = [k for k in ("conversations", "messages") if k in lists and _holds_records(data[k])]
+        nested = [k for k in ("conversations", "messages") if k in lists and data[k] and _format_of(data[k][0])]
         preferred = nested + [k for k in ("data", "train", "examples", "rows", "records", "items") if k in lists]
         key = preferred[0] if preferred else (lists[0] if len(lists) == 1 else None)
-        try:
-            _detect(data)
-            single = True
-        except _Problem:
-            single = False
-        if single and not preferred:  # the file is one record
+        if _format_of(data) and not preferred:  # the file is one record
             return [(f"{name}, line {_line_of(newlines, start)}", data)]
         if key is None:
             raise DataFormatError(
@@ -653,52 +568,37 @@ def _records_json(path: Path, name: str, text: str, fallback: bool = True):
                 "of examples under a key such as 'data'. Write the file as a list of objects "
                 '[{...}, {...}], or put that list under "data". ' + ACCEPTED
             )
-        try:
-            value_at = _value_offset(text, start, key)
-            offsets = _array_offsets(text, value_at)
-        except Exception:  # location is a nicety; never fail on it
-            offsets = None
-        items = data[key]
-        prefix = f"{name}, '{key}' item"
+        items, prefix = data[key], f"{name}, '{key}' item"
     elif isinstance(data, list):
-        try:
-            offsets = _array_offsets(text, start)
-        except Exception:
-            offsets = None
-        items = data
-        prefix = f"{name}, item"
+        items, prefix = data, f"{name}, item"
     else:
         raise DataFormatError(
             f"{name}: the JSON holds a single {type(data).__name__}, not a list of examples. "
             "Write it as a list of objects [{...}, {...}] (or use JSON Lines, one object per "
             "line, in a .jsonl file). " + ACCEPTED
         )
-    out = []
-    for i, item in enumerate(items):
-        loc = f"{prefix} {i + 1}"
-        if offsets is not None and len(offsets) == len(items):
-            loc += f" (line {_line_of(newlines, offsets[i])})"
-        out.append((loc, item))
-    return out
+    try:  # the line each item starts on; location is a nicety, never fail on it
+        at = _value_offsets(text, start)[key] if isinstance(data, dict) else start
+        lines = [f" (line {_line_of(newlines, pos)})" for pos in _value_offsets(text, at).values()]
+    except Exception:
+        lines = []
+    if len(lines) != len(items):
+        lines = [""] * len(items)
+    return [(f"{prefix} {i}{line}", item) for i, (item, line) in enumerate(zip(items, lines), 1)]
 
 
 def _records_csv(path: Path, name: str, text: str):
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     first = text.split("\n", 1)[0]
-    if delimiter == "," and "," not in first:
-        for d in (";", "\t"):  # European Excel writes ';'
-            if d in first:
-                delimiter = d
-                break
+    if delimiter == "," and "," not in first:  # European Excel writes ';'
+        delimiter = next((d for d in (";", "\t") if d in first), ",")
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long documents in cells
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records = []
-    header = None
+    records, header, next_start = [], None, 1
     try:
-        start = 1
         for row in reader:
-            if not row or all(not c.strip() for c in row):
-                start = reader.line_num + 1
+            start, next_start = next_start, reader.line_num + 1  # a quoted cell may span lines
+            if not any(c.strip() for c in row):
                 continue
             if header is None:
                 header = [c.strip() for c in row]
@@ -708,17 +608,15 @@ def _records_csv(path: Path, name: str, text: str):
                         f"{name}, line {start}: the header repeats column(s) {dupes!r}. "
                         "Give every column a different name."
                     )
-                start = reader.line_num + 1
-                continue
-            if len(row) != len(header):
+            elif len(row) != len(header):
                 raise DataFormatError(
                     f"{name}, line {start}: {len(row)} values but the header (line 1) has "
                     f"{len(header)} columns {header!r}. Quote values that contain "
                     f"'{delimiter}' or line breaks with double quotes, and give every row "
                     "every column."
                 )
-            records.append((f"{name}, line {start}", dict(zip(header, row))))
-            start = reader.line_num + 1
+            else:
+                records.append((f"{name}, line {start}", dict(zip(header, row))))
     except csv.Error as e:
         raise DataFormatError(
             f"{name}, line {reader.line_num}: cannot read this CSV ({e}). Check the quoting on that line."
@@ -738,27 +636,17 @@ def _records_parquet(path: Path, name: str):
             f"{name}: cannot read as Parquet ({type(e).__name__}: {e}). Check that the file is "
             "a Parquet file, or give it the extension of its real type."
         ) from None
-    return [(f"{name}, row {i + 1}", r) for i, r in enumerate(rows)]
-
-
-def _raw_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in (".txt", ".md")
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    return _numbered(f"{name}, row", rows)
 
 
 def _looks_like_path(s: str) -> bool:
-    return (
-        s.startswith((".", "/", "~"))
-        or "\\" in s
-        or s.count("/") > 1
-        or Path(s).suffix.lower() in _SUFFIXES
-        or ":" in s
-    )
+    by_shape = s.startswith((".", "/", "~")) or "\\" in s or ":" in s or s.count("/") > 1
+    return by_shape or Path(s).suffix.lower() in _SUFFIXES
+
+
+def _numbered(where: str, rows) -> list[tuple[str, object]]:
+    """(location, record) pairs: ``where`` is e.g. "data.parquet, row"."""
+    return [(f"{where} {i}", row) for i, row in enumerate(rows, 1)]
 
 
 # The public loader.
@@ -823,14 +711,9 @@ def load_data(source, format="auto", *, split="train", text_chunk_tokens=512, te
         return _load_hub(name, split, fmt, chunking, datasets)
 
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        name = "the Dataset"
-        records = [(f"{name}, row {i + 1}", row) for i, row in enumerate(source)]
-        return _records_dataset(records, name, fmt, chunking, datasets)
-
+        return _records_dataset(_numbered("the Dataset, row", source), "the Dataset", fmt, chunking, datasets)
     if isinstance(source, (list, tuple)):
-        name = "the list"
-        records = [(f"{name}, item {i + 1}", r) for i, r in enumerate(source)]
-        return _records_dataset(records, name, fmt, chunking, datasets)
+        return _records_dataset(_numbered("the list, item", source), "the list", fmt, chunking, datasets)
 
     hint = " For a pandas DataFrame use df.to_dict('records')." if type(source).__name__ == "DataFrame" else ""
     raise DataFormatError(
@@ -850,13 +733,12 @@ def _load_hub(name, split, fmt, chunking, datasets):
             f"({type(e).__name__}: {msg}). Download the data and pass a local file "
             "(.jsonl, .json, .csv, .parquet) or a folder of .txt/.md files instead."
         ) from None
-    label = f"{name} (Hub)"
-    records = [(f"{label}, row {i + 1}", row) for i, row in enumerate(ds)]
-    return _records_dataset(records, label, fmt, chunking, datasets)
+    return _records_dataset(_numbered(f"{name} (Hub), row", ds), f"{name} (Hub)", fmt, chunking, datasets)
 
 
 def _load_folder(path: Path, name: str, fmt: str, chunking, datasets):
-    files = _raw_files(path)
+    texts = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
+    files = sorted(p for p in texts if not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         others = sorted(p.name for p in path.iterdir())[:8]
         raise DataFormatError(
@@ -896,7 +778,7 @@ def _records_dataset(records, name, fmt, chunking, datasets):
         for loc, rec in records:
             try:
                 _require_object(rec)
-                text = _clean(_field(rec, "text", "text"), "'text'", required=False)
+                text = _text_field(rec, "text", "text", required=False)
             except _Problem as p:
                 raise DataFormatError(_message(loc, rec, p.problem, p.fix, "text")) from None
             chunks.extend(chunk_text(text, **chunking))
@@ -909,14 +791,10 @@ def _records_dataset(records, name, fmt, chunking, datasets):
         try:
             messages, cut = _convert(rec, fmt)
         except _Problem as p:
-            note = fmt
-            fix = p.fix
+            note, fix = fmt, p.fix
             if detected_from is not None and loc != first_loc:
                 note = f"{fmt}, detected from {detected_from}"
-                try:
-                    other = _detect(rec)
-                except _Problem:
-                    other = None
+                other = _format_of(rec)
                 if other and other != fmt:
                     fix = (
                         f"This row looks like {other}, but every row must use one format: "
