@@ -105,9 +105,7 @@ def save_adapter(model, tokenizer, out_dir, card: dict | None = None) -> Path:
         meta = {"base_quantization": quantization, "base_fingerprint": base_fingerprint(model)}
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
         if card:
-            info = {**card, "kind": "LoRA adapter"}
-            info.setdefault("lora", _lora_settings_of(tmp))
-            write_model_card(tmp, info)
+            write_model_card(tmp, {"lora": _lora_settings_of(tmp), **card, "kind": "LoRA adapter"})
     return Path(out_dir)
 
 
@@ -124,10 +122,13 @@ def base_fingerprint(model) -> dict:
     }
 
 
+def _json_or_empty(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
 def _adapter_meta(adapter_dir: Path) -> dict:
     """What save_adapter recorded beside the adapter; empty for an adapter from elsewhere."""
-    meta = Path(adapter_dir) / ADAPTER_META
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return _json_or_empty(Path(adapter_dir) / ADAPTER_META)
 
 
 def _check_fingerprint(adapter_dir: Path, base_name: str, weight_files: dict[str, Path]) -> None:
@@ -158,10 +159,6 @@ def _adapter_config(adapter_dir: Path) -> dict:
             "Pass the folder written by lora_kit.save_adapter (or PeftModel.save_pretrained)."
         )
     return json.loads(config_file.read_text())
-
-
-def _adapter_base_name(adapter_dir: Path) -> str:
-    return _adapter_config(adapter_dir)["base_model_name_or_path"]
 
 
 def _lora_settings_of(adapter_dir: Path) -> dict:
@@ -231,24 +228,17 @@ def dequantize_model(model, dtype: torch.dtype | None = None):
             dense.bias.copy_(module.bias.data.to(out_dtype))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
-    _mark_unquantized(model)  # first: transformers refuses to cast a model it thinks is bitsandbytes-quantized
+    # Marked unquantized first: transformers refuses to cast a model it thinks is bitsandbytes-quantized.
+    model.lora_kit_quantization = "none"
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized", "hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None):
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, False if attr.startswith("is_") else None)
+    if getattr(model, "config", None) is not None:
+        _drop_quantization_config(model.config)
     if dtype is not None:
         model.to(dtype)
     return model
-
-
-def _mark_unquantized(model) -> None:
-    model.lora_kit_quantization = "none"
-    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
-        if getattr(model, attr, False):
-            with contextlib.suppress(AttributeError):
-                setattr(model, attr, False)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if getattr(model, attr, None) is not None:
-            with contextlib.suppress(AttributeError):
-                setattr(model, attr, None)
-    if getattr(model, "config", None) is not None:
-        _drop_quantization_config(model.config)
 
 
 def _drop_quantization_config(config) -> None:
@@ -268,21 +258,18 @@ def load_base_for_merge(base_name: str, base: str = "original", precision: str =
     from .hardware import resolve_precision, torch_dtype
     from .models import load_model
 
-    if base == "original":
-        model, tokenizer = load_model(base_name, "none", precision=precision)
-    elif base == "dequantized":
-        if quantization == "none":
-            logger.info("The adapter was trained on an unquantized base: base='dequantized' is the original base.")
-            model, tokenizer = load_model(base_name, "none", precision=precision)
-        else:
-            dtype = torch_dtype(resolve_precision(precision))
-            model, tokenizer = load_model(base_name, quantization, precision=precision)
-            # prepare_model_for_kbit_training put norms in fp32 and input grads on: undo both for inference.
-            with contextlib.suppress(Exception):
-                model.disable_input_require_grads()
-            model = dequantize_model(model, dtype)
-    else:
+    if base not in ("original", "dequantized"):
         raise LoraKitError(f"base={base!r} is not 'original' or 'dequantized'.")
+    if base == "original" or quantization == "none":
+        if base == "dequantized":
+            logger.info("The adapter was trained on an unquantized base: base='dequantized' is the original base.")
+        model, tokenizer = load_model(base_name, "none", precision=precision)
+    else:
+        model, tokenizer = load_model(base_name, quantization, precision=precision)
+        # prepare_model_for_kbit_training put norms in fp32 and input grads on: undo both for inference.
+        with contextlib.suppress(Exception):
+            model.disable_input_require_grads()
+        model = dequantize_model(model, torch_dtype(resolve_precision(precision)))
     model.requires_grad_(False)
     model.eval()
     return model, tokenizer
@@ -383,7 +370,7 @@ def merged_model(
     from .hardware import resolve_precision, torch_dtype
 
     adapter_dir = Path(adapter_dir)
-    base_name = _adapter_base_name(adapter_dir)
+    base_name = _adapter_config(adapter_dir)["base_model_name_or_path"]
     model, base_tokenizer = _fp32_adapted(adapter_dir, base_name, base, precision, _adapter_quantization(adapter_dir))
     tokenizer = _adapter_tokenizer(adapter_dir, base_tokenizer)
     prompts = prompts or CHECK_PROMPTS
@@ -424,17 +411,12 @@ EXPORT_FILES = ("config.json", "generation_config.json", "tokenizer_config.json"
 
 
 def _check_export(folder: Path) -> None:
-    weights = list(folder.glob("*.safetensors"))
     missing = [f for f in EXPORT_FILES if not (folder / f).is_file()]
-    if not weights:
-        missing.append("*.safetensors")
-    if (folder / "model.safetensors.index.json").is_file():
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        missing += sorted({f for f in index["weight_map"].values() if not (folder / f).is_file()})
-    has_template = (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
-        (folder / "tokenizer_config.json").read_text() if (folder / "tokenizer_config.json").is_file() else "{}"
-    )
-    if not has_template:
+    missing += [] if any(folder.glob("*.safetensors")) else ["*.safetensors"]
+    shards = _json_or_empty(folder / "model.safetensors.index.json").get("weight_map", {}).values()
+    missing += sorted({f for f in shards if not (folder / f).is_file()})
+    tokenizer_config = _json_or_empty(folder / "tokenizer_config.json")
+    if not (folder / "chat_template.jinja").is_file() and "chat_template" not in tokenizer_config:
         missing.append("chat template")
     if missing:
         raise LoraKitError(
@@ -488,10 +470,8 @@ def merge_adapter(
     merged_names: set[str] = set()
     with atomic_folder(out_dir, inputs=(adapter_dir,)) as tmp:
         index = {}
-        names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-        if len(plan) == 1:
-            names = ["model.safetensors"]
-        for shard, file_name in zip(plan, names):
+        for i, shard in enumerate(plan):
+            file_name = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" if len(plan) > 1 else "model.safetensors"
             written = {}
             for name, _ in shard:
                 w = _read_tensor(weight_files[name], name) if name in weight_files else None
@@ -505,8 +485,7 @@ def merge_adapter(
                 if update is not None:
                     delta = update.delta(device)
                     out = (W + delta).to(w.dtype)
-                    kept = _update_kept(out, W, delta)
-                    check.update_kept = min(check.update_kept, kept)
+                    check.update_kept = min(check.update_kept, _update_kept(out, W, delta))
                     merged_names.add(name)
                 else:
                     out = W.to(w.dtype) if name in quantized else w
@@ -533,9 +512,7 @@ def merge_adapter(
                 json.dumps({"metadata": {"total_size": needed}, "weight_map": index}, indent=2) + "\n"
             )
         _write_config_files(base_dir, tmp, tokenizer, replaced)
-        info = dict(card or {})
-        info.setdefault("base_model", base_name)
-        info.setdefault("lora", _lora_settings_of(adapter_dir))
+        info = {"base_model": base_name, "lora": _lora_settings_of(adapter_dir), **(card or {})}
         info["kind"] = f"merged model (LoRA adapter merged into the {base} base weights)"
         if _logits_fit(plan, device) if check_logits == "auto" else bool(check_logits):
             logits = _logits_check(adapter_dir, tmp, base_name, base, precision, quantization, tokenizer, tolerance)
@@ -595,11 +572,8 @@ def _adapter_tensors(adapter_dir: Path, config: dict) -> tuple[dict[str, _Update
     updates = {}
     for module, ab in pairs.items():
         rank = ab["A"].shape[0]
-        alpha = config.get("lora_alpha", rank)
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
-                alpha = value
-                break
+        patterns = (config.get("alpha_pattern") or {}).items()
+        alpha = next((v for p, v in patterns if re.match(rf"(.*\.)?({p})$", module)), config.get("lora_alpha", rank))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         updates[f"{module}.weight"] = _Update(ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
     return updates, replaced
@@ -613,17 +587,11 @@ def _base_weight_files(base_name: str, adapter_dir: Path) -> tuple[Path, dict[st
 
     path = resolve_model_name(base_name)
 
-    def find(file_name):
-        try:
-            found = cached_file(
-                path,
-                file_name,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-            )
-        except OSError:
-            return None
-        return Path(found) if found else None
+    def find(file_name):  # None when missing, offline or refused
+        quiet = {"_raise_exceptions_for_missing_entries": False, "_raise_exceptions_for_connection_errors": False}
+        with contextlib.suppress(OSError):
+            found = cached_file(path, file_name, **quiet)
+            return Path(found) if found else None
 
     config_file = find("config.json")
     if config_file is None:
@@ -700,9 +668,7 @@ def _read_back(file: Path, written: dict) -> None:
 def _update_kept(out: torch.Tensor, W: torch.Tensor, delta: torch.Tensor) -> float:
     """Share of the update (alpha/r)·B·A that survived rounding W + update to the output dtype."""
     size = delta.norm().item()
-    if size == 0.0:
-        return 1.0
-    return max(0.0, 1.0 - ((out.float() - W) - delta).norm().item() / size)
+    return 1.0 if size == 0.0 else max(0.0, 1.0 - ((out.float() - W) - delta).norm().item() / size)
 
 
 def _quantized_weight_names(base_dir: Path) -> set[str]:
@@ -769,10 +735,8 @@ def _logits_check(adapter_dir, merged_dir, base_name, base, precision, quantizat
     reference = _logits(model, tokenizer, CHECK_PROMPTS)
     del model
     free_memory()  # collect it before the merged copy is loaded
-    kwargs = {"dtype": torch.float32}
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, **kwargs)
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map=device_map)
     check = compare_logits(reference, _logits(merged, tokenizer, CHECK_PROMPTS), tolerance)
     del merged
     free_memory()
@@ -790,10 +754,7 @@ class MergeComparison:
     n_eval: int = 0
 
     def row(self, name: str) -> dict:
-        for r in self.rows:
-            if r["model"] == name:
-                return r
-        raise KeyError(name)
+        return {r["model"]: r for r in reversed(self.rows)}[name]  # the first of that name; KeyError when none
 
     def _cells(self) -> list[list[str]]:
         head = ["model", "exact match", "perplexity", "same answers as adapter"]
@@ -844,32 +805,25 @@ def compare_merge_bases(
 
     def measure(name, model, tok, reference=None):
         score = task_score(model, tok, eval_ds, settings=settings, batch_size=batch_size)
-        ppl = perplexity(model, eval_ds, tok)
-        same = (
-            None
-            if reference is None
-            else sum(a == b for a, b in zip(score.predictions, reference)) / max(len(reference), 1)
-        )
-        table.rows.append(
-            {"model": name, "exact_match": score.score, "perplexity": ppl, "same_answers_as_adapter": same}
-        )
+        pairs = list(zip(score.predictions, reference or []))
+        same = None if reference is None else sum(a == b for a, b in pairs) / max(len(reference), 1)
+        row = {"model": name, "exact_match": score.score, "perplexity": perplexity(model, eval_ds, tok)}
+        table.rows.append({**row, "same_answers_as_adapter": same})
         return score.predictions
 
-    if adapter_model is None:
+    owned, base_tok = adapter_model is None, None
+    if owned:
         from peft import PeftModel
 
         from .models import check_adapter_fits, load_model
 
-        base_model, base_tok = load_model(_adapter_base_name(adapter_dir), quantization, precision=precision)
+        base_name = _adapter_config(adapter_dir)["base_model_name_or_path"]
+        base_model, base_tok = load_model(base_name, quantization, precision=precision)
         check_adapter_fits(base_model, adapter_dir)
         adapter_model = PeftModel.from_pretrained(base_model, adapter_dir)
-        tok = tokenizer or _adapter_tokenizer(adapter_dir, base_tok)
-        owned = True
-    else:
-        tok = tokenizer or _adapter_tokenizer(adapter_dir, None)
-        if tok is None:
-            raise LoraKitError("compare_merge_bases: pass tokenizer=... (the adapter folder has none).")
-        owned = False
+    tok = tokenizer or _adapter_tokenizer(adapter_dir, base_tok)
+    if tok is None:
+        raise LoraKitError("compare_merge_bases: pass tokenizer=... (the adapter folder has none).")
     name = ADAPTER_ROW if quantization == "nf4" else f"adapter on the {quantization} base (as trained)"
     reference = measure(name, adapter_model, tok)
     if include_base:

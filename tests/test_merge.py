@@ -489,3 +489,34 @@ def test_compare_logits_forgives_near_ties_only():
     assert check.max_rel_diff < 0.02 and not check.same_argmax and not check.ok
     assert not compare_logits(reference, reference * 1.3, tolerance=0.02).ok  # a wrong scale: 30% off
     assert compare_logits(reference, reference + 0.1, tolerance=0.02).ok  # 1% of the largest logit
+
+
+def test_adapter_tensors_scale_by_alpha_pattern_and_rslora(tmp_path):
+    from safetensors.torch import save_file
+
+    A, B = torch.ones(2, 3), torch.ones(4, 2)
+    prefix = "base_model.model.model.layers.0"
+    save_file(
+        {f"{prefix}.{m}.lora_{x}.weight": t.clone() for m in ("q_proj", "v_proj") for x, t in (("A", A), ("B", B))},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
+    config = {"lora_alpha": 4, "alpha_pattern": {"v_proj": 8}}
+    updates, replaced = merge._adapter_tensors(tmp_path, config)
+    assert replaced == {}
+    assert updates["model.layers.0.q_proj.weight"].scale == 2.0  # lora_alpha / r
+    assert updates["model.layers.0.v_proj.weight"].scale == 4.0  # the pattern's alpha / r
+    updates, _ = merge._adapter_tensors(tmp_path, {**config, "use_rslora": True})
+    assert updates["model.layers.0.v_proj.weight"].scale == pytest.approx(8 / 2**0.5)
+
+
+def test_check_export_names_what_is_missing(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors"}}))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(LoraKitError, match="incomplete") as err:
+        merge._check_export(tmp_path)
+    for missing in ("config.json", "README.md", "*.safetensors", "model-00001.safetensors", "chat template"):
+        assert missing in str(err.value)
+    table = merge.MergeComparison(rows=[{"model": "a", "n": 1}, {"model": "a", "n": 2}])
+    assert table.row("a")["n"] == 1
+    with pytest.raises(KeyError):
+        table.row("b")
