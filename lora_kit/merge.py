@@ -829,8 +829,8 @@ def compare_merge_bases(
     if include_base:
         with adapter_disabled(adapter_model):
             measure(f"{quantization} base without the adapter", adapter_model, tok, reference)
-    if owned:
-        del adapter_model
+    if owned:  # the base the adapter wraps too: otherwise it stays while the merged models are measured
+        del adapter_model, base_model
         free_memory()
     for base, row in (("original", ORIGINAL_ROW), ("dequantized", DEQUANTIZED_ROW)):
         merged, _, check = merged_model(adapter_dir, base=base, precision=precision)

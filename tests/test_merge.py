@@ -343,6 +343,16 @@ def test_compare_merge_bases_table(run):
     assert dq["same_answers_as_adapter"] >= 0.5 and dq["same_answers_as_adapter"] > original["same_answers_as_adapter"]
     # ...while the original weights differ from NF4 by ~10%, which moves the perplexity visibly.
     assert abs(original["perplexity"] - adapter["perplexity"]) > 10 * abs(dq["perplexity"] - adapter["perplexity"])
+
+
+def test_compare_merge_bases_loads_the_adapter_itself_when_not_given_one(run):
+    # The path a script takes: base + adapter loaded from the folder, measured, then freed before the merges load.
+    sample = run["eval_ds"].select(range(4))
+    table = merge.compare_merge_bases(run["adapter_dir"], sample, run["tok"], batch_size=4)
+    names = [r["model"] for r in table.rows]
+    assert names == [merge.ADAPTER_ROW, merge.ORIGINAL_ROW, merge.DEQUANTIZED_ROW]
+    adapter, dq = table.row(merge.ADAPTER_ROW), table.row(merge.DEQUANTIZED_ROW)
+    assert abs(dq["perplexity"] - adapter["perplexity"]) < 1e-3 * adapter["perplexity"]
     text = str(table)
     assert "exact match" in text and merge.DEQUANTIZED_ROW in text and "<table>" in table._repr_html_()
 
