@@ -589,19 +589,19 @@ def _records_json(path: Path, name: str, text: str, fallback: bool = True):
 
 def _records_csv(path: Path, name: str, text: str):
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    first = text.split("\n", 1)[0]
+    first = next((line for line in text.split("\n") if line.strip()), "")  # the header, after any blank lines
     if delimiter == "," and "," not in first:  # European Excel writes ';'
         delimiter = next((d for d in (";", "\t") if d in first), ",")
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long documents in cells
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records, header, next_start = [], None, 1
+    records, header, header_line, next_start = [], None, 1, 1
     try:
         for row in reader:
             start, next_start = next_start, reader.line_num + 1  # a quoted cell may span lines
             if not any(c.strip() for c in row):
                 continue
             if header is None:
-                header = [c.strip() for c in row]
+                header, header_line = [c.strip() for c in row], start
                 dupes = sorted({h for h in header if header.count(h) > 1})
                 if dupes:
                     raise DataFormatError(
@@ -610,7 +610,7 @@ def _records_csv(path: Path, name: str, text: str):
                     )
             elif len(row) != len(header):
                 raise DataFormatError(
-                    f"{name}, line {start}: {len(row)} values but the header (line 1) has "
+                    f"{name}, line {start}: {len(row)} values but the header (line {header_line}) has "
                     f"{len(header)} columns {header!r}. Quote values that contain "
                     f"'{delimiter}' or line breaks with double quotes, and give every row "
                     "every column."

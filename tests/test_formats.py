@@ -505,6 +505,13 @@ def test_csv_with_wrong_number_of_values(tmp_path):
     assert "cols.csv, line 3" in msg and "3 values" in msg and "Quote" in msg
 
 
+def test_a_csv_with_blank_lines_before_its_header_names_the_header_s_own_line(tmp_path):
+    f = tmp_path / "blank_top.csv"
+    f.write_text("\n\ninstruction;output\nQ;A\nQ;A;extra\n", encoding="utf-8")
+    msg = error_of(f)  # the ';' is found on the header line, not on the blank first one
+    assert "blank_top.csv, line 5" in msg and "the header (line 3)" in msg and "'output'" in msg
+
+
 def test_lists_in_csv_cells_get_a_useful_message(tmp_path):
     f = write_csv(tmp_path / "msgs.csv", ["messages"], [['[{"role": "user"}]']])
     msg = error_of(f)
