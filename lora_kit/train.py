@@ -93,8 +93,9 @@ class TrainSettings:
     models on a T4; off is faster for small models on big GPUs."""
     offload_activations: bool = False
     """Keep the activations saved for backward (with checkpointing: each block's input) in CPU RAM instead of GPU
-    memory (TRL's activation offloading): a 7B QLoRA run on a T4's memory then trains on contexts of tens of thousands
-    of tokens, at the price of copies over PCIe and about 0.25 MiB of pinned CPU RAM per token for a 7B model. CUDA only."""
+    memory (TRL's activation offloading): room for longer samples or more of them per micro-batch, at the price of
+    copies over PCIe (a few percent of speed on packed rows, more on short steps) and about 0.25 MiB of pinned CPU RAM
+    per token for a 7B model. CUDA only."""
     logging_steps: int = 1
     save_steps: int = 50
     """Checkpoint every this many steps (keep 2), so a Colab disconnect loses little."""
