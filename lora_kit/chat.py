@@ -41,15 +41,12 @@ def release_models(objects) -> int:
     for obj in objects:
         for candidate in (obj, getattr(obj, "model", None)):
             if candidate is not None:
-                wanted.add(id(candidate))
                 base = getattr(candidate, "get_base_model", None)
-                wanted.add(id(base()) if callable(base) else id(candidate))
-    released = 0
-    for session in list(_SESSIONS):
-        if session.model is not None and id(session.model) in wanted:
-            session.model = None
-            released += 1
-    return released
+                wanted |= {id(candidate), id(base()) if callable(base) else id(candidate)}
+    released = [session for session in list(_SESSIONS) if session.model is not None and id(session.model) in wanted]
+    for session in released:
+        session.model = None
+    return len(released)
 
 
 class ChatSession:
@@ -66,10 +63,9 @@ class ChatSession:
         system: str | None = None,
         max_prompt_tokens: int | None = None,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.system = model, tokenizer, system
         _SESSIONS.add(self)
         self.settings = settings or GenerationSettings()
-        self.system = system
         if max_prompt_tokens is None:
             context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
             max_prompt_tokens = max(context - self.settings.max_new_tokens, 1)
@@ -125,36 +121,30 @@ class ChatSession:
 def widgets_can_render() -> bool:
     """True inside a Jupyter/Colab kernel that can show ipywidgets; False in a script, pytest/nbmake
     (``PYTEST_CURRENT_TEST`` is set, so a notebook run by nbmake inherits it), or with ``LORA_KIT_SMOKE=1``."""
-    if os.environ.get("LORA_KIT_SMOKE", "").lower() in ("1", "true", "yes"):
-        return False
-    if "PYTEST_CURRENT_TEST" in os.environ:
+    if os.environ.get("LORA_KIT_SMOKE", "").lower() in ("1", "true", "yes") or "PYTEST_CURRENT_TEST" in os.environ:
         return False
     try:
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    if shell is None or getattr(shell, "kernel", None) is None:  # plain Python, or terminal IPython
-        return False
-    try:
         from ipykernel.zmqshell import ZMQInteractiveShell
     except ImportError:
         return False
-    return isinstance(shell, ZMQInteractiveShell)  # Jupyter and Colab kernels are ZMQ shells
+    shell = get_ipython()  # None in plain Python; terminal IPython has no kernel
+    # Jupyter and Colab kernels are ZMQ shells
+    return getattr(shell, "kernel", None) is not None and isinstance(shell, ZMQInteractiveShell)
 
 
-_STYLE = {
-    "user": "background:#e8f0fe;border-radius:8px;padding:6px 10px;margin:4px 0 4px 15%;",
-    "assistant": "background:#f1f3f4;border-radius:8px;padding:6px 10px;margin:4px 15% 4px 0;",
-    "error": "background:#fdecea;color:#a50e0e;border-radius:8px;padding:6px 10px;margin:4px 0;",
+_STYLE = {  # role: (label, bubble style)
+    "user": ("You", "background:#e8f0fe;border-radius:8px;padding:6px 10px;margin:4px 0 4px 15%;"),
+    "assistant": ("Model", "background:#f1f3f4;border-radius:8px;padding:6px 10px;margin:4px 15% 4px 0;"),
+    "error": ("Error", "background:#fdecea;color:#a50e0e;border-radius:8px;padding:6px 10px;margin:4px 0;"),
 }
 
 
 def _bubble(role: str, text: str) -> str:
-    label = {"user": "You", "assistant": "Model", "error": "Error"}[role]
+    label, style = _STYLE[role]
     body = html.escape(text).replace("\n", "<br>")
-    return f'<div style="{_STYLE[role]}white-space:pre-wrap;"><b>{label}:</b> {body}</div>'
+    return f'<div style="{style}white-space:pre-wrap;"><b>{label}:</b> {body}</div>'
 
 
 class ChatBox:

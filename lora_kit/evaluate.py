@@ -21,30 +21,25 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .data import render_chat
+from .data import json_exact_match, render_chat, tokenize_conversations
 from .errors import LoraKitError
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
 def adapter_disabled(model):
     """Run the base model: adapters switched off inside the block (a no-op for a plain model)."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
         yield model
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def _eval_mode(model, seed: int | None = None):
     from .speed import eager_inference
 
     was_training = model.training
     model.eval()
+    if seed is not None:  # a sampled answer can be reproduced
+        torch.manual_seed(seed)
     try:
         with eager_inference(model):  # no training-only attention kernel or compiled blocks in inference
             yield
@@ -63,8 +58,6 @@ def perplexity(model, dataset, tokenizer=None, batch_size: int = 8, max_length: 
     every call (sorted by length, which also wastes less compute on padding).
     """
     if "messages" in dataset.column_names:
-        from .data import tokenize_conversations
-
         if tokenizer is None:
             raise LoraKitError(
                 "perplexity on a 'messages' dataset needs the tokenizer: perplexity(model, ds, tokenizer)."
@@ -78,8 +71,8 @@ def perplexity(model, dataset, tokenizer=None, batch_size: int = 8, max_length: 
         )
     if batch_size < 1:
         raise LoraKitError(f"batch_size={batch_size} must be at least 1.")
-    device = _device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     all_ids, all_labels = dataset["input_ids"], dataset["labels"]
     order = sorted(range(len(all_ids)), key=lambda i: (len(all_ids[i]), i))
     total_nll, total_tokens = 0.0, 0
@@ -156,7 +149,7 @@ class GenerationSettings:
         if not self.repetition_penalty > 0:
             raise LoraKitError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1.0 means no penalty).")
         defaults = GenerationSettings.__dataclass_fields__
-        changed = [k for k in ("temperature", "top_p", "top_k") if getattr(self, k) != defaults[k].default]
+        changed = [k for k in _SAMPLING if getattr(self, k) != defaults[k].default]
         if not self.do_sample and changed:
             warnings.warn(
                 f"{', '.join(changed)} set but do_sample=False: greedy decoding ignores them. "
@@ -170,16 +163,16 @@ class GenerationSettings:
             num_beams=self.num_beams,
             repetition_penalty=self.repetition_penalty,
             do_sample=self.do_sample,
+            # Greedy passes None to override sampling values a model's generation_config may carry
+            # (Llama's has temperature 0.6): greedy ignores them, and transformers would warn about each.
+            **{k: getattr(self, k) if self.do_sample else None for k in _SAMPLING},
         )
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        else:
-            # Override sampling values a model's generation_config may carry (Llama's has
-            # temperature 0.6): greedy ignores them, and transformers would warn about each.
-            kwargs.update(temperature=None, top_p=None, top_k=None)
         if self.num_beams > 1:
             kwargs.update(early_stopping=True)
         return kwargs
+
+
+_SAMPLING = ("temperature", "top_p", "top_k")  # the knobs only sampling reads
 
 
 def _settings(settings: GenerationSettings | None, overrides: dict) -> GenerationSettings:
@@ -190,19 +183,14 @@ def _settings(settings: GenerationSettings | None, overrides: dict) -> Generatio
 def _prompts_to_messages(prompts) -> list[list[dict]]:
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
         prompts = [prompts]  # one prompt (a string, or one conversation) rather than a list of them
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            out.append([{"role": "user", "content": p}])
-        else:
-            msgs = list(p)
-            # A conversation that already ends with the answer: drop it so the model writes its own.
-            out.append(msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs)
-    return out
+    conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    # A conversation that already ends with the answer: drop it so the model writes its own.
+    return [m[:-1] if m and m[-1]["role"] == "assistant" else m for m in conversations]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the tokenizer's EOS (ChatML's <|im_end|>) and the model's."""
+def _eos_and_pad_ids(model, tokenizer) -> tuple[list[int], int]:
+    """The tokens that end an answer: the tokenizer's EOS (ChatML's <|im_end|>) and the model's; and the pad
+    token (the tokenizer's, else the first EOS)."""
     ids = []
     for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         for i in source if isinstance(source, (list, tuple)) else [source]:
@@ -210,11 +198,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
                 ids.append(int(i))
     if not ids:
         raise LoraKitError("The tokenizer has no eos_token: generation could not stop. Set tokenizer.eos_token.")
-    return ids
-
-
-def _pad_id(tokenizer, eos_ids) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    return ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ids[0]
 
 
 @dataclass
@@ -235,18 +219,15 @@ def generate_details(
     """Like ``generate``, but each answer comes with its token count and whether it hit EOS."""
     settings = _settings(settings, overrides)
     conversations = _prompts_to_messages(prompts)
-    device = _device(model)
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, eos_ids)
+    device = next(model.parameters()).device
+    eos_ids, pad_id = _eos_and_pad_ids(model, tokenizer)
     results = []
     side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"  # generation continues from the last token, so pad on the left
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        with _eval_mode(model):
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
+        with _eval_mode(model, settings.seed):
             for start in range(0, len(conversations), batch_size):
                 texts = [render_chat(tokenizer, m) for m in conversations[start : start + batch_size]]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -273,16 +254,6 @@ def generate(
     return [g.text for g in generate_details(model, tokenizer, prompts, settings, batch_size, **overrides)]
 
 
-class _StopOnEvent:
-    """A stopping criterion that ends generation when the consumer of a stream goes away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def stream_generate(model, tokenizer, messages, settings: GenerationSettings | None = None, **overrides):
     """Yield the answer to one prompt (a string or a message list) piece by piece as it is generated.
 
@@ -299,29 +270,30 @@ def stream_generate(model, tokenizer, messages, settings: GenerationSettings | N
     if settings.num_beams > 1:
         yield generate(model, tokenizer, conversation, settings)[0]
         return
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids, pad_id = _eos_and_pad_ids(model, tokenizer)
     text = render_chat(tokenizer, conversation[0])
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(_device(model))
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop, errors = threading.Event(), []
 
+    def consumer_gone(input_ids, scores, **kwargs):  # a stopping criterion: the consumer of the stream went away
+        return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
     def work():
         try:
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
             model.generate(
                 **enc,
                 **settings.as_kwargs(),
-                pad_token_id=_pad_id(tokenizer, eos_ids),
+                pad_token_id=pad_id,
                 eos_token_id=eos_ids,
                 streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                stopping_criteria=StoppingCriteriaList([consumer_gone]),
             )
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread below
             errors.append(exc)
             streamer.end()  # unblock the consumer
 
-    with _eval_mode(model):
+    with _eval_mode(model, settings.seed):  # seeded before the thread starts
         thread = threading.Thread(target=work, name="lora_kit-stream", daemon=True)
         thread.start()
         started = False
@@ -357,8 +329,8 @@ def decoding_showcase(model, tokenizer, prompt, seed: int = 0, max_new_tokens: i
         ("beams 4", replace(base, num_beams=4)),
         ("repetition penalty 1.3", replace(base, repetition_penalty=1.3)),
     ]
-    answers = [generate(model, tokenizer, [prompt], s)[0] for _, s in rows]
-    return pd.DataFrame({"setting": [name for name, _ in rows], "answer": answers})
+    answers = [(name, generate(model, tokenizer, [prompt], s)[0]) for name, s in rows]
+    return pd.DataFrame(answers, columns=["setting", "answer"])
 
 
 # --- Task scores and before/after comparison --------------------------------------------------
@@ -385,8 +357,6 @@ def task_score(
     that raises or returns something that is not a finite number counts as 0 and as a failure,
     so one odd answer cannot crash an evaluation.
     """
-    from .data import json_exact_match
-
     if "messages" not in dataset.column_names:
         raise LoraKitError(f"task_score needs a 'messages' dataset; this one has {dataset.column_names}.")
     scorer = scorer or json_exact_match
@@ -409,13 +379,7 @@ def task_score(
         except Exception:  # noqa: BLE001 - a user's scorer may fail on odd text; count it, do not crash
             scores.append(0.0)
             failures += 1
-    return TaskScore(
-        score=sum(scores) / max(len(scores), 1),
-        n=len(scores),
-        failures=failures,
-        predictions=predictions,
-        scores=scores,
-    )
+    return TaskScore(sum(scores) / max(len(scores), 1), len(scores), failures, predictions, scores)
 
 
 def compare_answers(model, tokenizer, prompts, settings: GenerationSettings | None = None):

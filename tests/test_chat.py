@@ -168,3 +168,25 @@ def test_free_memory_releases_a_trained_model_held_by_a_chat_session(tmp_path):
     assert alive() is None
     with pytest.raises(LoraKitError, match="freed"):
         session.send("Hello?")
+
+
+def test_release_models_finds_sessions_by_model_trainer_or_peft_base():
+    class Base:
+        pass
+
+    class Peft:
+        def __init__(self, base):
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+    base, other = Base(), Base()
+    trainer = type("Trainer", (), {})()
+    trainer.model = Peft(base)
+    on_trainer, on_base, elsewhere = (
+        chat.ChatSession(m, None, max_prompt_tokens=8) for m in (trainer.model, base, other)
+    )
+    assert chat.release_models([trainer]) == 2
+    assert on_trainer.model is None and on_base.model is None and elsewhere.model is other
+    assert chat.release_models([trainer]) == 0  # already let go

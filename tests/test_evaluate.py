@@ -157,3 +157,25 @@ def test_decoding_showcase_is_reproducible(trained):
     ]
     assert first.equals(again)
     assert all(isinstance(a, str) and a for a in first["answer"])
+
+
+def test_as_kwargs_passes_sampling_knobs_only_when_sampling_and_early_stopping_only_with_beams():
+    sampled = evaluate.GenerationSettings(do_sample=True, temperature=0.5, top_p=0.8, top_k=10).as_kwargs()
+    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (0.5, 0.8, 10)
+    assert "early_stopping" not in sampled
+    beams = evaluate.GenerationSettings(num_beams=3).as_kwargs()
+    assert beams["early_stopping"] is True and beams["num_beams"] == 3 and beams["top_k"] is None
+
+
+def test_prompts_become_conversations_without_their_answer():
+    user = {"role": "user", "content": "Q"}
+    answer = {"role": "assistant", "content": "A"}
+    assert evaluate._prompts_to_messages("Q") == [[user]]
+    assert evaluate._prompts_to_messages([user, answer]) == [[user]]  # one conversation, its answer dropped
+    assert evaluate._prompts_to_messages(["Q", [user, answer], []]) == [[user], [user], []]
+
+
+def test_adapter_disabled_is_a_no_op_for_a_plain_model():
+    plain = torch.nn.Linear(2, 2)
+    with evaluate.adapter_disabled(plain) as inside:
+        assert inside is plain
