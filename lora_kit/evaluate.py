@@ -233,8 +233,9 @@ def generate_details(
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(**enc, **settings.as_kwargs(), pad_token_id=pad_id, eos_token_id=eos_ids)
                 for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                    # generate pads a row only after its EOS: a row without one is all answer, pad id or not
                     end = next((k for k, t in enumerate(row) if t in eos_ids), None)
-                    kept = [t for t in row if t != pad_id] if end is None else row[:end]
+                    kept = row if end is None else row[:end]
                     text = tokenizer.decode(kept, skip_special_tokens=True).strip()
                     results.append(Generation(text, len(kept) if end is None else end + 1, end is not None))
     finally:

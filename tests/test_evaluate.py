@@ -179,3 +179,23 @@ def test_adapter_disabled_is_a_no_op_for_a_plain_model():
     plain = torch.nn.Linear(2, 2)
     with evaluate.adapter_disabled(plain) as inside:
         assert inside is plain
+
+
+def test_an_answer_without_eos_keeps_every_token_it_generated(monkeypatch):
+    # The pad id (0, <|endoftext|>) is not EOS here: a row that ran into max_new_tokens is all answer, and generate
+    # pads only after an EOS, so nothing in such a row is padding to drop.
+    model, tok = lora_kit.load_model("embedded")
+    assert tok.pad_token_id not in (tok.eos_token_id, model.generation_config.eos_token_id)
+    answer = tok("Hello there", add_special_tokens=False)["input_ids"]
+    row = [answer[0], tok.pad_token_id, *answer[1:]]
+
+    def generate(input_ids, **kwargs):
+        return torch.cat([input_ids, torch.tensor([row] * len(input_ids))], dim=1)
+
+    monkeypatch.setattr(model, "generate", generate)
+    (result,) = evaluate.generate_details(model, tok, ["Hi"], max_new_tokens=len(row))
+    assert result.new_tokens == len(row) and not result.stopped
+    finished = [*answer, tok.eos_token_id, tok.pad_token_id]  # an EOS, then generate's padding
+    monkeypatch.setattr(model, "generate", lambda input_ids, **kw: torch.cat([input_ids, torch.tensor([finished])], 1))
+    (result,) = evaluate.generate_details(model, tok, ["Hi"], max_new_tokens=len(finished))
+    assert result.new_tokens == len(answer) + 1 and result.stopped and result.text == "Hello there"
