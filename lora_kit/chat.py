@@ -75,7 +75,8 @@ class ChatSession:
         """The exact text the model saw on the last turn (chat template applied)."""
 
     def conversation(self, text: str) -> list[dict]:
-        """The messages the model will see if ``text`` is sent now (oldest exchanges dropped to fit)."""
+        """The messages the model will see if ``text`` is sent now (oldest exchanges dropped to fit); a LoraKitError
+        when the message alone does not fit."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         user = [{"role": "user", "content": text}]
         past = list(self.history)
@@ -84,8 +85,14 @@ class ChatSession:
             ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
             if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
                 ids = ids["input_ids"]
-            if len(ids) <= self.max_prompt_tokens or not past:
+            if len(ids) <= self.max_prompt_tokens:
                 return messages
+            if not past:  # generating past the model's context would give garbage, not an answer
+                raise LoraKitError(
+                    f"The message{' with the system prompt' if head else ''} is {len(ids)} tokens; this chat takes "
+                    f"at most {self.max_prompt_tokens} (max_prompt_tokens: the model's context less max_new_tokens="
+                    f"{self.settings.max_new_tokens}). Send a shorter message, or lower max_new_tokens."
+                )
             past = past[2:]  # leave out the oldest exchange (user + assistant)
 
     def send(self, text: str, on_token: Callable[[str], None] | None = None) -> str:

@@ -63,6 +63,9 @@ def test_oldest_exchanges_leave_the_prompt_when_it_is_too_long(model_tok):
     assert messages[-1] == {"role": "user", "content": "latest"}
     assert len(messages) < 13 and messages[-2] == {"role": "assistant", "content": "answer 5"}
     assert len(session.history) == 12  # the history itself is kept
+    with pytest.raises(LoraKitError, match=r"is \d+ tokens; this chat takes at most 80 .*shorter message"):
+        session.conversation("a long message " * 40)  # too long even with every old exchange left out
+    assert len(session.history) == 12
 
 
 def test_widget_send_and_reset_buttons(model_tok):
