@@ -162,6 +162,11 @@ def _chat(args) -> None:
             break
         if not text:
             break
+        try:
+            session.conversation(text)  # a message too long to answer: say so, keep chatting
+        except LoraKitError as err:
+            print(f"error: {err}")
+            continue
         print("model> ", end="", flush=True)
         session.send(text, on_token=lambda piece: print(piece, end="", flush=True))
         print()

@@ -118,8 +118,10 @@ def test_train_merge_and_chat_from_the_command_line(tmp_path):
     again = lora_kit_cli("merge", result["adapter_dir"], str(tmp_path / "merged2"))
     assert again.returncode == 0, again.stderr
     assert "Merge into the original weights: ok" in again.stdout
-    chat = lora_kit_cli("chat", result["adapter_dir"], "--max-new-tokens", "6", stdin="Hello!\n\n")
+    too_long = "word " * 20000  # past the model's context: an error line, and the chat goes on
+    chat = lora_kit_cli("chat", result["adapter_dir"], "--max-new-tokens", "6", stdin=f"{too_long}\nHello!\n\n")
     assert chat.returncode == 0, chat.stderr
+    assert "error: The message is" in chat.stdout and "Send a shorter message" in chat.stdout
     assert chat.stdout.count("model> ") == 1 and len(chat.stdout.split("model> ")[1].strip()) > 0
 
 
