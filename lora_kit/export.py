@@ -88,8 +88,8 @@ def _extract_converter(sdist: Path, into: Path) -> None:
         root = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
         members = []
         for member in tar.getmembers():
-            inner = member.name[len(root) :] if member.name.startswith(root) else None
-            if inner and member.isfile() and any(inner == f or inner.startswith(f) for f in _CONVERTER_FILES if f):
+            inner = member.name[len(root) :]
+            if member.isfile() and member.name.startswith(root) and inner.startswith(_CONVERTER_FILES):
                 member.name = inner
                 members.append(member)
         if not any(m.name == CONVERTER for m in members):
@@ -104,20 +104,13 @@ def _extract_converter(sdist: Path, into: Path) -> None:
 def _supported_architectures(converter: Path) -> set[str] | None:
     """The architectures the converter registers (its TEXT_MODEL_MAP), or None when it cannot be read."""
     try:
-        tree = ast.parse((converter / "conversion" / "__init__.py").read_text())
-    except (OSError, SyntaxError):
+        for node in ast.parse((converter / "conversion" / "__init__.py").read_text()).body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+                if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP":
+                    return set(ast.literal_eval(node.value))
+    except (OSError, SyntaxError, ValueError):
         return None
-    for node in tree.body:
-        target = (
-            node.target
-            if isinstance(node, ast.AnnAssign)
-            else (node.targets[0] if isinstance(node, ast.Assign) else None)
-        )
-        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP":
-            try:
-                return set(ast.literal_eval(node.value))
-            except ValueError:
-                return None
     return None
 
 
@@ -155,18 +148,17 @@ def _model_config(merged_dir: Path, given: str) -> dict:
     return config
 
 
-def _chat_template(merged_dir: Path) -> str | None:
-    """The folder's chat template, found where the converter looks for it."""
+def _has_chat_template(merged_dir: Path) -> bool:
+    """Whether the folder has a chat template where the converter looks for one."""
     if (merged_dir / "chat_template.jinja").is_file():
-        return (merged_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        return True
     for name in ("tokenizer_config.json", "chat_template.json"):
         try:
-            template = json.loads((merged_dir / name).read_text(encoding="utf-8")).get("chat_template")
+            if json.loads((merged_dir / name).read_text(encoding="utf-8")).get("chat_template"):
+                return True
         except (OSError, ValueError):
             continue
-        if template:
-            return template if isinstance(template, str) else json.dumps(template)
-    return None
+    return False
 
 
 def _weight_count(merged_dir: Path) -> int:
@@ -216,11 +208,8 @@ def _check_output_file(out_path: Path, given: str) -> None:
 # --- Export ----------------------------------------------------------------------------------
 def _last_lines(text: str, n: int) -> str:
     # Skip the converter's progress bars and traceback carets: the error is the last line that says something.
-    lines = [
-        line.strip()
-        for line in (text or "").replace("\r", "\n").splitlines()
-        if line.strip() and not line.strip().startswith("Writing:") and set(line.strip()) - set("^~ ")
-    ]
+    stripped = map(str.strip, (text or "").replace("\r", "\n").splitlines())
+    lines = [line for line in stripped if line and not line.startswith("Writing:") and set(line) - set("^~ ")]
     return " | ".join(lines[-n:]) or "nothing"
 
 
@@ -285,11 +274,10 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, quan
             f"({'; '.join(f'{k}: {v[1]}' for k, v in QUANTIZATIONS.items())})."
         )
     given, given_out = os.fspath(merged_dir), os.fspath(out_path)
-    merged_dir = Path(os.path.abspath(os.path.expanduser(given)))
-    out_path = Path(os.path.abspath(os.path.expanduser(given_out)))
+    merged_dir, out_path = (Path(os.path.abspath(os.path.expanduser(p))) for p in (given, given_out))
     config = _model_config(merged_dir, given)
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    if _chat_template(merged_dir) is None:
+    if not _has_chat_template(merged_dir):
         raise LoraKitError(
             f"Model folder {given!r} has no chat template (no chat_template.jinja, and no chat_template in "
             "tokenizer_config.json): llama.cpp and Ollama would format prompts differently from training. Save the "
@@ -367,21 +355,13 @@ def gguf_metadata(gguf_path: str | os.PathLike) -> dict:
         field = reader.get_field(key)
         return None if field is None else field.contents()
 
+    meta = {"chat_template": value("tokenizer.chat_template"), "add_bos_token": value("tokenizer.ggml.add_bos_token")}
+    meta.update(architecture=value("general.architecture"), file_type=value("general.file_type"))
     tokens = reader.get_field("tokenizer.ggml.tokens")
-
-    def token(key):
-        index = value(key)
-        return None if index is None or tokens is None else tokens.contents(index)
-
-    return {
-        "chat_template": value("tokenizer.chat_template"),
-        "bos_token": token("tokenizer.ggml.bos_token_id"),
-        "eos_token": token("tokenizer.ggml.eos_token_id"),
-        "eot_token": token("tokenizer.ggml.eot_token_id"),
-        "add_bos_token": value("tokenizer.ggml.add_bos_token"),
-        "architecture": value("general.architecture"),
-        "file_type": value("general.file_type"),
-    }
+    for name in ("bos", "eos", "eot"):  # stored as ids into the vocabulary
+        index = value(f"tokenizer.ggml.{name}_token_id")
+        meta[f"{name}_token"] = None if index is None or tokens is None else tokens.contents(index)
+    return meta
 
 
 def _render(template: str, messages: list[dict], add_generation_prompt: bool, bos: str, eos: str) -> str:
@@ -410,12 +390,7 @@ def _turn_pieces(template: str, bos: str, eos: str) -> tuple[dict, str, str | No
     ({role: (prefix, suffix)}, generation prompt, default system message or None).
     """
     S, U, A, U2 = "LKSYSTEM0", "LKUSER1", "LKASSISTANT2", "LKUSER3"
-    msgs = [
-        {"role": "system", "content": S},
-        {"role": "user", "content": U},
-        {"role": "assistant", "content": A},
-        {"role": "user", "content": U2},
-    ]
+    msgs = [{"role": r, "content": c} for r, c in (("system", S), ("user", U), ("assistant", A), ("user", U2))]
     full = _render(template, msgs, True, bos, eos)
     closed = _render(template, msgs[:3], False, bos, eos)
     short, short_gen = _render(template, msgs[:2], False, bos, eos), _render(template, msgs[:2], True, bos, eos)
@@ -491,9 +466,8 @@ def ollama_modelfile(
             [("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")],
         ):
             messages = [{"role": r, "content": c} for r, c in conversation]
-            if _apply_pieces(pieces, generation, default_system, messages) != _render(
-                template, messages, True, bos, eos
-            ):
+            expected = _render(template, messages, True, bos, eos)
+            if _apply_pieces(pieces, generation, default_system, messages) != expected:
                 raise ValueError("the rendering depends on more than each message's role")
     except Exception as err:  # str.index's ValueError, jinja2's TemplateError, a template's raise_exception
         raise LoraKitError(
@@ -508,16 +482,10 @@ def ollama_modelfile(
             "The chat template's text holds '{{' or '\"\"\"', which a Modelfile cannot quote; "
             "write its TEMPLATE by hand."
         )
-    go = "{{ range .Messages }}"
-    for i, role in enumerate(("system", "user", "assistant")):
-        prefix, suffix = pieces[role]
-        go += f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{prefix}{{{{ .Content }}}}{suffix}'
-    go += "{{ end }}{{ end }}" + generation
+    turns = (f'eq .Role "{role}" }}}}{prefix}{{{{ .Content }}}}{suffix}' for role, (prefix, suffix) in pieces.items())
+    go = "{{ range .Messages }}{{ if " + "{{ else if ".join(turns) + "{{ end }}{{ end }}" + generation
     # The model ends its turn with the text that closes an assistant turn (ChatML: <|im_end|>), and with EOS.
-    stops = []
-    for stop in (pieces["assistant"][1].strip(), eos, meta["eot_token"]):
-        if stop and stop not in stops:
-            stops.append(stop)
+    stops = dict.fromkeys(stop for stop in (pieces["assistant"][1].strip(), eos, meta["eot_token"]) if stop)
     name = Path(gguf_path).name
     lines = [
         f"# Written by lora_kit.export for {name}: TEMPLATE, SYSTEM and stop come from its chat template.",

@@ -306,3 +306,26 @@ def test_transformers_reads_the_f16_file_back_to_the_same_logits(folder, exporte
     with torch.no_grad():
         check = compare_logits(original(**ids).logits[0], read_back(**ids).logits[0], tolerance=0.01)
     assert check.ok and check.same_argmax, check  # 16-bit storage moves the logits by about 0.1%
+
+
+def test_the_converters_architectures_and_last_words_are_read(tmp_path):
+    assert export._supported_architectures(tmp_path) is None  # no conversion/__init__.py: not checked before converting
+    (tmp_path / "conversion").mkdir()
+    for source, expected in [
+        ("X = 1\nTEXT_MODEL_MAP: dict[str, type] = {'LlamaForCausalLM': 1}\n", {"LlamaForCausalLM"}),
+        ("TEXT_MODEL_MAP = {'A': 1, 'B': 2}\n", {"A", "B"}),
+        ("TEXT_MODEL_MAP = build()\n", None),
+        ("TEXT_MODEL_MAP = {\n", None),
+    ]:
+        (tmp_path / "conversion" / "__init__.py").write_text(source)
+        assert export._supported_architectures(tmp_path) == expected, source
+    output = "loading\r\nWriting:  10%|#     \r\n  x = f(\n      ^^^^\nValueError: bad shape\n"
+    assert export._last_lines(output, 2) == "x = f( | ValueError: bad shape"
+    assert export._last_lines("", 4) == "nothing"
+
+
+def test_a_chat_template_in_tokenizer_config_is_enough(tmp_path):
+    model = _fake_model(tmp_path / "model", template=False)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    with pytest.raises(LoraKitError, match=r"should end in \.gguf"):  # past the chat template check
+        export.export_gguf(model, tmp_path / "model.bin")
