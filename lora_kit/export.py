@@ -482,7 +482,9 @@ def ollama_modelfile(
             "The chat template's text holds '{{' or '\"\"\"', which a Modelfile cannot quote; "
             "write its TEMPLATE by hand."
         )
-    turns = (f'eq .Role "{role}" }}}}{prefix}{{{{ .Content }}}}{suffix}' for role, (prefix, suffix) in pieces.items())
+    turns = (
+        f'eq .Role "{r}" }}}}{pieces[r][0]}{{{{ .Content }}}}{pieces[r][1]}' for r in ("system", "user", "assistant")
+    )
     go = "{{ range .Messages }}{{ if " + "{{ else if ".join(turns) + "{{ end }}{{ end }}" + generation
     # The model ends its turn with the text that closes an assistant turn (ChatML: <|im_end|>), and with EOS.
     stops = dict.fromkeys(stop for stop in (pieces["assistant"][1].strip(), eos, meta["eot_token"]) if stop)

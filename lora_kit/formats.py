@@ -315,7 +315,16 @@ def _from_text(record: dict) -> list[dict]:
     )
 
 
-CONVERTERS = {name: globals()[f"_from_{name}"] for name in FORMATS}
+CONVERTERS = {
+    "alpaca": _from_alpaca,
+    "instruction": _from_instruction,
+    "sharegpt": _from_sharegpt,
+    "messages": _from_messages,
+    "prompt_completion": _from_prompt_completion,
+    "guanaco": _from_guanaco,
+    "llama2": _from_llama2,
+    "text": _from_text,
+}
 
 
 # Detection.

@@ -592,6 +592,7 @@ def _base_weight_files(base_name: str, adapter_dir: Path) -> tuple[Path, dict[st
         with contextlib.suppress(OSError):
             found = cached_file(path, file_name, **quiet)
             return Path(found) if found else None
+        return None
 
     config_file = find("config.json")
     if config_file is None:
@@ -754,7 +755,10 @@ class MergeComparison:
     n_eval: int = 0
 
     def row(self, name: str) -> dict:
-        return {r["model"]: r for r in reversed(self.rows)}[name]  # the first of that name; KeyError when none
+        for r in self.rows:
+            if r["model"] == name:
+                return r
+        raise KeyError(name)
 
     def _cells(self) -> list[list[str]]:
         head = ["model", "exact match", "perplexity", "same answers as adapter"]
