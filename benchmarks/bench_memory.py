@@ -134,18 +134,24 @@ def autofit_points(budgets: list[float], max_length: int) -> list[dict]:
 
 
 # The longest context: 7B QLoRA at the notebook's rank, one sample per step, under a T4's memory cap, with and without
-# the saved activations in CPU RAM.
+# the saved activations in CPU RAM, the 16-bit residual stream (load_model's fp32_norms=False) and LoRA dropout (whose
+# copy of each adapted layer's input is a block's largest extra tensor at these lengths).
 LONGEST = [(8192, False), (12288, False), (16384, False), (32768, True), (49152, True), (65536, True)]
 LONGEST_16 = [(16384, False), (24576, True), (32768, True), (49152, True), (65536, True)]  # with stream16
+LONGEST_16_NO_DROPOUT = [(32768, True), (49152, True), (65536, True)]  # with stream16 and dropout 0
 LONGEST_STEPS = 4
 
 
 def longest_points(cap_gib: float) -> list[dict]:
-    runs = [(seq, offload, False) for seq, offload in LONGEST] + [(seq, offload, True) for seq, offload in LONGEST_16]
+    runs = (
+        [(seq, offload, {}) for seq, offload in LONGEST]
+        + [(seq, offload, {"stream16": True}) for seq, offload in LONGEST_16]
+        + [(seq, offload, {"stream16": True, "dropout": 0.0}) for seq, offload in LONGEST_16_NO_DROPOUT]
+    )
     return [
         dict(shape="llama2-7b", method="qlora", precision="fp16", seq=seq, mb=1, r=64, gc=True, packing=False,
-             offload=offload, **({"stream16": True} if stream16 else {}), budget_gib=cap_gib, steps=LONGEST_STEPS)
-        for seq, offload, stream16 in runs
+             offload=offload, **extra, budget_gib=cap_gib, steps=LONGEST_STEPS)
+        for seq, offload, extra in runs
     ]  # fmt: skip
 
 
@@ -162,6 +168,7 @@ def estimate(point: dict) -> memory.MemoryBreakdown:
         gradient_checkpointing=point["gc"],
         optimizer=OPTIM[point["method"]],
         precision=point["precision"],
+        fp32_norms=not point.get("stream16"),
     )
 
 
@@ -223,15 +230,12 @@ def run_point(point: dict, checkpoint: Path) -> dict:
     from lora_kit.train import LoraSettings, TrainSettings, build_trainer
 
     precision = point["precision"] if cuda else "fp32"
-    model, tokenizer = load_model(str(checkpoint), QUANTIZATION[point["method"]], precision=precision)
-    if point.get("stream16") and precision in ("fp16", "bf16"):
-        # The embeddings, norms and head back in 16-bit (prepare_model_for_kbit_training made them fp32): the
-        # hidden states between blocks, and every activation computed from them, are then 16-bit too.
-        for param in model.parameters():
-            if param.dtype == torch.float32 and not param.requires_grad:
-                param.data = param.data.to(torch.float16 if precision == "fp16" else torch.bfloat16)
+    # stream16: the embeddings, norms and head in 16-bit, so the hidden states between blocks are 16-bit too
+    model, tokenizer = load_model(
+        str(checkpoint), QUANTIZATION[point["method"]], precision=precision, fp32_norms=not point.get("stream16")
+    )
     weights = torch.cuda.memory_allocated() if cuda else 0
-    lora = LoraSettings(r=point["r"], alpha=point["r"] / 4, dropout=DROPOUT[point["method"]])
+    lora = LoraSettings(r=point["r"], alpha=point["r"] / 4, dropout=point.get("dropout", DROPOUT[point["method"]]))
     settings = TrainSettings(
         learning_rate=2e-4,
         micro_batch_size=point["mb"],
@@ -371,6 +375,7 @@ def drive(args) -> list[dict]:
                 f"{point['seq']:5d} x {point['mb']} r={point['r']:<3d} gc={point['gc']!s:5s} pack={point['packing']!s:5s}"
                 + (" offload" if point.get("offload") else "")
                 + (" stream16" if point.get("stream16") else "")
+                + (" dropout0" if point.get("dropout") == 0 else "")
                 + (f" {record['tokens_per_s']} tokens/s" if record.get("tokens_per_s") else "")
                 + f" estimated {record['estimated_gib']:6.2f}  measured "
                 + (f"{measured:6.2f}" if measured is not None else record.get("error", "-"))

@@ -263,9 +263,10 @@ def lora_parameter_count(config, r: int = 16, target_modules="all-linear") -> in
 # --- Activations ----------------------------------------------------------------------------
 
 
-def _residual_bytes(method: str, c: int) -> int:
-    # prepare_model_for_kbit_training keeps a quantized model's embeddings in fp32, so the residual stream is fp32.
-    return 4 if method in ("qlora", "lora8") else c
+def _residual_bytes(method: str, c: int, fp32_norms: bool = True) -> int:
+    # prepare_model_for_kbit_training keeps a quantized model's embeddings in fp32, so the residual stream is fp32
+    # unless load_model(fp32_norms=False) casts them back.
+    return 4 if method in ("qlora", "lora8") and fp32_norms else c
 
 
 def _block_elements(config, seq_len: int, fused_attention: bool) -> int:
@@ -289,6 +290,7 @@ def activation_bytes(
     compute_dtype_bytes: int = 2,
     fused_attention: bool = True,
     gradient_bytes: int = 0,
+    fp32_norms: bool = True,
 ) -> int:
     """Estimated bytes training holds at its peak beyond the weights, adapters and optimizer states (one micro-batch).
 
@@ -296,7 +298,7 @@ def activation_bytes(
     ``_block_elements``):
 
     * with gradient checkpointing, each block's input stays (``L*h`` values of the residual stream: fp32 in
-      the quantized methods, whose embeddings PEFT keeps in fp32), and the peak is the larger of two moments:
+      the quantized methods, whose embeddings PEFT keeps in fp32, unless ``fp32_norms=False``), and the peak is the larger of two moments:
       the loss (``V`` fp32 logits per token) and backward recomputing a block (``RECOMPUTE_BYTES * B`` per token,
       plus the adapters' gradients, all allocated by the time backward reaches the first block);
     * without it, every block keeps its activations (``L * KEPT_BYTES * B``) and the logits.
@@ -309,7 +311,8 @@ def activation_bytes(
     block = _block_elements(config, seq_len, fused_attention)
     logits = tokens * config.vocab_size * LOGIT_BYTES
     if gradient_checkpointing:
-        inputs = tokens * config.num_hidden_layers * config.hidden_size * _residual_bytes(method, compute_dtype_bytes)
+        residual = _residual_bytes(method, compute_dtype_bytes, fp32_norms)
+        inputs = tokens * config.num_hidden_layers * config.hidden_size * residual
         held = inputs + max(logits, tokens * RECOMPUTE_BYTES[method] * block + gradient_bytes)
     else:
         held = tokens * config.num_hidden_layers * KEPT_BYTES[method] * block + logits
@@ -392,6 +395,7 @@ def memory_breakdown(
     precision: Literal["bf16", "fp16", "fp32"] | None = None,
     double_quant: bool = True,
     fused_attention: bool = True,
+    fp32_norms: bool = True,
 ) -> MemoryBreakdown:
     """Estimate the training memory of ``method`` on the model described by ``config``.
 
@@ -401,7 +405,8 @@ def memory_breakdown(
     (same states, in managed memory that can spill to CPU), ``"adamw_8bit"``, ``"paged_adamw_8bit"`` or
     ``"sgd"``. ``precision``: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (default: bf16, or fp32 when
     ``compute_dtype_bytes=4``); QLoRA in bf16 keeps bf16 adapters. The other knobs mean what they mean in
-    training. ``r`` and ``target_modules`` are ignored for ``"full"``.
+    training. ``r`` and ``target_modules`` are ignored for ``"full"``. ``fp32_norms``: as in
+    :func:`lora_kit.load_model` (False: a quantized model's embeddings, norms and head in 16-bit).
 
     Returns a :class:`MemoryBreakdown` in GiB; ``.total_gib`` is the estimated peak allocated memory.
     """
@@ -434,7 +439,7 @@ def memory_breakdown(
                 base = groups["decoder_linear_weights"] * 1 + rows * 4  # int8 + one fp32 scale per row
             else:  # qlora
                 base = groups["decoder_linear_weights"] * bits_per_parameter(double_quant=double_quant) / 8
-            weights = base + kept_unquantized * 4  # prepare_model_for_kbit_training casts the rest to fp32
+            weights = base + kept_unquantized * (4 if fp32_norms else c)  # PEFT casts the rest to fp32
         sizes = _adapter_tensor_sizes(config, r, target_modules)
         trainable = sum(sizes)
         adapter_bytes = 2 if (method == "qlora" and precision == "bf16") else 4
@@ -451,6 +456,7 @@ def memory_breakdown(
         gradient_checkpointing=gradient_checkpointing,
         compute_dtype_bytes=c,
         fused_attention=fused_attention,
+        fp32_norms=fp32_norms,
     )
     activations = activation_bytes(config, **shape)
     if method == "full":
@@ -469,6 +475,7 @@ def memory_breakdown(
         precision=precision,
         double_quant=double_quant if method == "qlora" else None,
         fused_attention=fused_attention,
+        fp32_norms=fp32_norms if method in ("qlora", "lora8") else None,
     )
     return MemoryBreakdown(
         method=method,

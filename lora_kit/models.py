@@ -301,6 +301,14 @@ def _keep_cpu_4bit_trainable(model) -> int:
     return len(layers)
 
 
+def _frozen_fp32_to(model, dtype) -> int:
+    """Cast the frozen fp32 parameters (embeddings, norms, head after PEFT's preparation) to ``dtype``; how many."""
+    cast = [p for p in model.parameters() if p.dtype == torch.float32 and not p.requires_grad]
+    for param in cast:
+        param.data = param.data.to(dtype)
+    return len(cast)
+
+
 def load_model(
     name: str = "embedded",
     quantization: Quantization = "none",
@@ -311,12 +319,17 @@ def load_model(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     hardware: Hardware | None = None,
+    fp32_norms: bool = True,
 ):
     """Load ``(model, tokenizer)`` ready for training.
 
     quantization: "none" keeps the base in 16-bit (fp32 on CPU), "8bit" stores it in int8 (LLM.int8), "nf4" in
     4-bit NormalFloat with double quantization (QLoRA), prepared for k-bit training (norms in fp32, input gradients
     on) so adapters learn through the frozen base. Precision comes from the hardware unless given.
+
+    fp32_norms: PEFT's preparation keeps a quantized model's embeddings, norms and head in fp32, which makes the hidden
+    states between blocks fp32 too. False casts them back to the 16-bit compute dtype (as Unsloth does): every
+    activation is then 16-bit, about half the activation memory, which is what lets the longest contexts fit.
     """
     from peft import prepare_model_for_kbit_training
 
@@ -356,6 +369,8 @@ def load_model(
     if bnb is not None:
         # Gradient checkpointing is switched on later by the trainer, with the settings it is given.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if not fp32_norms and dtype != torch.float32:
+            _frozen_fp32_to(model, dtype)
         _keep_cpu_4bit_trainable(model)
         if quantization == "8bit":
             lean_int8_backward(model)  # bitsandbytes' int8 matmul keeps each input alive past gradient checkpointing

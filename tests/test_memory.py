@@ -261,3 +261,33 @@ def test_seed_claims_verdicts_are_computed():
     strict = {r["claim"]: r["verdict"] for r in memory.seed_claims(tolerance=0.0)}
     eight_bit = "LoRA on an 8-bit 7B needs about 10 GB"
     assert by_claim[eight_bit]["verdict"].startswith("consistent") and strict[eight_bit].startswith("claim too low")
+
+
+def test_the_16bit_residual_stream_estimate_matches_the_long_contexts_measured_on_the_gpu(c7):
+    # benchmarks/bench_memory.py --longest: 7B QLoRA under the T4 proxy, one sample per step, no offloading. With
+    # fp32_norms=False the hidden states kept per block are 16-bit: the estimate must follow the measured peak.
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_longest.json"
+    data = json.loads(results.read_text())
+    points = [p for p in data["points"] if p["peak_allocated_gib"] and not p["offload"]]
+    assert any(p["stream16"] for p in points) and any(not p["stream16"] for p in points)
+    for p in points:
+        b = memory.memory_breakdown(
+            c7, "qlora", r=p["r"], micro_batch=p["mb"], seq_len=p["seq"], optimizer="paged_adamw_32bit",
+            precision="fp16", fp32_norms=not p["stream16"],
+        )  # fmt: skip
+        error = (b.total_gib - p["peak_allocated_gib"]) / p["peak_allocated_gib"]
+        assert -0.05 <= error <= 0.10, (p, b.total_gib)
+
+
+def test_16bit_norms_halve_the_kept_residual_stream_of_a_quantized_model(c7):
+    shape = dict(r=64, micro_batch=1, seq_len=16384, precision="fp16")
+    fp32, fp16 = (memory.memory_breakdown(c7, "qlora", **shape, fp32_norms=keep) for keep in (True, False))
+    kept = 16384 * c7.num_hidden_layers * c7.hidden_size * 2  # the block inputs, 2 bytes fewer each
+    assert (fp32.activations - fp16.activations) * 2**30 == pytest.approx(kept, rel=1e-6)
+    assert fp16.settings["fp32_norms"] is False
+    # a 16-bit base has no fp32 stream to give up
+    lora = [memory.memory_breakdown(c7, "lora", **shape, fp32_norms=keep).total_gib for keep in (True, False)]
+    assert lora[0] == lora[1]

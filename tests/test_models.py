@@ -140,3 +140,20 @@ def test_an_adapter_for_a_base_of_another_size_is_refused_in_one_line(tmp_path):
     ) as err:
         check_adapter_fits(small, adapter)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_fp32_norms_false_casts_only_the_frozen_fp32_parameters():
+    # On a GPU load_model(fp32_norms=False) gives a quantized model 16-bit embeddings, norms and head (a 16-bit
+    # residual stream); here the same cast on the CPU model PEFT prepared, with an adapter that must stay fp32.
+    from lora_kit.models import _frozen_fp32_to
+    from lora_kit.train import LoraSettings, add_lora
+
+    model, _ = load_model("embedded", "nf4", fp32_norms=False)  # CPU: fp32 compute, nothing to cast
+    assert model.model.norm.weight.dtype == torch.float32
+    model = add_lora(model, LoraSettings(r=4))
+    frozen_fp32 = [n for n, p in model.named_parameters() if p.dtype == torch.float32 and not p.requires_grad]
+    assert any("norm" in n for n in frozen_fp32) and any("embed_tokens" in n for n in frozen_fp32)
+    assert _frozen_fp32_to(model, torch.bfloat16) == len(frozen_fp32)
+    assert model.model.model.norm.weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
