@@ -298,9 +298,10 @@ def activation_bytes(
     ``_block_elements``):
 
     * with gradient checkpointing, each block's input stays (``L*h`` values of the residual stream: fp32 in
-      the quantized methods, whose embeddings PEFT keeps in fp32, unless ``fp32_norms=False``), and the peak is the larger of two moments:
-      the loss (``V`` fp32 logits per token) and backward recomputing a block (``RECOMPUTE_BYTES * B`` per token,
-      plus the adapters' gradients, all allocated by the time backward reaches the first block);
+      the quantized methods, whose embeddings PEFT keeps in fp32, unless ``fp32_norms=False``), and the peak is
+      the larger of two moments: the loss (``V`` fp32 logits per token) and backward recomputing a block
+      (``RECOMPUTE_BYTES * B`` per token, plus the adapters' gradients, all allocated by the time backward reaches
+      the first block);
     * without it, every block keeps its activations (``L * KEPT_BYTES * B``) and the logits.
 
     An 8-bit base adds its backward's dequantized weights (``INT8_WORKSPACE_COPIES`` of the largest projection).
@@ -439,7 +440,7 @@ def memory_breakdown(
                 base = groups["decoder_linear_weights"] * 1 + rows * 4  # int8 + one fp32 scale per row
             else:  # qlora
                 base = groups["decoder_linear_weights"] * bits_per_parameter(double_quant=double_quant) / 8
-            weights = base + kept_unquantized * (4 if fp32_norms else c)  # PEFT casts the rest to fp32
+            weights = base + kept_unquantized * (4 if fp32_norms else c)  # fp32 after PEFT's preparation
         sizes = _adapter_tensor_sizes(config, r, target_modules)
         trainable = sum(sizes)
         adapter_bytes = 2 if (method == "qlora" and precision == "bf16") else 4
