@@ -139,6 +139,8 @@ def autofit_points(budgets: list[float], max_length: int) -> list[dict]:
 LONGEST = [(8192, False), (12288, False), (16384, False), (32768, True), (49152, True), (65536, True)]
 LONGEST_16 = [(16384, False), (24576, True), (32768, True), (49152, True), (65536, True)]  # with stream16
 LONGEST_16_NO_DROPOUT = [(32768, True), (49152, True), (65536, True)]  # with stream16 and dropout 0
+# ... and the MLP and norms in tiles (TrainSettings.tile_layers): their intermediates dominate a layer's recompute.
+LONGEST_TILED = [(32768, False), (32768, True), (49152, True), (65536, True), (81920, True)]
 LONGEST_STEPS = 4
 
 
@@ -147,6 +149,7 @@ def longest_points(cap_gib: float) -> list[dict]:
         [(seq, offload, {}) for seq, offload in LONGEST]
         + [(seq, offload, {"stream16": True}) for seq, offload in LONGEST_16]
         + [(seq, offload, {"stream16": True, "dropout": 0.0}) for seq, offload in LONGEST_16_NO_DROPOUT]
+        + [(seq, offload, {"stream16": True, "dropout": 0.0, "tile": True}) for seq, offload in LONGEST_TILED]
     )
     return [
         dict(shape="llama2-7b", method="qlora", precision="fp16", seq=seq, mb=1, r=64, gc=True, packing=False,
@@ -247,6 +250,7 @@ def run_point(point: dict, checkpoint: Path) -> dict:
         warmup_ratio=0.0,
         gradient_checkpointing=point["gc"],
         offload_activations=point.get("offload", False),
+        tile_layers=point.get("tile", False),
         save_steps=10**9,
         output_dir=tempfile.mkdtemp(prefix="bench_memory_"),
         levers=Levers(packing=point["packing"]),  # everything else as lora_kit decides on this machine
@@ -376,6 +380,7 @@ def drive(args) -> list[dict]:
                 + (" offload" if point.get("offload") else "")
                 + (" stream16" if point.get("stream16") else "")
                 + (" dropout0" if point.get("dropout") == 0 else "")
+                + (" tiled" if point.get("tile") else "")
                 + (f" {record['tokens_per_s']} tokens/s" if record.get("tokens_per_s") else "")
                 + f" estimated {record['estimated_gib']:6.2f}  measured "
                 + (f"{measured:6.2f}" if measured is not None else record.get("error", "-"))

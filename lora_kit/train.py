@@ -96,6 +96,12 @@ class TrainSettings:
     memory (TRL's activation offloading): room for longer samples or more of them per micro-batch, at the price of
     copies over PCIe (a few percent of speed on packed rows, more on short steps) and about 0.25 MiB of pinned CPU RAM
     per token for a 7B model. CUDA only."""
+    tile_layers: bool = False
+    """Run the per-token parts of each decoder layer, its MLP and RMSNorms, over the sequence in tiles of hidden_size
+    tokens, each tile under a checkpoint of its own (the tiled MLP of Arctic long-sequence training, extended to the
+    norms). A long sample's MLP intermediates (four tensors of tokens x intermediate_size, 4 GiB at 49k tokens on a
+    7B) and the norms' fp32 copies then never exist whole, so longer samples fit: with offload_activations, the
+    longest context on a T4. These parts run once more in the backward pass, and the blocks are not compiled."""
     logging_steps: int = 1
     save_steps: int = 50
     """Checkpoint every this many steps (keep 2), so a Colab disconnect loses little."""
@@ -180,6 +186,11 @@ class TrainSettings:
             isinstance(self.offload_activations, bool),
             "offload_activations",
             "must be True or False (True keeps saved activations in CPU RAM: longer contexts, slower steps).",
+        )
+        need(
+            isinstance(self.tile_layers, bool),
+            "tile_layers",
+            "must be True or False (True computes MLPs and norms in tiles of the sequence: longer contexts, slower steps).",
         )
         need(whole("logging_steps", 1), "logging_steps", "must be a whole number of steps >= 1.")
         need(whole("save_steps", 1), "save_steps", "must be a whole number of steps >= 1 (checkpoint every N steps).")
@@ -438,6 +449,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     method = method_of(model)
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
     levers, notes = train.chosen_levers.decide(detect_hardware(), precision, method, lengths, train.max_length)
+    if train.tile_layers and levers.compile_blocks:
+        levers = replace(levers, compile_blocks=False)
+        notes.append("compile_blocks: off, as tile_layers runs each tile under a checkpoint of its own")
     for note in notes:
         print(f"Speed levers: {note}")
     if levers.on():
@@ -467,10 +481,57 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     # After the build: SFTTrainer casts a quantized model's adapters to bf16 while it is built, which fp16's grad
     # scaler cannot take (and on CPU QLoRA diverged), so the adapters go back to fp32 unless Levers.bf16_adapters.
     done = speed.after_trainer_built(trainer, levers)
+    if train.tile_layers:
+        mlps, norms = tile_layers(trainer.model)
+        print(f"Tiled layers: {mlps} MLPs and {norms} norms computed in tiles of {_hidden_size(trainer.model)} tokens")
     if train.fast:
         for line in done:
             print(f"Fast path: {line}")
     return trainer
+
+
+def tile_layers(model, tokens: int | None = None) -> tuple[int, int]:
+    """Make each decoder layer's MLP and norms run over the sequence in tiles of ``tokens`` (default: hidden_size, for
+    which a tile's MLP intermediates weigh about as much as the MLP's weights); returns how many MLPs and norms.
+
+    With gradients on, each tile gets a checkpoint of its own, so the backward pass recomputes and frees one tile's
+    intermediates at a time; without gradients (evaluation) the tiles only bound the temporaries. These modules act
+    on each token alone, so the output equals the untiled one. Calling it again changes nothing.
+    """
+    tile = tokens or _hidden_size(model)
+    mlps = norms = 0
+    for layer in model.modules():
+        if not type(layer).__name__.endswith("DecoderLayer"):
+            continue
+        for name, module in layer.named_children():
+            # The layer's own norms see (batch, tokens, hidden); norms inside attention see heads, so they stay.
+            is_norm = "norm" in name.lower()
+            if name != "mlp" and not is_norm:
+                continue
+            if not getattr(module, "_lora_kit_tiled", False):
+                module.forward = _tiled(module.forward, tile)
+                module._lora_kit_tiled = True
+            norms += is_norm
+            mlps += not is_norm
+    return mlps, norms
+
+
+def _tiled(forward, tile: int):
+    from torch.utils.checkpoint import checkpoint
+
+    def tiled_forward(x):
+        if x.shape[-2] <= tile:
+            return forward(x)
+        tiles = x.split(tile, dim=-2)
+        if torch.is_grad_enabled():
+            return torch.cat([checkpoint(forward, part, use_reentrant=False) for part in tiles], dim=-2)
+        return torch.cat([forward(part) for part in tiles], dim=-2)
+
+    return tiled_forward
+
+
+def _hidden_size(model) -> int:
+    return model.config.get_text_config().hidden_size
 
 
 def _tokenized(dataset, tokenizer, max_length: int, name: str):

@@ -201,3 +201,44 @@ def test_levers_forced_on_the_cpu(tmp_path, capsys):
     assert not trainer.args.use_liger_kernel
     out = capsys.readouterr().out
     assert "liger: asked for, but it is Triton code" in out and "Speed levers on: packing" in out
+
+
+def test_tiled_layers_give_the_untiled_loss_and_gradients():
+    # 128 tokens in tiles of 48 (the last one shorter). Dropout 0: tiles draw their dropout masks in other pieces.
+    from lora_kit.train import tile_layers
+
+    ids = torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(tile):
+        model, _ = load_model("embedded")
+        torch.manual_seed(1)  # the same random lora_A in both models
+        model = add_lora(model, LoraSettings(r=8, dropout=0.0))
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        if tile:
+            assert tile_layers(model, tokens=tile) == (
+                model.config.num_hidden_layers,
+                2 * model.config.num_hidden_layers,
+            )
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(None)
+    tiled_loss, tiled_grads = loss_and_grads(48)
+    assert tiled_loss == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == tiled_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_build_trainer_tiles_the_layers_when_asked(tmp_path, capsys):
+    model, tok = load_model("embedded")
+    train_ds, _ = demo_task(8, 2)
+    train = TrainSettings(max_steps=1, max_length=128, report_to="none", output_dir=str(tmp_path), tile_layers=True)
+    trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8), train=train)
+    tiled = [m for m in trainer.model.modules() if getattr(m, "_lora_kit_tiled", False)]
+    assert len(tiled) == 3 * model.config.num_hidden_layers
+    assert "Tiled layers: 30 MLPs and 60 norms computed in tiles of 576 tokens" in capsys.readouterr().out
+    with pytest.raises(LoraKitError, match="tile_layers"):
+        TrainSettings(tile_layers="yes")
