@@ -491,8 +491,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
 
 
 def tile_layers(model, tokens: int | None = None) -> tuple[int, int]:
-    """Make each decoder layer's MLP and norms run over the sequence in tiles of ``tokens`` (default: hidden_size, for
-    which a tile's MLP intermediates weigh about as much as the MLP's weights); returns how many MLPs and norms.
+    """Make each decoder layer's MLP and norms, and the final norm, run over the sequence in tiles of ``tokens``
+    (default: hidden_size, for which a tile's MLP intermediates weigh about as much as the MLP's weights); returns
+    how many MLPs and norms.
 
     With gradients on, each tile gets a checkpoint of its own, so the backward pass recomputes and frees one tile's
     intermediates at a time; without gradients (evaluation) the tiles only bound the temporaries. These modules act
@@ -500,13 +501,14 @@ def tile_layers(model, tokens: int | None = None) -> tuple[int, int]:
     """
     tile = tokens or _hidden_size(model)
     mlps = norms = 0
-    for layer in model.modules():
-        if not type(layer).__name__.endswith("DecoderLayer"):
+    for parent in model.modules():
+        layer = type(parent).__name__.endswith("DecoderLayer")
+        if not layer and not isinstance(getattr(parent, "layers", None), nn.ModuleList):
             continue
-        for name, module in layer.named_children():
-            # The layer's own norms see (batch, tokens, hidden); norms inside attention see heads, so they stay.
+        for name, module in parent.named_children():
+            # A layer's own norms and the final norm see (batch, tokens, hidden); norms inside attention see heads.
             is_norm = "norm" in name.lower()
-            if name != "mlp" and not is_norm:
+            if not is_norm and not (layer and name == "mlp"):
                 continue
             if not getattr(module, "_lora_kit_tiled", False):
                 module.forward = _tiled(module.forward, tile)

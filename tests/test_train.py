@@ -216,10 +216,8 @@ def test_tiled_layers_give_the_untiled_loss_and_gradients():
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.train()
         if tile:
-            assert tile_layers(model, tokens=tile) == (
-                model.config.num_hidden_layers,
-                2 * model.config.num_hidden_layers,
-            )
+            layers = model.config.num_hidden_layers
+            assert tile_layers(model, tokens=tile) == (layers, 2 * layers + 1)  # and the final norm
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -238,7 +236,7 @@ def test_build_trainer_tiles_the_layers_when_asked(tmp_path, capsys):
     train = TrainSettings(max_steps=1, max_length=128, report_to="none", output_dir=str(tmp_path), tile_layers=True)
     trainer = build_trainer(model, tok, train_ds, lora=LoraSettings(r=8), train=train)
     tiled = [m for m in trainer.model.modules() if getattr(m, "_lora_kit_tiled", False)]
-    assert len(tiled) == 3 * model.config.num_hidden_layers
-    assert "Tiled layers: 30 MLPs and 60 norms computed in tiles of 576 tokens" in capsys.readouterr().out
+    assert len(tiled) == 3 * model.config.num_hidden_layers + 1
+    assert "Tiled layers: 30 MLPs and 61 norms computed in tiles of 576 tokens" in capsys.readouterr().out
     with pytest.raises(LoraKitError, match="tile_layers"):
         TrainSettings(tile_layers="yes")
