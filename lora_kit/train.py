@@ -524,10 +524,17 @@ def _tiled(forward, tile: int):
     def tiled_forward(x):
         if x.shape[-2] <= tile:
             return forward(x)
-        tiles = x.split(tile, dim=-2)
+        parts = x.split(tile, dim=-2)
         if torch.is_grad_enabled():
-            return torch.cat([checkpoint(forward, part, use_reentrant=False) for part in tiles], dim=-2)
-        return torch.cat([forward(part) for part in tiles], dim=-2)
+            outs = [checkpoint(forward, part, use_reentrant=False) for part in parts]
+        else:
+            outs = [forward(part) for part in parts]
+        if not isinstance(outs[0], torch.Tensor):  # a mixture of experts' MLP also returns its router's logits
+            raise LoraKitError(
+                f"tile_layers: {forward.__qualname__} returns a {type(outs[0]).__name__}, not one tensor, so its "
+                "tiles cannot be joined. Train this model with TrainSettings(tile_layers=False)."
+            )
+        return torch.cat(outs, dim=-2)
 
     return tiled_forward
 

@@ -240,3 +240,14 @@ def test_build_trainer_tiles_the_layers_when_asked(tmp_path, capsys):
     assert "Tiled layers: 30 MLPs and 61 norms computed in tiles of 576 tokens" in capsys.readouterr().out
     with pytest.raises(LoraKitError, match="tile_layers"):
         TrainSettings(tile_layers="yes")
+
+
+def test_tiled_layers_name_an_mlp_whose_tiles_cannot_be_joined():
+    from lora_kit.train import _tiled
+
+    def router_mlp(x):  # a mixture of experts' block: hidden states and the router's logits
+        return x, x.sum(-1)
+
+    with pytest.raises(LoraKitError, match="returns a tuple, not one tensor.*tile_layers=False"):
+        _tiled(router_mlp, 4)(torch.ones(1, 10, 3))
+    assert _tiled(router_mlp, 16)(torch.ones(1, 10, 3))[0].shape == (1, 10, 3)  # one tile: the module's own output
