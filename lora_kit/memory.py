@@ -582,7 +582,8 @@ def fit_settings(
     reasons["max_length"] = (
         f"the longest sample wanted ({max_length} tokens)"
         if length == max_length
-        else f"halved from {max_length}: one sample of {max_length} tokens does not fit"
+        else f"halved from {max_length}: one sample of {max_length} tokens does not fit (on a GPU, "
+        "TrainSettings(offload_activations=True, tile_layers=True) fit longer ones; this estimate counts neither)"
     )
 
     def largest(checkpointing):

@@ -202,6 +202,7 @@ def test_fit_settings_picks_the_largest_micro_batch_that_fits(c7):
     # A budget with room for more than one sample of 64 tokens but not for one of 32,768: max_length is halved.
     short = memory.fit_settings(c7, "qlora", 12.0, max_length=32768, r=64, optimizer="paged_adamw_32bit")
     assert short.max_length < 32768 and "halved" in short.reasons["max_length"]
+    assert "tile_layers=True" in short.reasons["max_length"]  # and where longer samples would fit
     # A small model with room to spare runs without checkpointing when the same micro-batch fits.
     small = memory.fit_settings(smollm2_135m_config(), "lora", 80.0, max_length=512, max_micro_batch=4)
     assert small.micro_batch_size == 4 and not small.gradient_checkpointing
@@ -271,7 +272,11 @@ def test_the_16bit_residual_stream_estimate_matches_the_long_contexts_measured_o
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory_longest.json"
     data = json.loads(results.read_text())
-    points = [p for p in data["points"] if p["peak_allocated_gib"] and not p["offload"]]
+    # The estimate counts LoRA dropout's copies and no tiled layers: the points run that way.
+    points = [
+        p for p in data["points"]
+        if p.get("peak_allocated_gib") and not p["offload"] and "dropout" not in p and not p.get("tile_mlp")
+    ]  # fmt: skip
     assert any(p["stream16"] for p in points) and any(not p["stream16"] for p in points)
     for p in points:
         b = memory.memory_breakdown(
