@@ -92,6 +92,7 @@ RECOMPUTE_BYTES = {"qlora": 4.4, "lora8": 5.9, "lora": 4.8, "full": 4.8}
 (the block's own activations plus the temporaries of its backward; the 8-bit base dequantizes in backward)."""
 KEPT_BYTES = {"qlora": 3.7, "lora8": 4.1, "lora": 2.5, "full": 2.5}
 """Without checkpointing: bytes per token per element of every block's activations, all kept for backward."""
+OFFLOADED_INPUTS_ON_GPU = 1  # offload_activations: block inputs on the GPU at once (the one backward is recomputing)
 LOGIT_BYTES = 4  # the loss reads the logits in fp32: one float per vocabulary entry per token
 INT8_WORKSPACE_COPIES = 2.7  # lora8's backward dequantizes frozen int8 weights: ~2.7 16-bit copies of the largest one
 PAGED_MIN_ELEMENTS = 100_000  # bitsandbytes pages an optimizer state only from this size; smaller ones stay in place
@@ -269,12 +270,13 @@ def _residual_bytes(method: str, c: int, fp32_norms: bool = True) -> int:
     return 4 if method in ("qlora", "lora8") and fp32_norms else c
 
 
-def _block_elements(config, seq_len: int, fused_attention: bool) -> int:
-    """Elements one token keeps in one decoder block: both norms' inputs, Q/K/V, attention output, the MLP's four."""
+def _block_elements(config, seq_len: int, fused_attention: bool, tiled: bool = False) -> int:
+    """Elements one token keeps in one decoder block: both norms' inputs, Q/K/V, attention output, the MLP's four.
+    Tiled (TrainSettings.tile_layers): the attention's alone, as the norms and MLP hold only one tile at a time."""
     shapes = projection_shapes(config)
     h, i = config.hidden_size, config.intermediate_size
     q_dim, kv_dim = shapes["q_proj"][1], shapes["k_proj"][1]
-    per_token = 4 * h + 2 * q_dim + 2 * kv_dim + 4 * i
+    per_token = (2 * h if tiled else 4 * h + 4 * i) + 2 * q_dim + 2 * kv_dim
     if not fused_attention:  # the s x s attention probabilities, which SDPA and FlashAttention recompute instead
         per_token += config.num_attention_heads * seq_len
     return per_token
@@ -291,6 +293,8 @@ def activation_bytes(
     fused_attention: bool = True,
     gradient_bytes: int = 0,
     fp32_norms: bool = True,
+    offload_activations: bool = False,
+    tile_layers: bool = False,
 ) -> int:
     """Estimated bytes training holds at its peak beyond the weights, adapters and optimizer states (one micro-batch).
 
@@ -304,17 +308,26 @@ def activation_bytes(
       the first block);
     * without it, every block keeps its activations (``L * KEPT_BYTES * B``) and the logits.
 
+    With ``offload_activations`` the block inputs wait in CPU RAM (``OFFLOADED_INPUTS_ON_GPU`` of them on the GPU);
+    with ``tile_layers`` a block's MLP and norms hold one tile of ``h`` tokens at a time (their part of ``B`` counts
+    for one tile, not the whole sample). Both were fitted to 7B QLoRA runs with LoRA dropout 0.
+
     An 8-bit base adds its backward's dequantized weights (``INT8_WORKSPACE_COPIES`` of the largest projection).
     For Llama-2-7B QLoRA, 1 x 2048 tokens: about 1.7 GiB with checkpointing and 16.5 GiB without.
     """
     config = _as_config(config)
     tokens = micro_batch * seq_len
-    block = _block_elements(config, seq_len, fused_attention)
+    block = _block_elements(config, seq_len, fused_attention, tiled=tile_layers)
     logits = tokens * config.vocab_size * LOGIT_BYTES
     if gradient_checkpointing:
         residual = _residual_bytes(method, compute_dtype_bytes, fp32_norms)
-        inputs = tokens * config.num_hidden_layers * config.hidden_size * residual
-        held = inputs + max(logits, tokens * RECOMPUTE_BYTES[method] * block + gradient_bytes)
+        kept = OFFLOADED_INPUTS_ON_GPU if offload_activations else config.num_hidden_layers
+        inputs = tokens * kept * config.hidden_size * residual
+        recompute = tokens * RECOMPUTE_BYTES[method] * block
+        if tile_layers:  # one tile's worth of the MLP's four tensors and the norms' copies
+            tile = micro_batch * min(seq_len, config.hidden_size)
+            recompute += tile * RECOMPUTE_BYTES[method] * (4 * config.intermediate_size + 2 * config.hidden_size)
+        held = inputs + max(logits, recompute + gradient_bytes)
     else:
         held = tokens * config.num_hidden_layers * KEPT_BYTES[method] * block + logits
     if method == "lora8":
@@ -397,6 +410,8 @@ def memory_breakdown(
     double_quant: bool = True,
     fused_attention: bool = True,
     fp32_norms: bool = True,
+    offload_activations: bool = False,
+    tile_layers: bool = False,
 ) -> MemoryBreakdown:
     """Estimate the training memory of ``method`` on the model described by ``config``.
 
@@ -408,6 +423,7 @@ def memory_breakdown(
     ``compute_dtype_bytes=4``); QLoRA in bf16 keeps bf16 adapters. The other knobs mean what they mean in
     training. ``r`` and ``target_modules`` are ignored for ``"full"``. ``fp32_norms``: as in
     :func:`lora_kit.load_model` (False: a quantized model's embeddings, norms and head in 16-bit).
+    ``offload_activations`` and ``tile_layers``: as in :class:`lora_kit.TrainSettings` (with checkpointing).
 
     Returns a :class:`MemoryBreakdown` in GiB; ``.total_gib`` is the estimated peak allocated memory.
     """
@@ -458,6 +474,8 @@ def memory_breakdown(
         compute_dtype_bytes=c,
         fused_attention=fused_attention,
         fp32_norms=fp32_norms,
+        offload_activations=offload_activations,
+        tile_layers=tile_layers,
     )
     activations = activation_bytes(config, **shape)
     if method == "full":
@@ -477,6 +495,8 @@ def memory_breakdown(
         double_quant=double_quant if method == "qlora" else None,
         fused_attention=fused_attention,
         fp32_norms=fp32_norms if method in ("qlora", "lora8") else None,
+        offload_activations=offload_activations,
+        tile_layers=tile_layers,
     )
     return MemoryBreakdown(
         method=method,
@@ -582,8 +602,12 @@ def fit_settings(
     reasons["max_length"] = (
         f"the longest sample wanted ({max_length} tokens)"
         if length == max_length
-        else f"halved from {max_length}: one sample of {max_length} tokens does not fit (on a GPU, "
-        "TrainSettings(offload_activations=True, tile_layers=True) fit longer ones; this estimate counts neither)"
+        else f"halved from {max_length}: one sample of {max_length} tokens does not fit"
+        + (
+            ""
+            if settings.get("tile_layers")
+            else " (offload_activations=True, tile_layers=True fit longer ones on a GPU)"
+        )
     )
 
     def largest(checkpointing):
