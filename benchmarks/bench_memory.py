@@ -172,6 +172,8 @@ def estimate(point: dict) -> memory.MemoryBreakdown:
         optimizer=OPTIM[point["method"]],
         precision=point["precision"],
         fp32_norms=not point.get("stream16"),
+        offload_activations=point.get("offload", False),
+        tile_layers=point.get("tile", False),
     )
 
 
