@@ -89,12 +89,14 @@ class Levers:
         method: str | None = None,
         lengths=None,
         max_length: int | None = None,
+        tiled: bool = False,
     ) -> tuple[Levers, list[str]]:
         """These levers with every None answered, and one note per lever forced on that cannot run here (now off).
 
         hardware_capability: (major, minor) such as (9, 0), None for CPU, or an object with `compute_capability`.
         precision: "bf16" | "fp16" | "fp32". method: "lora" | "lora8" | "qlora" | None.
         lengths, max_length: the samples' token counts and cut-off; without them packing is assumed to pay.
+        tiled: TrainSettings.tile_layers, whose tiles each run under a checkpoint of their own, so blocks stay eager.
         """
         cap = _capability(hardware_capability)
         if precision not in VALID_PRECISIONS:
@@ -125,7 +127,8 @@ class Levers:
         no_flex = None if _flex_available() else "this torch has no FlexAttention"
         flex = choose("flex_attention", packing and sixteen_bit, no_triton or no_flex)
         eight_bit = "8-bit bases (bitsandbytes' Linear8bitLt) were never run compiled" if method == "lora8" else None
-        compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit)
+        tiles = "tile_layers runs each tile under a checkpoint of its own" if tiled else None
+        compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit or tiles)
         no_liger = None if _importable("liger_kernel") else "liger-kernel is not installed"
         liger = choose("liger", True, no_triton or no_liger)
         # An 8-bit base, whose blocks would compile but for the base, keeps the torch RoPE it has been run with.

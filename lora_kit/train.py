@@ -448,10 +448,9 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     seed_fresh_adapters(model, train.seed)
     method = method_of(model)
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
-    levers, notes = train.chosen_levers.decide(detect_hardware(), precision, method, lengths, train.max_length)
-    if train.tile_layers and levers.compile_blocks:
-        levers = replace(levers, compile_blocks=False)
-        notes.append("compile_blocks: off, as tile_layers runs each tile under a checkpoint of its own")
+    levers, notes = train.chosen_levers.decide(
+        detect_hardware(), precision, method, lengths, train.max_length, tiled=train.tile_layers
+    )
     for note in notes:
         print(f"Speed levers: {note}")
     if levers.on():
