@@ -72,6 +72,11 @@ class Levers:
     bf16_adapters: bool | None = None
     """Keep the bf16 adapters TRL gives a quantized model (less memory, same speed, as in the QLoRA paper's code).
     None: on for bf16 QLoRA; fp16 runs (their grad scaler) and fp32 runs need fp32."""
+    uncast_adapter_inputs: bool | None = None
+    """Under mixed precision, fp32 adapters take their 16-bit input as it is: PEFT casts it to fp32 and autocast casts
+    it straight back before the matrix product, a round trip of every projection's input (and of its gradient) that
+    changes no value. Without autocast (evaluation outside the trainer) PEFT's cast stays. None: on for a GPU in 16
+    bits whose adapters are fp32, outside compiled blocks (Inductor fuses the casts there)."""
 
     @classmethod
     def off(cls) -> Levers:
@@ -150,7 +155,9 @@ class Levers:
             lean_update=choose("lean_update", gpu, untested),
             bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16),
         )
-        return decided, notes
+        fp32_adapters = sixteen_bit and not decided.bf16_adapters
+        uncast = choose("uncast_adapter_inputs", gpu and fp32_adapters and not compiled)
+        return replace(decided, uncast_adapter_inputs=uncast), notes
 
 
 def packing_pays(lengths, max_length: int | None) -> bool:
@@ -209,6 +216,9 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
         n = upcast_trainable_params(trainer.model)
         if n:
             done.append(f"adapters: {n} tensors cast to fp32")
+    if levers.uncast_adapter_inputs:
+        n = uncast_adapter_inputs(trainer.model)
+        done.append(f"adapters: the inputs of {n} LoRA layers stay 16-bit under autocast")
     if levers.compile_blocks:
         n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
@@ -425,6 +435,26 @@ def upcast_trainable_params(model) -> int:
             param.data = param.data.float()
             n += 1
     return n
+
+
+def uncast_adapter_inputs(model) -> int:
+    """Let each LoRA layer skip PEFT's cast of its input to the adapters' dtype while autocast is on (which casts it
+    back for the matrix product); returns how many layers. PEFT's own switch, ``cast_input_dtype_enabled``, is set
+    before every call, so a forward without autocast still casts."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if not getattr(layer, "_lora_kit_uncast", False):
+            layer.register_forward_pre_hook(_cast_only_without_autocast)
+            layer._lora_kit_uncast = True
+    return len(layers)
+
+
+def _cast_only_without_autocast(layer, args) -> None:
+    import torch
+
+    layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(args[0].device.type)
 
 
 def compile_layers(model, autotune_pointwise: bool = False) -> int:

@@ -494,9 +494,10 @@ def tile_layers(model, tokens: int | None = None) -> tuple[int, int]:
     (default: hidden_size, for which a tile's MLP intermediates weigh about as much as the MLP's weights); returns
     how many MLPs and norms.
 
-    With gradients on, each tile gets a checkpoint of its own, so the backward pass recomputes and frees one tile's
-    intermediates at a time; without gradients (evaluation) the tiles only bound the temporaries. These modules act
-    on each token alone, so the output equals the untiled one. Calling it again changes nothing.
+    With gradients on, the backward pass recomputes and frees one tile's intermediates at a time: an MLP keeps only
+    its input and redoes its tiles in its own backward (_TiledMLP), a norm runs each tile under a checkpoint of its
+    own. Without gradients (evaluation) the tiles only bound the temporaries. These modules act on each token alone,
+    so the output equals the untiled one. Calling it again changes nothing.
     """
     tile = tokens or _hidden_size(model)
     mlps = norms = 0
@@ -510,32 +511,89 @@ def tile_layers(model, tokens: int | None = None) -> tuple[int, int]:
             if not is_norm and not (layer and name == "mlp"):
                 continue
             if not getattr(module, "_lora_kit_tiled", False):
-                module.forward = _tiled(module.forward, tile)
+                # A norm after the MLP (Gemma 2, OLMo 2: post_feedforward_layernorm) reads its output in the recompute.
+                last = not is_norm and not any("feedforward" in n for n, _ in parent.named_children())
+                module.forward = _tiled(module.forward, tile, checkpointed=is_norm, output_unread_in_recompute=last)
                 module._lora_kit_tiled = True
             norms += is_norm
             mlps += not is_norm
     return mlps, norms
 
 
-def _tiled(forward, tile: int):
+def _tiled(forward, tile: int, checkpointed: bool = True, output_unread_in_recompute: bool = False):
     from torch.utils.checkpoint import checkpoint
 
     def tiled_forward(x):
         if x.shape[-2] <= tile:
             return forward(x)
+        if torch.is_grad_enabled() and not checkpointed:
+            return _TiledMLP.apply(x, forward, tile, output_unread_in_recompute)
         parts = x.split(tile, dim=-2)
         if torch.is_grad_enabled():
             outs = [checkpoint(forward, part, use_reentrant=False) for part in parts]
         else:
             outs = [forward(part) for part in parts]
-        if not isinstance(outs[0], torch.Tensor):  # a mixture of experts' MLP also returns its router's logits
-            raise LoraKitError(
-                f"tile_layers: {forward.__qualname__} returns a {type(outs[0]).__name__}, not one tensor, so its "
-                "tiles cannot be joined. Train this model with TrainSettings(tile_layers=False)."
-            )
-        return torch.cat(outs, dim=-2)
+        return _joined(outs, forward)
 
     return tiled_forward
+
+
+def _joined(outs: list, forward) -> torch.Tensor:
+    if not isinstance(outs[0], torch.Tensor):  # a mixture of experts' MLP also returns its router's logits
+        raise LoraKitError(
+            f"tile_layers: {forward.__qualname__} returns a {type(outs[0]).__name__}, not one tensor, so its "
+            "tiles cannot be joined. Train this model with TrainSettings(tile_layers=False)."
+        )
+    return torch.cat(outs, dim=-2)
+
+
+class _TiledMLP(torch.autograd.Function):
+    """An MLP over the sequence in tiles that keeps only its input for the backward pass (as Arctic's TiledMLP).
+
+    The backward pass redoes one tile at a time with gradients on and backpropagates it at once, so one tile's
+    intermediates are alive at a time; the adapters' gradients gather in their ``.grad`` as in any backward pass.
+    Under gradient checkpointing the layer's recompute, which runs inside the backward pass, only needs the MLP to
+    keep its input again. Where the layer adds the MLP's output to the residual stream and nothing else reads it
+    (``output_unread_in_recompute``), the recompute skips the MLP, so each tile's MLP runs twice per step (forward,
+    backward) instead of three times.
+    """
+
+    @staticmethod
+    def forward(ctx, x, forward, tile, output_unread_in_recompute):
+        ctx.forward, ctx.tile = forward, tile
+        ctx.save_for_backward(x)
+        # The backward pass redoes the tiles as the forward pass did them: same autocast, same dropout masks.
+        device = x.device.type
+        ctx.autocast = dict(
+            device_type=device, enabled=torch.is_autocast_enabled(device), dtype=torch.get_autocast_dtype(device)
+        )
+        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        if output_unread_in_recompute and torch._C._current_graph_task_id() != -1:  # a recompute in the backward pass
+            return torch.empty_like(x)
+        with torch.no_grad():
+            return _joined([forward(part) for part in x.split(tile, dim=-2)], forward)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        x_grads = []
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.set_rng_state(ctx.rng[0])
+            if x.is_cuda:
+                torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            for part, part_grad in zip(x.split(ctx.tile, dim=-2), grad.split(ctx.tile, dim=-2)):
+                part = part.detach().requires_grad_(ctx.needs_input_grad[0])
+                # Identity hooks over any of the run's own: activation offloading's stay on through the backward
+                # pass and would take this tile's intermediates to its stash, where they outlive the tile.
+                with torch.enable_grad(), torch.autocast(**ctx.autocast), _kept_on_device():
+                    out = ctx.forward(part)
+                torch.autograd.backward(out, part_grad)
+                x_grads.append(part.grad)
+        return (torch.cat(x_grads, dim=-2) if ctx.needs_input_grad[0] else None), None, None, None
+
+
+def _kept_on_device():
+    return torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor)
 
 
 def _hidden_size(model) -> int:

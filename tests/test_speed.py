@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lora_kit import speed
+from lora_kit import LoraSettings, add_lora, load_model, speed
 
 VOCAB = 256
 
@@ -59,13 +59,13 @@ def test_cpu_gets_no_lever():
     assert speed.sft_settings(levers) == {}
 
 
-def test_t4_gets_packing_and_the_optimizer_levers_only():
+def test_t4_gets_packing_the_optimizer_levers_and_uncast_adapter_inputs_only():
     levers, _ = decided((7, 5), "fp16", lengths=CHAT)
-    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update"]
+    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update", "uncast_adapter_inputs"]
     assert speed.sft_settings(levers) == {"packing": True, "packing_strategy": "bfd"}
     # data that fill max_length: nothing to pack, accumulation kept
     levers, _ = decided((7, 5), "fp16", lengths=FULL)
-    assert levers.on() == ["one_sync_optimizer", "lean_update"]
+    assert levers.on() == ["one_sync_optimizer", "lean_update", "uncast_adapter_inputs"]
     assert speed.batch_shape(4, 4, levers) == (4, 4)
 
 
@@ -80,8 +80,12 @@ def test_h100_decides_per_data_shape():
     assert speed.sft_settings(full) == (
         {"use_liger_kernel": True, "liger_kernel_config": {"rope": False}} if liger else {}
     )
-    # a 16-bit LoRA base keeps PEFT's fp32 adapters; an 8-bit base is never compiled; fp32 compute compiles nothing
+    assert not chat.uncast_adapter_inputs and not full.uncast_adapter_inputs  # bf16 QLoRA adapters: no cast to skip
+    # a 16-bit LoRA base keeps PEFT's fp32 adapters, whose input casts compiled blocks fuse (packed rows run eager)
     assert not decided((9, 0), "bf16", "lora", FULL)[0].bf16_adapters
+    assert not decided((9, 0), "bf16", "lora", FULL)[0].uncast_adapter_inputs
+    assert decided((9, 0), "bf16", "lora", CHAT)[0].uncast_adapter_inputs
+    # an 8-bit base is never compiled; fp32 compute compiles nothing
     assert not decided((9, 0), "bf16", "lora8", FULL)[0].compile_blocks
     assert decided((9, 0), "fp32", "lora", FULL)[0].on() == ["one_sync_optimizer", "lean_update"]
 
@@ -118,7 +122,7 @@ def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
         bf16_adapters=True,
         packing=True,
     )
-    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update"]
+    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update", "uncast_adapter_inputs"]
     assert [note.split(":")[0] for note in notes] == ["flex_attention", "compile_blocks", "liger", "bf16_adapters"]
     assert "sm_80" in notes[0] and "sm_75" in notes[0] and "grad scaler" in notes[3]
     assert "never run compiled" in decided((9, 0), "bf16", "lora8", FULL, compile_blocks=True)[1][0]
@@ -127,6 +131,45 @@ def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
     # levers that run anywhere stay on where the machine would not choose them
     cpu, notes = decided(None, "fp32", packing=True, one_sync_optimizer=True)
     assert notes == [] and cpu.on() == ["packing", "one_sync_optimizer"]
+
+
+def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
+    """Under autocast, fp32 adapters on a 16-bit base give the same loss and gradients without PEFT's input casts;
+    without autocast PEFT's cast stays (else the fp32 adapters would refuse the 16-bit input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.casts += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def run(uncast):
+        model, _ = load_model("embedded")
+        model.to(torch.bfloat16)
+        torch.manual_seed(1)
+        model = add_lora(model, LoraSettings(r=8, dropout=0.0))
+        speed.upcast_trainable_params(model)  # fp32 adapters, as PEFT keeps them on a 16-bit base
+        if uncast:
+            assert speed.uncast_adapter_inputs(model) == 7 * model.config.num_hidden_layers
+        counter = CountCasts()
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        with torch.no_grad():  # no autocast: PEFT's cast is what lets the fp32 adapters read the bf16 input
+            logits = model(input_ids=ids[:, :8]).logits
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.casts, logits
+
+    loss, grads, casts, logits = run(uncast=False)
+    uncast_loss, uncast_grads, uncast_casts, uncast_logits = run(uncast=True)
+    assert uncast_loss.item() == loss.item()
+    for name, grad in grads.items():
+        torch.testing.assert_close(uncast_grads[name], grad, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(uncast_logits, logits, rtol=0, atol=0)
+    assert uncast_casts < casts - 7 * 30  # at least one cast fewer per LoRA layer
 
 
 def test_off_is_the_stock_recipe():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from lora_kit import (
     LoraSettings,
@@ -228,6 +229,81 @@ def test_tiled_layers_give_the_untiled_loss_and_gradients():
     assert grads.keys() == tiled_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_tiled_mlp_runs_twice_per_step_and_not_again_in_the_layer_recompute():
+    """Forward and backward only: under gradient checkpointing the layer's recompute does not redo the MLP, except
+    where a norm after the MLP (post_feedforward_layernorm) reads its output, and the gradients stay right there."""
+    from lora_kit.train import tile_layers
+
+    ids = torch.randint(0, 49152, (1, 100), generator=torch.Generator().manual_seed(0))
+
+    def run(tile, norm_after_mlp=False):
+        model, _ = load_model("embedded")
+        torch.manual_seed(1)
+        model = add_lora(model, LoraSettings(r=8, dropout=0.0))
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        layer = model.base_model.model.model.layers[0]
+        tiles = []
+        mlp_forward = layer.mlp.forward
+        layer.mlp.forward = lambda x: tiles.append(x.shape[-2]) or mlp_forward(x)
+        if norm_after_mlp:  # the Gemma 2 / OLMo 2 shape: the layer norms the MLP's output before the residual add
+            layer.post_feedforward_layernorm = nn.LayerNorm(model.config.hidden_size)
+        if tile:
+            tile_layers(model, tokens=tile)
+        if norm_after_mlp:
+            layer.mlp.forward = lambda x, mlp=layer.mlp.forward: layer.post_feedforward_layernorm(mlp(x))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return tiles, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    untiled, grads = run(None)
+    assert untiled == [100, 100]  # forward, then the layer's recompute
+    tiled, tiled_grads = run(40)
+    assert tiled == [40, 40, 20] * 2  # forward, then each tile again in the MLP's backward: no recompute
+    for name, grad in grads.items():
+        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    normed, normed_grads = run(None, norm_after_mlp=True)
+    tiled_normed, tiled_normed_grads = run(40, norm_after_mlp=True)
+    assert tiled_normed == [40, 40, 20] * 3  # the recompute must give the norm the MLP's real output
+    for name, grad in normed_grads.items():
+        torch.testing.assert_close(tiled_normed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_tiled_mlp_redoes_its_tiles_with_the_forward_passes_dropout_and_autocast():
+    """The MLP's backward redoes each tile as its forward did: the same dropout masks (so the gradients equal a
+    checkpoint's per tile) and the same autocast (16-bit matrix products under mixed precision)."""
+    from lora_kit.train import _tiled
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 8))
+    x = torch.randn(2, 30, 8)
+    weights = torch.linspace(-1, 1, 8)
+
+    def grads(checkpointed):
+        torch.manual_seed(1)
+        mlp.zero_grad()
+        part = x.clone().requires_grad_()
+        (_tiled(mlp.forward, 7, checkpointed=checkpointed)(part) * weights).sum().backward()
+        return [part.grad, *(p.grad for p in mlp.parameters())]
+
+    for mine, checkpoints in zip(grads(checkpointed=False), grads(checkpointed=True)):
+        torch.testing.assert_close(mine, checkpoints, rtol=1e-5, atol=1e-6)
+
+    # Autocast as in the forward pass, and the run's own saved-tensor hooks (activation offloading keeps them on
+    # through the backward pass) never see the tiles redone there.
+    dtypes, packed = [], []
+    mlp[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    part = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _tiled(mlp.forward, 7, checkpointed=False)(part)
+        loss = (out.float() * weights).sum()
+        in_forward = len(packed)
+        loss.backward()
+    assert dtypes == [torch.bfloat16] * 2 * 5  # 5 tiles of 30 tokens, in the forward and again in the backward
+    assert in_forward > 0 and len(packed) == in_forward
 
 
 def test_build_trainer_tiles_the_layers_when_asked(tmp_path, capsys):
