@@ -72,6 +72,10 @@ class Levers:
     bf16_adapters: bool | None = None
     """Keep the bf16 adapters TRL gives a quantized model (less memory, same speed, as in the QLoRA paper's code).
     None: on for bf16 QLoRA; fp16 runs (their grad scaler) and fp32 runs need fp32."""
+    fused_norms: bool | None = None
+    """torch's fused RMSNorm kernel (``F.rms_norm``: one pass, fp32 inside) for the Llama-family norms, whose own code
+    writes fp32 copies of the hidden states in six passes; the output differs by at most a 16-bit rounding. None: on
+    for a GPU in 16 bits where Liger's RMSNorm is off (it fuses them already)."""
     uncast_adapter_inputs: bool | None = None
     """Under mixed precision, fp32 adapters take their 16-bit input as it is: PEFT casts it to fp32 and autocast casts
     it straight back before the matrix product, a round trip of every projection's input (and of its gradient) that
@@ -155,6 +159,8 @@ class Levers:
             lean_update=choose("lean_update", gpu, untested),
             bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16),
         )
+        fused = choose("fused_norms", gpu and sixteen_bit and not liger)
+        decided = replace(decided, fused_norms=fused)
         fp32_adapters = sixteen_bit and not decided.bf16_adapters
         uncast = choose("uncast_adapter_inputs", gpu and fp32_adapters and not compiled)
         return replace(decided, uncast_adapter_inputs=uncast), notes
@@ -216,6 +222,9 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
         n = upcast_trainable_params(trainer.model)
         if n:
             done.append(f"adapters: {n} tensors cast to fp32")
+    if levers.fused_norms:
+        n = fuse_norms(trainer.model)
+        done.append(f"norms: {n} RMSNorms run torch's fused kernel")
     if levers.uncast_adapter_inputs:
         n = uncast_adapter_inputs(trainer.model)
         done.append(f"adapters: the inputs of {n} LoRA layers stay 16-bit under autocast")
@@ -435,6 +444,30 @@ def upcast_trainable_params(model) -> int:
             param.data = param.data.float()
             n += 1
     return n
+
+
+# The RMSNorms that compute weight * (x / rms(x) in fp32, cast back to x's dtype), which F.rms_norm computes in one.
+_LLAMA_FORMULA_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def fuse_norms(model) -> int:
+    """Run each Llama-formula RMSNorm of ``model`` through ``F.rms_norm``; returns how many."""
+    norms = [m for m in model.modules() if type(m).__name__ in _LLAMA_FORMULA_NORMS]
+    for norm in norms:
+        if not getattr(norm, "_lora_kit_fused", False):
+            norm.forward = types.MethodType(_fused_rms_norm, norm)
+            norm._lora_kit_fused = True
+    return len(norms)
+
+
+def _fused_rms_norm(norm, x):
+    import torch
+    import torch.nn.functional as F
+
+    # The model's output dtype (weight times x cast back); the fused kernel wants both in it, and no autocast.
+    dtype = torch.promote_types(x.dtype, norm.weight.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x.to(dtype), norm.weight.shape, norm.weight.to(dtype), norm.variance_epsilon)
 
 
 def uncast_adapter_inputs(model) -> int:

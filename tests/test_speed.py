@@ -59,13 +59,14 @@ def test_cpu_gets_no_lever():
     assert speed.sft_settings(levers) == {}
 
 
-def test_t4_gets_packing_the_optimizer_levers_and_uncast_adapter_inputs_only():
+def test_t4_gets_packing_and_the_levers_without_triton_only():
     levers, _ = decided((7, 5), "fp16", lengths=CHAT)
-    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update", "uncast_adapter_inputs"]
+    t4 = ["one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs"]
+    assert levers.on() == ["packing", *t4]
     assert speed.sft_settings(levers) == {"packing": True, "packing_strategy": "bfd"}
     # data that fill max_length: nothing to pack, accumulation kept
     levers, _ = decided((7, 5), "fp16", lengths=FULL)
-    assert levers.on() == ["one_sync_optimizer", "lean_update", "uncast_adapter_inputs"]
+    assert levers.on() == t4
     assert speed.batch_shape(4, 4, levers) == (4, 4)
 
 
@@ -74,6 +75,7 @@ def test_h100_decides_per_data_shape():
     chat, _ = decided((9, 0), "bf16", lengths=CHAT)
     assert (chat.packing, chat.flex_attention, chat.compile_blocks, chat.bf16_adapters) == (True, True, False, True)
     assert (chat.liger, chat.liger_rope) == (liger, liger)  # nothing compiled: Liger keeps its RoPE
+    assert chat.fused_norms == (not liger)  # Liger's RMSNorm is fused already
     assert (chat.one_sync_optimizer, chat.lean_update, chat.autotune_pointwise) == (True, True, False)
     full, _ = decided((9, 0), "bf16", lengths=FULL)
     assert (full.packing, full.flex_attention, full.compile_blocks) == (False, False, True)
@@ -122,7 +124,7 @@ def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
         bf16_adapters=True,
         packing=True,
     )
-    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update", "uncast_adapter_inputs"]
+    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs"]
     assert [note.split(":")[0] for note in notes] == ["flex_attention", "compile_blocks", "liger", "bf16_adapters"]
     assert "sm_80" in notes[0] and "sm_75" in notes[0] and "grad scaler" in notes[3]
     assert "never run compiled" in decided((9, 0), "bf16", "lora8", FULL, compile_blocks=True)[1][0]
@@ -170,6 +172,24 @@ def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
         torch.testing.assert_close(uncast_grads[name], grad, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(uncast_logits, logits, rtol=0, atol=0)
     assert uncast_casts < casts - 7 * 30  # at least one cast fewer per LoRA layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_give_the_models_norms_to_a_rounding(dtype):
+    model, _ = load_model("embedded")
+    model.to(dtype)
+    x = torch.randn(2, 16, model.config.hidden_size, dtype=dtype)
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    norms[0].weight.data.normal_()
+    own = [norm(x) for norm in norms[:2]]
+    assert speed.fuse_norms(model) == len(norms) == 2 * model.config.num_hidden_layers + 1
+    fused = [norm(x) for norm in norms[:2]]
+    for mine, theirs in zip(fused, own):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs, rtol=1e-6 if dtype == torch.float32 else 2e-2, atol=1e-6)
+    # fp32 norm weights (PEFT's k-bit preparation) on a 16-bit input give fp32, as the model's own code does
+    norms[0].weight.data = norms[0].weight.data.float()
+    assert norms[0](x.to(torch.float16)).dtype == torch.float32
 
 
 def test_off_is_the_stock_recipe():
