@@ -513,21 +513,29 @@ def tile_layers(model, tokens: int | None = None) -> tuple[int, int]:
             if not getattr(module, "_lora_kit_tiled", False):
                 # A norm after the MLP (Gemma 2, OLMo 2: post_feedforward_layernorm) reads its output in the recompute.
                 last = not is_norm and not any("feedforward" in n for n, _ in parent.named_children())
-                module.forward = _tiled(module.forward, tile, checkpointed=is_norm, output_unread_in_recompute=last)
+                module.forward = _tiled(
+                    module.forward,
+                    tile,
+                    checkpointed=is_norm,
+                    output_unread_in_recompute=last,
+                    params=module.parameters,
+                )
                 module._lora_kit_tiled = True
             norms += is_norm
             mlps += not is_norm
     return mlps, norms
 
 
-def _tiled(forward, tile: int, checkpointed: bool = True, output_unread_in_recompute: bool = False):
+def _tiled(forward, tile: int, checkpointed: bool = True, output_unread_in_recompute: bool = False, params=tuple):
+    """``forward`` over tiles of ``tile`` tokens. ``params`` gives the module's parameters at each call (adapters
+    added after tiling count too), whose gradients the ``_TiledMLP`` of an unchecked tiling returns."""
     from torch.utils.checkpoint import checkpoint
 
     def tiled_forward(x):
         if x.shape[-2] <= tile:
             return forward(x)
         if torch.is_grad_enabled() and not checkpointed:
-            return _TiledMLP.apply(x, forward, tile, output_unread_in_recompute)
+            return _TiledMLP.apply(x, forward, tile, output_unread_in_recompute, *params())
         parts = x.split(tile, dim=-2)
         if torch.is_grad_enabled():
             outs = [checkpoint(forward, part, use_reentrant=False) for part in parts]
@@ -551,7 +559,8 @@ class _TiledMLP(torch.autograd.Function):
     """An MLP over the sequence in tiles that keeps only its input for the backward pass (as Arctic's TiledMLP).
 
     The backward pass redoes one tile at a time with gradients on and backpropagates it at once, so one tile's
-    intermediates are alive at a time; the adapters' gradients gather in their ``.grad`` as in any backward pass.
+    intermediates are alive at a time. The module's parameters are inputs of the Function and their gradients, summed
+    over the tiles, its outputs: each reaches ``.grad`` once per backward pass, as DistributedDataParallel expects.
     Under gradient checkpointing the layer's recompute, which runs inside the backward pass, only needs the MLP to
     keep its input again. Where the layer adds the MLP's output to the residual stream and nothing else reads it
     (``output_unread_in_recompute``), the recompute skips the MLP, so each tile's MLP runs twice per step (forward,
@@ -559,8 +568,8 @@ class _TiledMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, forward, tile, output_unread_in_recompute):
-        ctx.forward, ctx.tile = forward, tile
+    def forward(ctx, x, forward, tile, output_unread_in_recompute, *params):
+        ctx.forward, ctx.tile, ctx.params = forward, tile, params
         ctx.save_for_backward(x)
         # The backward pass redoes the tiles as the forward pass did them: same autocast, same dropout masks.
         device = x.device.type
@@ -576,7 +585,8 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        x_grads = []
+        wanted = [p for p, needed in zip(ctx.params, ctx.needs_input_grad[4:]) if needed]
+        x_grads, param_grads = [], [None] * len(wanted)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.set_rng_state(ctx.rng[0])
             if x.is_cuda:
@@ -587,9 +597,16 @@ class _TiledMLP(torch.autograd.Function):
                 # pass and would take this tile's intermediates to its stash, where they outlive the tile.
                 with torch.enable_grad(), torch.autocast(**ctx.autocast), _kept_on_device():
                     out = ctx.forward(part)
-                torch.autograd.backward(out, part_grad)
-                x_grads.append(part.grad)
-        return (torch.cat(x_grads, dim=-2) if ctx.needs_input_grad[0] else None), None, None, None
+                inputs = [part, *wanted] if ctx.needs_input_grad[0] else wanted
+                grads = list(torch.autograd.grad(out, inputs, part_grad, allow_unused=True))
+                if ctx.needs_input_grad[0]:
+                    x_grads.append(grads.pop(0))
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+        found = iter(param_grads)
+        params = [next(found) if needed else None for needed in ctx.needs_input_grad[4:]]
+        return (torch.cat(x_grads, dim=-2) if ctx.needs_input_grad[0] else None), None, None, None, *params
 
 
 def _kept_on_device():

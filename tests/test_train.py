@@ -285,7 +285,7 @@ def test_a_tiled_mlp_redoes_its_tiles_with_the_forward_passes_dropout_and_autoca
         torch.manual_seed(1)
         mlp.zero_grad()
         part = x.clone().requires_grad_()
-        (_tiled(mlp.forward, 7, checkpointed=checkpointed)(part) * weights).sum().backward()
+        (_tiled(mlp.forward, 7, checkpointed, params=mlp.parameters)(part) * weights).sum().backward()
         return [part.grad, *(p.grad for p in mlp.parameters())]
 
     for mine, checkpoints in zip(grads(checkpointed=False), grads(checkpointed=True)):
@@ -298,12 +298,28 @@ def test_a_tiled_mlp_redoes_its_tiles_with_the_forward_passes_dropout_and_autoca
     part = x.clone().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = _tiled(mlp.forward, 7, checkpointed=False)(part)
+            out = _tiled(mlp.forward, 7, checkpointed=False, params=mlp.parameters)(part)
         loss = (out.float() * weights).sum()
         in_forward = len(packed)
         loss.backward()
     assert dtypes == [torch.bfloat16] * 2 * 5  # 5 tiles of 30 tokens, in the forward and again in the backward
     assert in_forward > 0 and len(packed) == in_forward
+
+
+def test_a_tiled_mlp_gives_each_parameter_its_gradient_once_per_backward_pass():
+    """DistributedDataParallel marks a parameter ready each time its gradient is accumulated, and refuses a second."""
+    from lora_kit.train import _tiled
+
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 8))
+    mlp[0].bias.requires_grad_(False)  # a frozen parameter gets no gradient
+    accumulated = []
+    for param in mlp.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.shape))
+    x = torch.randn(1, 30, 8, requires_grad=True)
+    _tiled(mlp.forward, 7, checkpointed=False, params=mlp.parameters)(x).sum().backward()
+    assert sorted(accumulated) == sorted(p.shape for p in mlp.parameters() if p.requires_grad)  # 5 tiles, once each
+    assert mlp[0].bias.grad is None and x.grad is not None
 
 
 def test_build_trainer_tiles_the_layers_when_asked(tmp_path, capsys):
