@@ -32,6 +32,13 @@ def state():
         int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "The launcher (accelerate launch --num_processes, torchrun --nproc_per_node) started {n} processes on this machine",
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        # accelerate shards with FSDP only on GPUs: on a CPU it would quietly train unsharded copies instead.
+        raise LoraKitError(
+            "The launch asks for FSDP (an accelerate config with distributed_type: FSDP, or --use_fsdp), which "
+            "shards the model over GPUs, and this machine has none. On CPUs, launch data parallel instead: "
+            "accelerate launch --config_file configs/accelerate/ddp.yaml ..., or lora-kit train CONFIG --processes N."
+        )
     return PartialState(
         # Without a GPU, accelerate takes processes launched together for separate runs unless told cpu=True.
         cpu=not torch.cuda.is_available(),

@@ -153,6 +153,12 @@ def test_a_launch_of_more_processes_than_gpus_stops_before_accelerate_starts(mon
         distributed.state()
 
 
+def test_fsdp_asked_for_on_a_cpu_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    with pytest.raises(LoraKitError, match=r"asks for FSDP.*this machine has none.*configs/accelerate/ddp.yaml"):
+        distributed.state()
+
+
 def test_the_launch_command_runs_lora_kit_through_accelerate(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     launched = distributed.launch_command(2, ["train", "my.yaml"], CPU)
