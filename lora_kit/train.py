@@ -98,10 +98,11 @@ class TrainSettings:
     per token for a 7B model. CUDA only."""
     tile_layers: bool = False
     """Run the per-token parts of each decoder layer, its MLP and RMSNorms, over the sequence in tiles of hidden_size
-    tokens, each tile under a checkpoint of its own (the tiled MLP of Arctic long-sequence training, extended to the
-    norms). A long sample's MLP intermediates (four tensors of tokens x intermediate_size, 4 GiB at 49k tokens on a
-    7B) and the norms' fp32 copies then never exist whole, so longer samples fit: with offload_activations, the
-    longest context on a T4. These parts run once more in the backward pass, and the blocks are not compiled."""
+    tokens (the tiled MLP of Arctic long-sequence training, extended to the norms): the MLP keeps only its input and
+    redoes its tiles in its backward pass, each norm tile runs under a checkpoint of its own. A long sample's MLP
+    intermediates (four tensors of tokens x intermediate_size, 4 GiB at 49k tokens on a 7B) and the norms' fp32 copies
+    then never exist whole, so longer samples fit: with offload_activations, the longest context on a T4. The norms
+    run once more in the backward pass, and the blocks are not compiled."""
     logging_steps: int = 1
     save_steps: int = 50
     """Checkpoint every this many steps (keep 2), so a Colab disconnect loses little."""
