@@ -479,15 +479,16 @@ def uncast_adapter_inputs(model) -> int:
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     for layer in layers:
         if not getattr(layer, "_lora_kit_uncast", False):
-            layer.register_forward_pre_hook(_cast_only_without_autocast)
+            layer.register_forward_pre_hook(_cast_only_without_autocast, with_kwargs=True)
             layer._lora_kit_uncast = True
     return len(layers)
 
 
-def _cast_only_without_autocast(layer, args) -> None:
+def _cast_only_without_autocast(layer, args, kwargs) -> None:
     import torch
 
-    layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(args[0].device.type)
+    x = args[0] if args else kwargs.get("x")
+    layer.cast_input_dtype_enabled = not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type))
 
 
 def compile_layers(model, autotune_pointwise: bool = False) -> int:

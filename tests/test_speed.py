@@ -163,6 +163,9 @@ def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
             loss.backward()
         with torch.no_grad():  # no autocast: PEFT's cast is what lets the fp32 adapters read the bf16 input
             logits = model(input_ids=ids[:, :8]).logits
+            q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+            hidden = torch.ones(1, 2, model.config.hidden_size, dtype=torch.bfloat16)
+            assert q_proj(x=hidden).dtype == q_proj(hidden).dtype  # called by keyword too
         return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.casts, logits
 
     loss, grads, casts, logits = run(uncast=False)
