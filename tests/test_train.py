@@ -204,43 +204,17 @@ def test_levers_forced_on_the_cpu(tmp_path, capsys):
     assert "liger: asked for, but it is Triton code" in out and "Speed levers on: packing" in out
 
 
-def test_tiled_layers_give_the_untiled_loss_and_gradients():
-    # 128 tokens in tiles of 48 (the last one shorter). Dropout 0: tiles draw their dropout masks in other pieces.
+def test_tiled_layers_give_the_untiled_loss_and_gradients_and_the_mlp_runs_twice_per_step():
+    """Under gradient checkpointing a tiled MLP runs in the forward and in its backward, not in the layer's recompute,
+    except where a norm after the MLP (post_feedforward_layernorm) reads its output; loss and gradients are the
+    untiled ones. 128 tokens in tiles of 48 (the last one shorter); dropout 0, as tiles draw their masks in pieces."""
     from lora_kit.train import tile_layers
 
     ids = torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads(tile):
-        model, _ = load_model("embedded")
-        torch.manual_seed(1)  # the same random lora_A in both models
-        model = add_lora(model, LoraSettings(r=8, dropout=0.0))
-        model.gradient_checkpointing_enable({"use_reentrant": False})
-        model.train()
-        if tile:
-            layers = model.config.num_hidden_layers
-            assert tile_layers(model, tokens=tile) == (layers, 2 * layers + 1)  # and the final norm
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    loss, grads = loss_and_grads(None)
-    tiled_loss, tiled_grads = loss_and_grads(48)
-    assert tiled_loss == pytest.approx(loss, rel=1e-5)
-    assert grads.keys() == tiled_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_a_tiled_mlp_runs_twice_per_step_and_not_again_in_the_layer_recompute():
-    """Forward and backward only: under gradient checkpointing the layer's recompute does not redo the MLP, except
-    where a norm after the MLP (post_feedforward_layernorm) reads its output, and the gradients stay right there."""
-    from lora_kit.train import tile_layers
-
-    ids = torch.randint(0, 49152, (1, 100), generator=torch.Generator().manual_seed(0))
-
     def run(tile, norm_after_mlp=False):
         model, _ = load_model("embedded")
-        torch.manual_seed(1)
+        torch.manual_seed(1)  # the same random lora_A in every model
         model = add_lora(model, LoraSettings(r=8, dropout=0.0))
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.train()
@@ -251,24 +225,27 @@ def test_a_tiled_mlp_runs_twice_per_step_and_not_again_in_the_layer_recompute():
         if norm_after_mlp:  # the Gemma 2 / OLMo 2 shape: the layer norms the MLP's output before the residual add
             layer.post_feedforward_layernorm = nn.LayerNorm(model.config.hidden_size)
         if tile:
-            tile_layers(model, tokens=tile)
+            layers = model.config.num_hidden_layers
+            assert tile_layers(model, tokens=tile) == (layers, 2 * layers + 1 + norm_after_mlp)  # and the final norm
         if norm_after_mlp:
             layer.mlp.forward = lambda x, mlp=layer.mlp.forward: layer.post_feedforward_layernorm(mlp(x))
-        model(input_ids=ids, labels=ids).loss.backward()
-        return tiles, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), tiles, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    untiled, grads = run(None)
-    assert untiled == [100, 100]  # forward, then the layer's recompute
-    tiled, tiled_grads = run(40)
-    assert tiled == [40, 40, 20] * 2  # forward, then each tile again in the MLP's backward: no recompute
-    for name, grad in grads.items():
-        torch.testing.assert_close(tiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    def assert_same(tiled, untiled):
+        assert tiled[0] == pytest.approx(untiled[0], rel=1e-5)
+        assert tiled[2].keys() == untiled[2].keys()
+        for name, grad in untiled[2].items():
+            torch.testing.assert_close(tiled[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
-    normed, normed_grads = run(None, norm_after_mlp=True)
-    tiled_normed, tiled_normed_grads = run(40, norm_after_mlp=True)
-    assert tiled_normed == [40, 40, 20] * 3  # the recompute must give the norm the MLP's real output
-    for name, grad in normed_grads.items():
-        torch.testing.assert_close(tiled_normed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    untiled, tiled = run(None), run(48)
+    assert untiled[1] == [128, 128]  # forward, then the layer's recompute
+    assert tiled[1] == [48, 48, 32] * 2  # forward, then each tile again in the MLP's backward: no recompute
+    assert_same(tiled, untiled)
+    normed_untiled, normed = run(None, norm_after_mlp=True), run(48, norm_after_mlp=True)
+    assert normed[1] == [48, 48, 32] * 3  # the recompute gives the norm the MLP's real output
+    assert_same(normed, normed_untiled)
 
 
 def test_a_tiled_mlp_redoes_its_tiles_with_the_forward_passes_dropout_and_autocast():
