@@ -125,6 +125,7 @@ def autofit_points(budgets: list[float], max_length: int) -> list[dict]:
                     r=r,
                     gc=choice.gradient_checkpointing,
                     packing=False,
+                    offload=choice.offload_activations,
                     budget_gib=budget,
                     steps=AUTOFIT_STEPS,
                     estimated_device_gib=round(choice.estimate.device_gib, 3),

@@ -203,9 +203,29 @@ def test_fit_settings_picks_the_largest_micro_batch_that_fits(c7):
     short = memory.fit_settings(c7, "qlora", 12.0, max_length=32768, r=64, optimizer="paged_adamw_32bit")
     assert short.max_length < 32768 and "halved" in short.reasons["max_length"]
     assert "tile_layers=True" in short.reasons["max_length"]  # and where longer samples would fit
+    assert short.offload_activations  # block inputs in CPU RAM fit a longer sample than on the GPU
     # A small model with room to spare runs without checkpointing when the same micro-batch fits.
     small = memory.fit_settings(smollm2_135m_config(), "lora", 80.0, max_length=512, max_micro_batch=4)
     assert small.micro_batch_size == 4 and not small.gradient_checkpointing
+
+
+def test_fit_settings_offloads_activations_only_where_that_fits_a_longer_sample(c7):
+    long = dict(r=64, optimizer="paged_adamw_32bit", precision="fp16", fp32_norms=False, tile_layers=True)
+    usable = 15.0 * 0.9
+    choice = memory.fit_settings(c7, "qlora", 15.0, max_length=16384, **long)
+    assert choice.offload_activations and choice.gradient_checkpointing and choice.max_length == 16384
+    assert "fits only with each block's input in CPU RAM" in choice.reasons["offload_activations"]
+    assert "offload_activations = True" in str(choice)
+    on_gpu = memory.memory_breakdown(c7, "qlora", micro_batch=1, seq_len=16384, **long)
+    assert choice.estimate.device_gib <= usable < on_gpu.device_gib  # without offloading it would not fit
+    asked = memory.fit_settings(c7, "qlora", 15.0, max_length=16384, offload_activations=False, **long)
+    assert (
+        not asked.offload_activations
+        and asked.max_length < 16384
+        and asked.reasons["offload_activations"] == "as asked"
+    )
+    short = memory.fit_settings(c7, "qlora", 15.0, max_length=1024, **long)
+    assert not short.offload_activations and "(faster)" in short.reasons["offload_activations"]
 
 
 def test_fit_settings_says_when_not_even_the_weights_fit(c7):
