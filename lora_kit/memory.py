@@ -583,6 +583,11 @@ def fit_settings(
     Raises a LoraKitError naming the numbers when not even the weights fit.
     """
     usable = budget_gib * (1 - margin)
+    if offload_activations and gradient_checkpointing is False:
+        raise LoraKitError(
+            "offload_activations=True with gradient_checkpointing=False: what goes to CPU RAM is each checkpointed "
+            "layer's input, so offloading needs checkpointing. Leave gradient_checkpointing at None or True."
+        )
 
     def need(micro_batch, length, checkpointing, offload=False):
         return memory_breakdown(

@@ -226,6 +226,8 @@ def test_fit_settings_offloads_activations_only_where_that_fits_a_longer_sample(
     )
     short = memory.fit_settings(c7, "qlora", 15.0, max_length=1024, **long)
     assert not short.offload_activations and "(faster)" in short.reasons["offload_activations"]
+    with pytest.raises(LoraKitError, match="offloading needs checkpointing"):
+        memory.fit_settings(c7, "qlora", 15.0, offload_activations=True, gradient_checkpointing=False)
 
 
 def test_fit_settings_says_when_not_even_the_weights_fit(c7):
