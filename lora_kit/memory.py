@@ -621,10 +621,9 @@ def fit_settings(
 
     reasons = {}
     kept_on_gpu = longest(False)
-    offload = offload_activations is True or (
-        offload_activations is None and gradient_checkpointing is not False and longest(True) > kept_on_gpu
-    )
-    length = longest(True) if offload else kept_on_gpu
+    offloaded = longest(True) if offload_activations is not False and gradient_checkpointing is not False else 0
+    offload = offload_activations is True or (offload_activations is None and offloaded > kept_on_gpu)
+    length = offloaded if offload else kept_on_gpu
     if offload_activations is not None:
         reasons["offload_activations"] = "as asked"
     elif offload:

@@ -105,7 +105,7 @@ class Levers:
         hardware_capability: (major, minor) such as (9, 0), None for CPU, or an object with `compute_capability`.
         precision: "bf16" | "fp16" | "fp32". method: "lora" | "lora8" | "qlora" | None.
         lengths, max_length: the samples' token counts and cut-off; without them packing is assumed to pay.
-        tiled: TrainSettings.tile_layers, whose tiles each run under a checkpoint of their own, so blocks stay eager.
+        tiled: TrainSettings.tile_layers, which wraps each MLP and norm in tiles of its own, so blocks stay eager.
         """
         cap = _capability(hardware_capability)
         if precision not in VALID_PRECISIONS:
@@ -136,7 +136,7 @@ class Levers:
         no_flex = None if _flex_available() else "this torch has no FlexAttention"
         flex = choose("flex_attention", packing and sixteen_bit, no_triton or no_flex)
         eight_bit = "8-bit bases (bitsandbytes' Linear8bitLt) were never run compiled" if method == "lora8" else None
-        tiles = "tile_layers runs each tile under a checkpoint of its own" if tiled else None
+        tiles = "tile_layers wraps each MLP and norm in tiles of its own" if tiled else None
         compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit or tiles)
         no_liger = None if _importable("liger_kernel") else "liger-kernel is not installed"
         liger = choose("liger", True, no_triton or no_liger)
@@ -148,6 +148,9 @@ class Levers:
             "fp16": "fp16's grad scaler cannot unscale bf16 gradients",
             "fp32": "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)",
         }[precision]
+        one_sync = choose("one_sync_optimizer", gpu, untested)
+        lean = choose("lean_update", gpu, untested)
+        bf16_adapters = choose("bf16_adapters", method == "qlora", not_bf16)
         decided = replace(
             self,
             packing=packing,
@@ -155,15 +158,15 @@ class Levers:
             liger=liger,
             liger_rope=rope,
             compile_blocks=compiled,
-            one_sync_optimizer=choose("one_sync_optimizer", gpu, untested),
-            lean_update=choose("lean_update", gpu, untested),
-            bf16_adapters=choose("bf16_adapters", method == "qlora", not_bf16),
+            one_sync_optimizer=one_sync,
+            lean_update=lean,
+            bf16_adapters=bf16_adapters,
+            fused_norms=choose("fused_norms", gpu and sixteen_bit and not liger),
+            uncast_adapter_inputs=choose(
+                "uncast_adapter_inputs", gpu and sixteen_bit and not bf16_adapters and not compiled
+            ),
         )
-        fused = choose("fused_norms", gpu and sixteen_bit and not liger)
-        decided = replace(decided, fused_norms=fused)
-        fp32_adapters = sixteen_bit and not decided.bf16_adapters
-        uncast = choose("uncast_adapter_inputs", gpu and fp32_adapters and not compiled)
-        return replace(decided, uncast_adapter_inputs=uncast), notes
+        return decided, notes
 
 
 def packing_pays(lengths, max_length: int | None) -> bool:
