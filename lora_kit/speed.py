@@ -81,6 +81,11 @@ class Levers:
     it straight back before the matrix product, a round trip of every projection's input (and of its gradient) that
     changes no value. Without autocast (evaluation outside the trainer) PEFT's cast stays. None: on for a GPU in 16
     bits whose adapters are fp32, outside compiled blocks (Inductor fuses the casts there)."""
+    fused_lora_add: bool | None = None
+    """Under mixed precision, a LoRA layer without dropout adds its update to the base output inside the second
+    adapter product (``addmm`` with the scaling as its alpha) instead of scaling and adding in two more passes over
+    the output (and PEFT's defensive copy of a 4-bit base's output, a third); the sum differs by a 16-bit rounding.
+    None: on for a GPU in 16 bits, outside compiled blocks (Inductor fuses them there)."""
 
     @classmethod
     def off(cls) -> Levers:
@@ -165,6 +170,7 @@ class Levers:
             uncast_adapter_inputs=choose(
                 "uncast_adapter_inputs", gpu and sixteen_bit and not bf16_adapters and not compiled
             ),
+            fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled),
         )
         return decided, notes
 
@@ -231,6 +237,9 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
     if levers.uncast_adapter_inputs:
         n = uncast_adapter_inputs(trainer.model)
         done.append(f"adapters: the inputs of {n} LoRA layers stay 16-bit under autocast")
+    if levers.fused_lora_add:
+        n = fuse_lora_add(trainer.model)
+        done.append(f"adapters: {n} LoRA layers add their update inside the adapter's matrix product")
     if levers.compile_blocks:
         n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
@@ -492,6 +501,57 @@ def _cast_only_without_autocast(layer, args, kwargs) -> None:
 
     x = args[0] if args else kwargs.get("x")
     layer.cast_input_dtype_enabled = not (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type))
+
+
+def fuse_lora_add(model) -> int:
+    """Give each LoRA layer of ``model`` the one-product forward of the ``fused_lora_add`` lever; returns how many.
+    A call it does not cover (no autocast, dropout, several adapters, DoRA, merged weights) runs PEFT's own."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if not getattr(layer, "_lora_kit_fused_add", False):
+            layer.forward = types.MethodType(_fused_lora_forward, layer)
+            layer._lora_kit_fused_add = True
+    return len(layers)
+
+
+def _fused_lora_forward(layer, x, *args, **kwargs):
+    import torch
+
+    adapter = _plain_adapter(layer, x, args, kwargs)
+    if adapter is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x)
+    hidden = layer.lora_A[adapter](x)
+    if result.dtype != torch.get_autocast_dtype(x.device.type):  # a base output autocast would cast: PEFT's sum
+        return result + layer.lora_B[adapter](hidden) * layer.scaling[adapter]
+    # Out of place, so PEFT's copy of a 4-bit output (against in-place changes of a view) has nothing to guard.
+    update = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        hidden.reshape(-1, hidden.shape[-1]),
+        layer.lora_B[adapter].weight.t(),
+        alpha=layer.scaling[adapter],
+    )
+    return update.view(result.shape)
+
+
+def _plain_adapter(layer, x, args, kwargs) -> str | None:
+    """The one active adapter a call adds as ``x A^T B^T * scaling`` under autocast, or None."""
+    import torch
+
+    if args or kwargs or not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    adapter = layer.active_adapters[0]
+    if adapter not in layer.lora_A or adapter in getattr(layer, "lora_variant", {}):
+        return None
+    if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity) or layer.lora_B[adapter].bias is not None:
+        return None
+    if not isinstance(layer.lora_A[adapter], torch.nn.Linear):
+        return None
+    return adapter
 
 
 def compile_layers(model, autotune_pointwise: bool = False) -> int:

@@ -61,7 +61,7 @@ def test_cpu_gets_no_lever():
 
 def test_t4_gets_packing_and_the_levers_without_triton_only():
     levers, _ = decided((7, 5), "fp16", lengths=CHAT)
-    t4 = ["one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs"]
+    t4 = ["one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs", "fused_lora_add"]
     assert levers.on() == ["packing", *t4]
     assert speed.sft_settings(levers) == {"packing": True, "packing_strategy": "bfd"}
     # data that fill max_length: nothing to pack, accumulation kept
@@ -87,6 +87,7 @@ def test_h100_decides_per_data_shape():
     assert not decided((9, 0), "bf16", "lora", FULL)[0].bf16_adapters
     assert not decided((9, 0), "bf16", "lora", FULL)[0].uncast_adapter_inputs
     assert decided((9, 0), "bf16", "lora", CHAT)[0].uncast_adapter_inputs
+    assert chat.fused_lora_add and not full.fused_lora_add  # compiled blocks fuse the add themselves
     # an 8-bit base is never compiled; fp32 compute compiles nothing
     assert not decided((9, 0), "bf16", "lora8", FULL)[0].compile_blocks
     assert decided((9, 0), "fp32", "lora", FULL)[0].on() == ["one_sync_optimizer", "lean_update"]
@@ -124,7 +125,14 @@ def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
         bf16_adapters=True,
         packing=True,
     )
-    assert levers.on() == ["packing", "one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs"]
+    assert levers.on() == [
+        "packing",
+        "one_sync_optimizer",
+        "lean_update",
+        "fused_norms",
+        "uncast_adapter_inputs",
+        "fused_lora_add",
+    ]
     assert [note.split(":")[0] for note in notes] == ["flex_attention", "compile_blocks", "liger", "bf16_adapters"]
     assert "sm_80" in notes[0] and "sm_75" in notes[0] and "grad scaler" in notes[3]
     assert "never run compiled" in decided((9, 0), "bf16", "lora8", FULL, compile_blocks=True)[1][0]
@@ -175,6 +183,53 @@ def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
         torch.testing.assert_close(uncast_grads[name], grad, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(uncast_logits, logits, rtol=0, atol=0)
     assert uncast_casts < casts - 7 * 30  # at least one cast fewer per LoRA layer
+
+
+def test_fused_lora_add_is_as_accurate_as_peft_and_saves_passes():
+    """Under autocast the one-product LoRA forward lands as close to an fp32 run as PEFT's scale-then-add does, with
+    fewer elementwise passes; calls it does not cover (dropout, no autocast) give PEFT's result exactly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountPasses(TorchDispatchMode):
+        passes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.passes += func in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.clone.default)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def run(fused, autocast=True, dropout=0.0):
+        model, _ = load_model("embedded")
+        model.to(torch.bfloat16)
+        torch.manual_seed(1)
+        model = add_lora(model, LoraSettings(r=8, dropout=dropout))
+        speed.upcast_trainable_params(model)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; a trained one makes the update count
+                param.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        if fused:
+            assert speed.fuse_lora_add(model) == 7 * model.config.num_hidden_layers
+        if not autocast:
+            model.float()  # the same (bf16-rounded) base weights in fp32: the reference
+        counter = CountPasses()
+        torch.manual_seed(2)
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.passes
+
+    def error(run, reference):  # the mean relative error of the adapters' gradients (bf16 rounding sets its floor)
+        return sum(((run[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference) / len(reference)
+
+    reference = run(fused=False, autocast=False)
+    assert run(fused=True, autocast=False)[0] == reference[0]  # no autocast: PEFT's forward
+    peft, fused = run(fused=False), run(fused=True)
+    assert fused[0] == pytest.approx(reference[0], rel=2e-3)
+    assert error(fused[1], reference[1]) <= 1.5 * error(peft[1], reference[1])
+    assert fused[2] <= peft[2] - 2 * 7 * 30  # the scaling and the add, per LoRA layer
+    with_dropout = run(fused=False, dropout=0.1), run(fused=True, dropout=0.1)
+    assert with_dropout[0][0] == with_dropout[1][0]  # dropout's copy of x: PEFT's forward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
