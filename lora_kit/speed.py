@@ -239,7 +239,11 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
         done.append(f"adapters: the inputs of {n} LoRA layers stay 16-bit under autocast")
     if levers.fused_lora_add:
         n = fuse_lora_add(trainer.model)
-        done.append(f"adapters: {n} LoRA layers add their update inside the adapter's matrix product")
+        done.append(
+            f"adapters: {n} LoRA layers add their update inside the adapter's matrix product"
+            if n
+            else "adapters: LoRA dropout copies each input, so the update is added by PEFT (dropout 0 fuses it)"
+        )
     if levers.compile_blocks:
         n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
@@ -504,11 +508,17 @@ def _cast_only_without_autocast(layer, args, kwargs) -> None:
 
 
 def fuse_lora_add(model) -> int:
-    """Give each LoRA layer of ``model`` the one-product forward of the ``fused_lora_add`` lever; returns how many.
-    A call it does not cover (no autocast, dropout, several adapters, DoRA, merged weights) runs PEFT's own."""
+    """Give each LoRA layer of ``model`` without dropout the one-product forward of the ``fused_lora_add`` lever;
+    returns how many. A call it does not cover (no autocast, several adapters, DoRA, merged weights) runs PEFT's own.
+    """
+    import torch
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, LoraLayer) and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())
+    ]
     for layer in layers:
         if not getattr(layer, "_lora_kit_fused_add", False):
             layer.forward = types.MethodType(_fused_lora_forward, layer)

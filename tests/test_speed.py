@@ -228,8 +228,8 @@ def test_fused_lora_add_is_as_accurate_as_peft_and_saves_passes():
     assert fused[0] == pytest.approx(reference[0], rel=2e-3)
     assert error(fused[1], reference[1]) <= 1.5 * error(peft[1], reference[1])
     assert fused[2] <= peft[2] - 2 * 7 * 30  # the scaling and the add, per LoRA layer
-    with_dropout = run(fused=False, dropout=0.1), run(fused=True, dropout=0.1)
-    assert with_dropout[0][0] == with_dropout[1][0]  # dropout's copy of x: PEFT's forward
+    model = add_lora(load_model("embedded")[0], LoraSettings(r=8, dropout=0.1))
+    assert speed.fuse_lora_add(model) == 0  # dropout copies x anyway: PEFT's forward stays
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
