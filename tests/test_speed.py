@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_kit import LoraSettings, add_lora, load_model, speed
 
@@ -143,18 +144,21 @@ def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
     assert notes == [] and cpu.on() == ["packing", "one_sync_optimizer"]
 
 
+class CountOps(TorchDispatchMode):
+    """How many times the given aten ops ran inside the block."""
+
+    def __init__(self, *ops):
+        super().__init__()
+        self.ops, self.count = ops, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.ops
+        return func(*args, **(kwargs or {}))
+
+
 def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
     """Under autocast, fp32 adapters on a 16-bit base give the same loss and gradients without PEFT's input casts;
     without autocast PEFT's cast stays (else the fp32 adapters would refuse the 16-bit input)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountCasts(TorchDispatchMode):
-        casts = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.casts += func is torch.ops.aten._to_copy.default
-            return func(*args, **(kwargs or {}))
-
     ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
 
     def run(uncast):
@@ -165,7 +169,7 @@ def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
         speed.upcast_trainable_params(model)  # fp32 adapters, as PEFT keeps them on a 16-bit base
         if uncast:
             assert speed.uncast_adapter_inputs(model) == 7 * model.config.num_hidden_layers
-        counter = CountCasts()
+        counter = CountOps(torch.ops.aten._to_copy.default)
         with counter, torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -174,7 +178,7 @@ def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
             q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
             hidden = torch.ones(1, 2, model.config.hidden_size, dtype=torch.bfloat16)
             assert q_proj(x=hidden).dtype == q_proj(hidden).dtype  # called by keyword too
-        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.casts, logits
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.count, logits
 
     loss, grads, casts, logits = run(uncast=False)
     uncast_loss, uncast_grads, uncast_casts, uncast_logits = run(uncast=True)
@@ -188,15 +192,6 @@ def test_uncast_adapter_inputs_changes_no_value_and_saves_the_casts():
 def test_fused_lora_add_is_as_accurate_as_peft_and_saves_passes():
     """Under autocast the one-product LoRA forward lands as close to an fp32 run as PEFT's scale-then-add does, with
     fewer elementwise passes; calls it does not cover (dropout, no autocast) give PEFT's result exactly."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountPasses(TorchDispatchMode):
-        passes = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.passes += func in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.clone.default)
-            return func(*args, **(kwargs or {}))
-
     ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
 
     def run(fused, autocast=True, dropout=0.0):
@@ -212,12 +207,12 @@ def test_fused_lora_add_is_as_accurate_as_peft_and_saves_passes():
             assert speed.fuse_lora_add(model) == 7 * model.config.num_hidden_layers
         if not autocast:
             model.float()  # the same (bf16-rounded) base weights in fp32: the reference
-        counter = CountPasses()
+        counter = CountOps(torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.clone.default)
         torch.manual_seed(2)
         with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.passes
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, counter.count
 
     def error(run, reference):  # the mean relative error of the adapters' gradients (bf16 rounding sets its floor)
         return sum(((run[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference) / len(reference)
