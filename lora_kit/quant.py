@@ -345,6 +345,9 @@ def quantization_of(model) -> str:
     return "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none"
 
 
+METHODS = {"nf4": "qlora", "8bit": "lora8", "none": "lora"}  # the fine-tuning method each base storage calls for
+
+
 def method_of(model) -> str:
     """The fine-tuning method a model's base calls for: "qlora" (NF4), "lora8" (8-bit) or "lora" (16-bit)."""
-    return {"nf4": "qlora", "8bit": "lora8"}.get(quantization_of(model), "lora")
+    return METHODS[quantization_of(model)]

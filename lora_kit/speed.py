@@ -104,6 +104,7 @@ class Levers:
         lengths=None,
         max_length: int | None = None,
         tiled: bool = False,
+        sharded: bool = False,
     ) -> tuple[Levers, list[str]]:
         """These levers with every None answered, and one note per lever forced on that cannot run here (now off).
 
@@ -111,6 +112,8 @@ class Levers:
         precision: "bf16" | "fp16" | "fp32". method: "lora" | "lora8" | "qlora" | None.
         lengths, max_length: the samples' token counts and cut-off; without them packing is assumed to pay.
         tiled: TrainSettings.tile_layers, which wraps each MLP and norm in tiles of its own, so blocks stay eager.
+        sharded: the run is launched with FSDP, which swaps the model's parameters for flat shards; the levers that
+        patch layers or the optimizer were never run on those, and stay off.
         """
         cap = _capability(hardware_capability)
         if precision not in VALID_PRECISIONS:
@@ -127,6 +130,9 @@ class Levers:
             f"(this machine: {'sm_%d%d' % cap if gpu else 'CPU'})"
         )
         notes = []
+        fsdp = (
+            "FSDP replaces the parameters it patches by flat shards, and it was never run on those" if sharded else None
+        )
 
         def choose(name, auto, cannot=None):
             wanted = getattr(self, name)
@@ -142,7 +148,7 @@ class Levers:
         flex = choose("flex_attention", packing and sixteen_bit, no_triton or no_flex)
         eight_bit = "8-bit bases (bitsandbytes' Linear8bitLt) were never run compiled" if method == "lora8" else None
         tiles = "tile_layers wraps each MLP and norm in tiles of its own" if tiled else None
-        compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit or tiles)
+        compiled = choose("compile_blocks", sixteen_bit and not packing, no_triton or eight_bit or tiles or fsdp)
         no_liger = None if _importable("liger_kernel") else "liger-kernel is not installed"
         liger = choose("liger", True, no_triton or no_liger)
         # An 8-bit base, whose blocks would compile but for the base, keeps the torch RoPE it has been run with.
@@ -153,8 +159,8 @@ class Levers:
             "fp16": "fp16's grad scaler cannot unscale bf16 gradients",
             "fp32": "an fp32 run keeps fp32 adapters (bf16 ones made QLoRA diverge on CPU)",
         }[precision]
-        one_sync = choose("one_sync_optimizer", gpu, untested)
-        lean = choose("lean_update", gpu, untested)
+        one_sync = choose("one_sync_optimizer", gpu, untested or fsdp)
+        lean = choose("lean_update", gpu, untested or fsdp)
         bf16_adapters = choose("bf16_adapters", method == "qlora", not_bf16)
         decided = replace(
             self,
@@ -166,11 +172,11 @@ class Levers:
             one_sync_optimizer=one_sync,
             lean_update=lean,
             bf16_adapters=bf16_adapters,
-            fused_norms=choose("fused_norms", gpu and sixteen_bit and not liger),
+            fused_norms=choose("fused_norms", gpu and sixteen_bit and not liger, fsdp),
             uncast_adapter_inputs=choose(
-                "uncast_adapter_inputs", gpu and sixteen_bit and not bf16_adapters and not compiled
+                "uncast_adapter_inputs", gpu and sixteen_bit and not bf16_adapters and not compiled, fsdp
             ),
-            fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled),
+            fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled, fsdp),
         )
         return decided, notes
 

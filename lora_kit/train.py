@@ -448,9 +448,10 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         model = add_lora(model, lora)
     seed_fresh_adapters(model, train.seed)
     method = method_of(model)
+    distributed.check_fsdp(method, precision, train.tile_layers)
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
     levers, notes = train.chosen_levers.decide(
-        detect_hardware(), precision, method, lengths, train.max_length, tiled=train.tile_layers
+        detect_hardware(), precision, method, lengths, train.max_length, train.tile_layers, distributed.fsdp()
     )
     for note in notes:
         print(f"Speed levers: {note}")

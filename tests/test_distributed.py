@@ -159,6 +159,23 @@ def test_fsdp_asked_for_on_a_cpu_is_refused_with_what_to_do(monkeypatch):
         distributed.state()
 
 
+def test_fsdp_refuses_what_it_cannot_shard_before_a_model_loads(monkeypatch):
+    distributed.check_fsdp("lora8", "fp16", tile_layers=True)  # not launched with FSDP: nothing to refuse
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LoraKitError, match=r"cannot shard an 8-bit base.*int8.*Use method 'qlora'.*ddp.yaml"):
+        distributed.check_fsdp("lora8", "bf16")
+    with pytest.raises(LoraKitError, match=r"FSDP with fp16: lora_kit shards bf16 runs only.*--processes N"):
+        distributed.check_fsdp("qlora", "fp16")
+    with pytest.raises(LoraKitError, match=r"tile_layers=True under FSDP.*no gradient.*train.tile_layers: false"):
+        distributed.check_fsdp("qlora", "bf16", tile_layers=True)
+    distributed.check_fsdp("qlora", "bf16")
+    distributed.check_fsdp("lora", "bf16")
+    from lora_kit.models import load_model
+
+    with pytest.raises(LoraKitError, match="cannot shard an 8-bit base"):  # refused before anything is read
+        load_model("no/such-model", "8bit", precision="bf16", hardware=TWO_GPUS)
+
+
 def test_the_launch_command_runs_lora_kit_through_accelerate(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     launched = distributed.launch_command(2, ["train", "my.yaml"], CPU)

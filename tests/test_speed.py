@@ -108,6 +108,18 @@ def test_liger_rope_left_to_inductor_where_blocks_are_compiled(monkeypatch):
     assert forced.compile_blocks and speed.sft_settings(forced) == {"use_liger_kernel": True}
 
 
+def test_under_fsdp_only_the_levers_that_leave_layers_and_optimizer_alone_stay_on():
+    levers, notes = speed.Levers(fused_norms=True).decide((9, 0), "bf16", "qlora", CHAT, 2048, sharded=True)
+    assert levers.packing and levers.flex_attention and levers.bf16_adapters  # data, attention kernel, adapter dtype
+    assert not (levers.one_sync_optimizer or levers.lean_update or levers.fused_norms or levers.fused_lora_add)
+    assert notes == [
+        "fused_norms: asked for, but FSDP replaces the parameters it patches by flat shards, and it was "
+        "never run on those: off"
+    ]
+    full, _ = speed.Levers().decide((9, 0), "bf16", "lora", FULL, 2048, sharded=True)
+    assert not full.compile_blocks and not full.uncast_adapter_inputs
+
+
 def test_a_lever_forced_off_is_off_and_the_rest_still_decide():
     levers, notes = decided((9, 0), "bf16", lengths=CHAT, packing=False)
     assert notes == [] and not levers.packing and not levers.flex_attention  # Flex only pays on packed rows
