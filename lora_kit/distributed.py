@@ -191,6 +191,38 @@ def launch_command(n: int, lora_kit_args: list[str], hardware: Hardware | None =
     return [*command, "-m", "lora_kit", *lora_kit_args]
 
 
+def train_in_processes(settings, n: int, config_path, merge: bool = True, log=print) -> dict:
+    """Train ``settings`` (a CourseSettings) in ``n`` processes from a notebook: the knobs are written as a lora-kit
+    config at ``config_path`` and ``lora-kit train CONFIG --processes n`` runs it, its output passed to ``log`` line
+    by line (a notebook shows a child process's output only this way). Returns the run's results (its JSON line)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from .config import config_text
+    from .files import atomic_file
+
+    config_path = Path(config_path)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(config_path) as partial:
+        partial.write_text(config_text(settings, f"Written by train_in_processes for {n} processes."))
+    command = [sys.executable, "-m", "lora_kit", "train", str(config_path), f"--processes={n}"]
+    command += [] if merge else ["--no-merge"]
+    result = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            if line.startswith('{"model"'):  # the main process's results, the run's last word
+                result = json.loads(line)
+            else:
+                log(line.rstrip("\n"))
+    if proc.returncode != 0 or result is None:
+        raise LoraKitError(
+            f"The run of {config_path} in {n} processes ended with exit status {proc.returncode} and no results; "
+            "its output above says why. The same command in a terminal: " + " ".join(command)
+        )
+    return result
+
+
 __all__ = [
     "state",
     "fsdp",
@@ -205,4 +237,5 @@ __all__ = [
     "keep_one_process_batch",
     "check_processes",
     "launch_command",
+    "train_in_processes",
 ]

@@ -777,6 +777,38 @@ CELLS = [
     else:
         print(f"Skipping the upload: {source}.")
     """),
+    # ------------------------------------------------------------------------------------------ 11 several GPUs
+    md("""
+    ## 11. Two GPUs: the same recipe in two processes
+
+    Kaggle's free notebooks offer two T4s; a notebook kernel trains on one. Data parallel training uses both:
+    `accelerate launch` starts one process per GPU, each holds the whole model and trains on micro-batches of its
+    own, and the gradients are averaged every step, so a step takes about half the time. lora_kit keeps the step
+    the recipe asked for (the gradient accumulation is divided among the processes), so the loss curve is the
+    single-GPU one. The cell writes this notebook's knobs as a `lora-kit` config and runs
+    `lora-kit train CONFIG --processes N` on it, into a folder of its own; only the main process evaluates and
+    saves. The model in this kernel was freed in section 10, so the GPUs are free for the processes.
+
+    A model too large for one GPU even in 4 bits trains sharded instead (FSDP: each GPU holds a part of the
+    weights), on GPUs with bf16 (compute capability 8.0 or newer), from a terminal:
+    `accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml -m lora_kit train CONFIG`.
+    """),
+    code("""
+    from dataclasses import replace
+    from lora_kit.distributed import train_in_processes
+
+    TRAIN_ON_ALL_GPUS = False  # True on a machine with 2 or more GPUs (Kaggle's 2 x T4): trains the recipe on all
+    gpus = torch.cuda.device_count()
+    all_gpus = replace(cfg, output_dir=f"{cfg.output_dir}/all_gpus")
+    recipe_file = f"{all_gpus.output_dir}/recipe.yaml"
+    if TRAIN_ON_ALL_GPUS and gpus > 1:
+        result = train_in_processes(all_gpus, gpus, recipe_file)
+        print(f"{result['processes']} processes, {result['steps']} steps in {result['train_seconds']:.0f} s: "
+              f"{result['score']} {result['before_score']:.3f} -> {result['after_score']:.3f}")
+    else:
+        print(f"This machine has {gpus} GPU(s); nothing launched. With TRAIN_ON_ALL_GPUS = True on 2 or more, this "
+              f"cell writes {recipe_file} and runs: lora-kit train {recipe_file} --processes {max(gpus, 2)}")
+    """),
     # ------------------------------------------------------------------------------------------ troubleshooting
     md("""
     ## Troubleshooting

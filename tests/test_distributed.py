@@ -61,15 +61,20 @@ def one_process(tmp_path_factory):
 
 
 def test_two_cpu_processes_train_as_one_and_only_the_main_one_writes(tmp_path, one_process):
-    proc = command(sys.executable, "-m", "lora_kit", *short_run(tmp_path), "--processes", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lora-kit train: 2 processes, launched as: " in proc.stdout and "accelerate.commands.launch" in proc.stdout
+    # As a notebook launches them: its knobs written as a config, lora-kit train --processes 2 run on it.
+    from lora_kit.config import load_config
+
+    settings = load_config(DEMO, [*SHORT, f"output_dir={tmp_path}"])
+    lines = []
+    result = distributed.train_in_processes(settings, 2, tmp_path / "recipe.yaml", merge=False, log=lines.append)
+    out = "\n".join(lines)
+    assert "lora-kit train: 2 processes, launched as: " in out and "accelerate.commands.launch" in out
     shared = "2 processes (gloo, CPU): micro-batch 2 x 2 processes x grad accumulation 1 = 4 examples per step"
-    assert f"{shared}, same as one process" in proc.stdout
-    assert "process 1, one of 2 processes (gloo, CPU): trained 3 steps" in proc.stdout  # the second rank took part
-    assert proc.stdout.count("[lora_kit] before:") == 1  # only the main process evaluates
-    result = report(proc.stdout)
+    assert f"{shared}, same as one process" in out
+    assert "process 1, one of 2 processes (gloo, CPU): trained 3 steps" in out  # the second rank took part
+    assert out.count("[lora_kit] before:") == 1  # only the main process evaluates
     assert result["processes"] == 2 and result["steps"] == 3
+    (tmp_path / "recipe.yaml").unlink()  # the config the run read, beside its outputs
     assert_one_adapter(tmp_path)
     (checkpoint,) = tmp_path.glob("checkpoints-*/checkpoint-3")
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
