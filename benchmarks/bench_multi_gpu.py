@@ -94,12 +94,19 @@ def worker(args) -> int:
     gpu = torch.cuda.is_available()  # a CPU dry run (--shape tiny) has no GPU memory to report
     numbers = {
         "rank": rank,
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if gpu else 0.0,
+        # training's peak: the main process evaluates (and under FSDP reloads the model whole) after it
+        "peak_allocated_gib": result["train_peak_gib"] if result else _peak(gpu),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3) if gpu else 0.0,
         "result": result,
     }
     Path(args.worker).with_name(f"rank{rank}.json").write_text(json.dumps(numbers, indent=1))
     return 0
+
+
+def _peak(gpu: bool) -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / GIB, 3) if gpu else 0.0
 
 
 def launch(kind: str, n: int, cfg: Path) -> list[str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from .config import CPU
 from .course import CourseSettings, course_settings, load_course_data, scorer_for, system_prompt
 
@@ -70,6 +72,8 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
         train.train(trainer, resume=settings.resume)
     train_seconds = time.time() - t_train
     steps, processes = trainer.state.global_step, trainer.args.world_size
+    # this process's GPU memory peak while training (train.train resets the count as training starts)
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     if distributed.fsdp():
         # Under FSDP each process holds a shard of the adapters, and the sharded model runs only with every process
         # taking part: all of them gather the adapters to the main process, which puts them in a model of its own.
@@ -77,7 +81,8 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
     if not main:
         log(
             f"[lora_kit] process {trainer.args.process_index}, one of {distributed.setup()}: trained "
-            f"{steps} steps; the main process evaluates, saves and reports"
+            f"{steps} steps{f' (GPU memory peak {peak} GiB)' if peak else ''}; the main process evaluates, saves "
+            "and reports"
         )
         return None
     if not distributed.fsdp():
@@ -107,6 +112,7 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
         "steps": steps,
         "processes": processes,
         "train_seconds": round(train_seconds, 1),
+        "train_peak_gib": peak,
         **metrics,
         "adapter_dir": str(adapter_dir),
     }
