@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -246,6 +248,48 @@ def test_tiled_layers_give_the_untiled_loss_and_gradients_and_the_mlp_runs_twice
     normed_untiled, normed = run(None, norm_after_mlp=True), run(48, norm_after_mlp=True)
     assert normed[1] == [48, 48, 32] * 3  # the recompute gives the norm the MLP's real output
     assert_same(normed, normed_untiled)
+
+
+def test_a_tiled_4bit_mlp_dequantizes_each_weight_once_per_pass_and_trains_as_bitsandbytes_does(monkeypatch):
+    """bitsandbytes dequantizes a 4-bit weight at every call; a tiled MLP's tiles share one dequantized copy per pass
+    and multiply by it as plain matrices, so its 4-bit weights go through no bitsandbytes matmul, with the same
+    numbers as when every tile does."""
+    import bitsandbytes
+
+    import lora_kit.train as train_module
+
+    ids = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+    calls, share = [], {"on": True}
+    matmul, once = bitsandbytes.matmul_4bit, train_module._dequantized_once
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", lambda *a, **k: calls.append(1) or matmul(*a, **k))
+    # switched off, each tile's layers dequantize for themselves, as bitsandbytes does
+    monkeypatch.setattr(
+        train_module, "_dequantized_once", lambda f: once(f) if share["on"] else contextlib.nullcontext()
+    )
+
+    def run(shared):
+        model, _ = load_model("embedded", "nf4")
+        torch.manual_seed(1)
+        model = add_lora(model, LoraSettings(r=8, dropout=0.0))
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        train_module.tile_layers(model, tokens=32)  # 3 tiles
+        share["on"] = shared
+        calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss.item()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss, len(calls), grads, model.config.num_hidden_layers
+
+    shared, per_call = run(True), run(False)
+    layers = shared[3]
+    # 4 attention weights in the forward, the layer's recompute and the second forward; the 3 MLP weights, shared,
+    # in none, else in each of 3 tiles in the forward, the MLP's backward and the second forward
+    assert shared[1] == layers * 4 * 3
+    assert per_call[1] == layers * (4 * 3 + 3 * 3 * 3)
+    assert shared[0] == pytest.approx(per_call[0], rel=1e-6)
+    for name, grad in per_call[2].items():
+        torch.testing.assert_close(shared[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_a_tiled_mlp_redoes_its_tiles_with_the_forward_passes_dropout_and_autocast():
