@@ -792,6 +792,8 @@ CELLS = [
     A model too large for one GPU even in 4 bits trains sharded instead (FSDP: each GPU holds a part of the
     weights), on GPUs with bf16 (compute capability 8.0 or newer), from a terminal:
     `accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml -m lora_kit train CONFIG`.
+
+    *Uses `cfg` from section 2.*
     """),
     code("""
     from dataclasses import replace
@@ -802,9 +804,9 @@ CELLS = [
     all_gpus = replace(cfg, output_dir=f"{cfg.output_dir}/all_gpus")
     recipe_file = f"{all_gpus.output_dir}/recipe.yaml"
     if TRAIN_ON_ALL_GPUS and gpus > 1:
-        result = train_in_processes(all_gpus, gpus, recipe_file)
-        print(f"{result['processes']} processes, {result['steps']} steps in {result['train_seconds']:.0f} s: "
-              f"{result['score']} {result['before_score']:.3f} -> {result['after_score']:.3f}")
+        launched = train_in_processes(all_gpus, gpus, recipe_file)
+        print(f"{launched['processes']} processes, {launched['steps']} steps in {launched['train_seconds']:.0f} s: "
+              f"{launched['score']} {launched['before_score']:.3f} -> {launched['after_score']:.3f}")
     else:
         print(f"This machine has {gpus} GPU(s); nothing launched. With TRAIN_ON_ALL_GPUS = True on 2 or more, this "
               f"cell writes {recipe_file} and runs: lora-kit train {recipe_file} --processes {max(gpus, 2)}")
