@@ -611,6 +611,13 @@ def fit_settings(
             "margin. "
             + (f"Try method '{smaller}' (a smaller base), " if smaller else "Try ")
             + "a smaller model, or a GPU with more memory."
+            + (
+                " With several GPUs of compute capability 8.0 or newer, FSDP shares the training among them "
+                "(configs/accelerate/fsdp-qlora.yaml); each GPU still loads the whole model first, and its "
+                f"{floor.weights:.1f} GiB of NF4 weights fit one."
+                if method == "qlora" and floor.weights < usable
+                else ""
+            )
         )
 
     def longest(offload):

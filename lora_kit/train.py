@@ -728,6 +728,12 @@ def train(trainer, resume: bool = True):
     checkpoint, skipped = find_checkpoint(trainer.args.output_dir) if resume else (None, [])
     for note in skipped:
         print(note)
+    if checkpoint and not distributed.fsdp() and os.path.isfile(os.path.join(checkpoint, "pytorch_model_fsdp.bin")):
+        raise LoraKitError(
+            f"{checkpoint} was written by an FSDP run (it holds pytorch_model_fsdp.bin), which only an FSDP launch "
+            "resumes. Launch as that run was (accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml "
+            "...), or train from the start with resume: false."
+        )
     if checkpoint:
         print(f"Resuming from {checkpoint}")
     elif skipped:

@@ -233,8 +233,10 @@ def test_fit_settings_offloads_activations_only_where_that_fits_a_longer_sample(
 def test_fit_settings_says_when_not_even_the_weights_fit(c7):
     with pytest.raises(LoraKitError, match=r"budget is 10\.00 GiB.*Try method 'lora8'"):
         memory.fit_settings(c7, "lora", 10.0)
-    with pytest.raises(LoraKitError, match=r"weights 4\.1 GiB.*a smaller model"):
+    with pytest.raises(LoraKitError, match=r"weights 4\.1 GiB.*a smaller model.*FSDP.*fsdp-qlora.yaml"):
         memory.fit_settings(c7, "qlora", 5.0, r=64, optimizer="paged_adamw_32bit")
+    with pytest.raises(LoraKitError, match=r"a GPU with more memory\.$"):  # not even the weights: no FSDP either
+        memory.fit_settings(c7, "qlora", 4.0, r=64, optimizer="paged_adamw_32bit")
 
 
 def test_as_dict_has_every_component_and_total(c7):

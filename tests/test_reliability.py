@@ -249,6 +249,22 @@ def test_resume_picks_the_newest_complete_checkpoint_and_deletes_nothing(tmp_pat
     assert find_checkpoint(str(tmp_path / "missing")) == (None, [])
 
 
+def test_a_checkpoint_of_an_fsdp_run_is_resumed_only_under_fsdp(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_kit.errors import LoraKitError
+    from lora_kit.train import train
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    for name in ("adapter_model.safetensors", "pytorch_model_fsdp.bin", "trainer_state.json"):
+        (folder / name).write_text("{}")
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path)))  # refused before training starts
+    with pytest.raises(LoraKitError, match=r"checkpoint-4 was written by an FSDP run.*fsdp-qlora.yaml.*resume: false"):
+        train(trainer)
+    assert sorted(p.name for p in folder.iterdir())[1] == "pytorch_model_fsdp.bin"  # nothing deleted
+
+
 def test_a_checkpoint_saved_over_an_older_one_reads_as_unfinished_until_its_state_is_written(tmp_path):
     from types import SimpleNamespace
 
