@@ -139,6 +139,8 @@ def _unsharded(trainer, settings: CourseSettings):
 
     from . import distributed, merge as merging, models, train
 
+    if trainer.accelerator.unwrap_model(trainer.model) is trainer.model:  # a finished run, loaded: never sharded
+        return trainer.model if distributed.is_main_process() else None
     whole = trainer.accelerator.get_state_dict(trainer.model)  # the full state dict, on the main process only
     if not distributed.is_main_process():
         return None

@@ -734,6 +734,8 @@ def train(trainer, resume: bool = True):
             "resumes. Launch as that run was (accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml "
             "...), or train from the start with resume: false."
         )
+    if checkpoint and (done := _finished(checkpoint)):
+        return _load_finished(trainer, checkpoint, done)
     if checkpoint:
         print(f"Resuming from {checkpoint}")
     elif skipped:
@@ -741,6 +743,32 @@ def train(trainer, resume: bool = True):
     if torch.cuda.is_available():  # the peak a report reads afterwards is training's own, not the loading's
         torch.cuda.reset_peak_memory_stats()
     return trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def _finished(checkpoint: str):
+    """The checkpoint's TrainerState when it holds every step of its run (None otherwise)."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
+def _load_finished(trainer, checkpoint: str, state):
+    """A finished run run again: its adapter and history from the last checkpoint, and no step trained.
+
+    transformers' loop checks for the last step only after taking one, so resuming a finished run would train one
+    step past it (and change the adapter) each time the run is started again.
+    """
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers.trainer_utils import TrainOutput
+
+    print(f"{checkpoint} holds all {state.global_step} steps of this run: its adapter is loaded, nothing is retrained.")
+    device = next(trainer.model.parameters()).device
+    set_peft_model_state_dict(trainer.model, load_peft_weights(checkpoint, device=str(device)))
+    trainer.state = state
+    losses = [loss for _, loss in loss_history(trainer)]
+    return TrainOutput(state.global_step, losses[-1] if losses else float("nan"), {"train_runtime": 0.0})
 
 
 def loss_history(trainer) -> list[tuple[int, float]]:

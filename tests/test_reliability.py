@@ -233,6 +233,17 @@ def test_kill_at_a_random_moment_of_training_then_rerun_gives_the_same_adapter(r
     assert _adapter_bytes(tmp_path / "adapter") == reference, where
 
 
+def test_a_finished_run_started_again_trains_no_step_more(reference, tmp_path):
+    # transformers checks for the last step only after taking one: resumed from its last checkpoint, a finished run
+    # would train a fifth step and change its adapter each time the notebook is run again.
+    _finished(_worker("train", tmp_path))
+    again = _worker("train", tmp_path)
+    _finished(again)
+    assert "holds all 4 steps of this run" in again.stdout and "STEP" not in again.stdout
+    assert _adapter_bytes(tmp_path / "adapter") == reference
+    assert sorted(p.name for p in (tmp_path / "run").rglob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_resume_picks_the_newest_complete_checkpoint_and_deletes_nothing(tmp_path):
     for step, state in [(2, "{}"), (4, "{}"), (6, '{"global'), (8, None)]:
         folder = tmp_path / f"checkpoint-{step}"
