@@ -74,10 +74,9 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
     steps, processes = trainer.state.global_step, trainer.args.world_size
     # this process's GPU memory peak while training (train.train resets the count as training starts)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
-    if distributed.fsdp():
-        # Under FSDP each process holds a shard of the adapters, and the sharded model runs only with every process
-        # taking part: all of them gather the adapters to the main process, which puts them in a model of its own.
-        model = _unsharded(trainer, settings)
+    # Under FSDP each process holds a shard of the adapters, and the sharded model runs only with every process
+    # taking part: all of them gather the adapters to the main process, which puts them in a model of its own.
+    model = _unsharded(trainer, settings) if distributed.fsdp() else trainer.model
     if not main:
         log(
             f"[lora_kit] process {trainer.args.process_index}, one of {distributed.setup()}: trained "
@@ -85,8 +84,6 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
             "and reports"
         )
         return None
-    if not distributed.fsdp():
-        model = trainer.model
     after, after_ppl = measure(model)
     log(f"[lora_kit] after {steps} steps ({train_seconds:.0f} s): {name} {after:.3f}, perplexity {after_ppl:.3f}")
 
