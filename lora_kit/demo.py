@@ -136,12 +136,13 @@ def _unsharded(trainer, settings: CourseSettings):
 
     from . import distributed, merge as merging, models, train
 
-    if trainer.accelerator.unwrap_model(trainer.model) is trainer.model:  # a finished run, loaded: never sharded
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    if peft_model is trainer.model:  # a finished run, loaded: never sharded
         return trainer.model if distributed.is_main_process() else None
     whole = trainer.accelerator.get_state_dict(trainer.model)  # the full state dict, on the main process only
     if not distributed.is_main_process():
         return None
-    adapters = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model), state_dict=whole)
+    adapters = get_peft_model_state_dict(peft_model, state_dict=whole)
     del whole
     merging.free_memory(trainer)
     model, _ = models.load_model(settings.model, settings.quantization)

@@ -18,9 +18,12 @@ adapters, their gradients and optimizer states over the processes (configs/accel
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -195,10 +198,6 @@ def train_in_processes(settings, n: int, config_path, merge: bool = True, log=pr
     """Train ``settings`` (a CourseSettings) in ``n`` processes from a notebook: the knobs are written as a lora-kit
     config at ``config_path`` and ``lora-kit train CONFIG --processes n`` runs it, its output passed to ``log`` line
     by line (a notebook shows a child process's output only this way). Returns the run's results (its JSON line)."""
-    import json
-    import subprocess
-    from pathlib import Path
-
     from .config import config_text
     from .files import atomic_file
 
