@@ -14,11 +14,12 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -52,8 +53,12 @@ def main(argv=None) -> int:
     while time.time() < deadline and first.poll() is None and state is None:
         state = next((work / "out").glob("checkpoints-*/checkpoint-2/trainer_state.json"), None)
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and every training process, mid-run
+    # The launcher and every training process, mid-run: torch's launcher starts its workers in sessions of their
+    # own, so killing the launcher's process group would leave them training.
+    for process in [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]:
+        process.kill()
     first.wait()
+    left = sorted(p.name for p in state.parent.iterdir()) if state else []  # what the killed run's checkpoint holds
     second = subprocess.run(launch, capture_output=True, text=True, timeout=args.timeout)
     result = next((json.loads(line) for line in second.stdout.splitlines() if line.startswith('{"model"')), None)
     report = {
@@ -68,6 +73,10 @@ def main(argv=None) -> int:
     }
     if second.returncode != 0:
         report["stderr_tail"] = second.stderr[-1500:]
+    report["checkpoint_files"] = left  # what the relaunch had to resume from, and what it said about it
+    report["relaunch_said"] = [
+        line for line in second.stdout.splitlines() if re.search(r"[Cc]heckpoint|[Rr]esum", line)
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fsdp_resume.json").write_text(json.dumps(report, indent=1) + "\n")
