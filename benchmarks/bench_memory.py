@@ -256,7 +256,8 @@ def run_point(point: dict, checkpoint: Path) -> dict:
         tile_layers=point.get("tile", False),
         save_steps=10**9,
         output_dir=tempfile.mkdtemp(prefix="bench_memory_"),
-        levers=Levers(packing=point["packing"]),  # everything else as lora_kit decides on this machine
+        # everything else as lora_kit decides on this machine, but for levers switched by --lever
+        levers=Levers(packing=point["packing"], **point.get("levers", {})),
         report_to="none",
     )
     rows = training_rows(point, model.config.vocab_size)
@@ -316,6 +317,9 @@ def drive(args) -> list[dict]:
     points = [dict(p, index=i) for i, p in enumerate(selected(args))]
     if args.points:
         points = [points[int(i)] for i in args.points.split(",")]
+    for lever in args.lever or ():  # one lever switched for every point: its effect alone, in the same call
+        name, _, value = lever.partition("=")
+        points = [dict(p, levers={**p.get("levers", {}), name: value.lower() == "true"}) for p in points]
     if args.tiny:
         points = [dict(p, shape="tiny", seq=64, mb=1) for p in points]
     work = Path(args.work)
@@ -384,6 +388,7 @@ def drive(args) -> list[dict]:
                 + (" stream16" if point.get("stream16") else "")
                 + (" dropout0" if point.get("dropout") == 0 else "")
                 + (" tiled" if point.get("tile") else "")
+                + "".join(f" {name}={value}" for name, value in point.get("levers", {}).items())
                 + (f" {record['tokens_per_s']} tokens/s" if record.get("tokens_per_s") else "")
                 + f" estimated {record['estimated_gib']:6.2f}  measured "
                 + (f"{measured:6.2f}" if measured is not None else record.get("error", "-"))
@@ -415,6 +420,7 @@ def main(argv=None) -> int:
     p.add_argument("--autofit", metavar="GIB,...", help="check fit_settings' choices under these memory caps instead")
     p.add_argument("--autofit-length", type=int, default=1024, help="the longest sample the auto-fit runs want")
     p.add_argument("--longest", type=float, metavar="GIB", help="the longest 7B QLoRA context under this memory cap")
+    p.add_argument("--lever", action="append", metavar="NAME=BOOL", help="switch a speed lever for every point")
     p.add_argument("--tiny", action="store_true", help="a tiny model for every point (CPU dry run)")
     p.add_argument("--list", action="store_true", help="print the grid with the estimates and stop")
     p.add_argument("--worker", help=argparse.SUPPRESS)

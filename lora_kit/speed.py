@@ -16,9 +16,11 @@ has each lever's measurements, and the levers that did not help and stay out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import logging
+import sys
 import types
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -86,6 +88,10 @@ class Levers:
     adapter product (``addmm`` with the scaling as its alpha) instead of scaling and adding in two more passes over
     the output (and PEFT's defensive copy of a 4-bit base's output, a third); the sum differs by a 16-bit rounding.
     None: on for a GPU in 16 bits, outside compiled blocks (Inductor fuses them there)."""
+    lean_rope: bool | None = None
+    """Rotary position embeddings in four half-width passes each way (``_RoPE``), where transformers' code makes
+    five full-width ones (a negation, a concatenation, two products and a sum) and autograd as many back; same values
+    up to a 16-bit rounding. None: on for a GPU where neither Liger's RoPE nor compiled blocks (which fuse it) run."""
 
     @classmethod
     def off(cls) -> Levers:
@@ -177,6 +183,7 @@ class Levers:
                 "uncast_adapter_inputs", gpu and sixteen_bit and not bf16_adapters and not compiled, fsdp
             ),
             fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled, fsdp),
+            lean_rope=choose("lean_rope", gpu and not rope and not compiled, fsdp),
         )
         return decided, notes
 
@@ -250,6 +257,9 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
             if n
             else "adapters: LoRA dropout copies each input, so the update is added by PEFT (dropout 0 fuses it)"
         )
+    if levers.lean_rope:
+        n = lean_rope(trainer.model)
+        done.append(f"RoPE: {n} attention layers rotate in half-width passes")
     if levers.compile_blocks:
         n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
@@ -568,6 +578,92 @@ def _plain_adapter(layer, x, args, kwargs) -> str | None:
     if not isinstance(layer.lora_A[adapter], torch.nn.Linear):
         return None
     return adapter
+
+
+def lean_rope(model) -> int:
+    """Give each attention layer of ``model`` whose modeling file has transformers' standard RoPE (checked on a small
+    input against its own ``apply_rotary_pos_emb``) the half-width ``_RoPE``; returns how many layers. The modeling
+    file's function is swapped only during the layer's own call: other models in the process keep theirs."""
+    layers = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and _standard_rope(sys.modules[type(m).__module__])
+    ]
+    for layer in layers:
+        if not getattr(layer, "_lora_kit_rope", False):
+            layer.forward = types.MethodType(_forward_with_lean_rope, layer)
+            layer._lora_kit_rope = True
+    return len(layers)
+
+
+def _forward_with_lean_rope(layer, *args, **kwargs):
+    module = sys.modules[type(layer).__module__]
+    own = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = functools.partial(_apply_lean_rope, theirs=own)
+    try:
+        return type(layer).forward(layer, *args, **kwargs)
+    finally:
+        module.apply_rotary_pos_emb = own
+
+
+@functools.cache
+def _standard_rope(module) -> bool:
+    """Whether ``module.apply_rotary_pos_emb`` is q * cos + rotate_half(q) * sin over the whole head, as ``_RoPE``."""
+    import torch
+
+    own = getattr(module, "apply_rotary_pos_emb", None)
+    if own is None or not hasattr(module, "rotate_half"):
+        return False
+    q, k = torch.randn(2, 1, 2, 3, 8, dtype=torch.float64)  # (batch, heads, tokens, head_dim)
+    freqs = torch.randn(1, 3, 4, dtype=torch.float64)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    try:
+        theirs = own(q, k, angles.cos(), angles.sin())
+    except Exception:  # another signature: not the standard function
+        return False
+    ours = _apply_lean_rope(q, k, angles.cos(), angles.sin())
+    return all(torch.allclose(a, b) for a, b in zip(theirs, ours))
+
+
+def _apply_lean_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, theirs=None):
+    """transformers' ``apply_rotary_pos_emb`` with the same arguments, through ``_RoPE``; a rotation of part of each
+    head (Phi's partial rotary) goes to ``theirs``."""
+    if theirs is not None and cos.shape[-1] != q.shape[-1]:
+        return theirs(q, k, cos, sin, position_ids, unsqueeze_dim)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rope = _rope_function()
+    return rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+
+
+@functools.cache
+def _rope_function():
+    """The autograd Function of the ``lean_rope`` lever (built on first use: this module does not import torch)."""
+    import torch
+
+    class _RoPE(torch.autograd.Function):
+        """x * cos + rotate_half(x) * sin, each output half one product and one fused multiply-add of half-width
+        inputs; its gradient likewise (rotate_half's transpose is its negative)."""
+
+        @staticmethod
+        def forward(ctx, x, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            ctx.x_dtype = x.dtype
+            h = x.shape[-1] // 2
+            out = torch.empty_like(x, dtype=torch.result_type(x, cos))  # x's strides: q is a transposed view
+            torch.mul(x[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(x[..., h:], sin[..., :h], value=-1)
+            torch.mul(x[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(x[..., :h], sin[..., h:])
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            cos, sin = ctx.saved_tensors
+            h = grad.shape[-1] // 2
+            out = torch.empty_like(grad, dtype=ctx.x_dtype)
+            torch.mul(grad[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(grad[..., h:], sin[..., h:])
+            torch.mul(grad[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(grad[..., :h], sin[..., :h], value=-1)
+            return out, None, None
+
+    return _RoPE
 
 
 def compile_layers(model, autotune_pointwise: bool = False) -> int:

@@ -62,7 +62,7 @@ def test_cpu_gets_no_lever():
 
 def test_t4_gets_packing_and_the_levers_without_triton_only():
     levers, _ = decided((7, 5), "fp16", lengths=CHAT)
-    t4 = ["one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs", "fused_lora_add"]
+    t4 = ["one_sync_optimizer", "lean_update", "fused_norms", "uncast_adapter_inputs", "fused_lora_add", "lean_rope"]
     assert levers.on() == ["packing", *t4]
     assert speed.sft_settings(levers) == {"packing": True, "packing_strategy": "bfd"}
     # data that fill max_length: nothing to pack, accumulation kept
@@ -89,9 +89,10 @@ def test_h100_decides_per_data_shape():
     assert not decided((9, 0), "bf16", "lora", FULL)[0].uncast_adapter_inputs
     assert decided((9, 0), "bf16", "lora", CHAT)[0].uncast_adapter_inputs
     assert chat.fused_lora_add and not full.fused_lora_add  # compiled blocks fuse the add themselves
+    assert chat.lean_rope == (not liger) and not full.lean_rope  # Liger's RoPE or Inductor's instead
     # an 8-bit base is never compiled; fp32 compute compiles nothing
     assert not decided((9, 0), "bf16", "lora8", FULL)[0].compile_blocks
-    assert decided((9, 0), "fp32", "lora", FULL)[0].on() == ["one_sync_optimizer", "lean_update"]
+    assert decided((9, 0), "fp32", "lora", FULL)[0].on() == ["one_sync_optimizer", "lean_update", "lean_rope"]
 
 
 def test_liger_rope_left_to_inductor_where_blocks_are_compiled(monkeypatch):
@@ -112,6 +113,7 @@ def test_under_fsdp_only_the_levers_that_leave_layers_and_optimizer_alone_stay_o
     levers, notes = speed.Levers(fused_norms=True).decide((9, 0), "bf16", "qlora", CHAT, 2048, sharded=True)
     assert levers.packing and levers.flex_attention and levers.bf16_adapters  # data, attention kernel, adapter dtype
     assert not (levers.one_sync_optimizer or levers.lean_update or levers.fused_norms or levers.fused_lora_add)
+    assert not levers.lean_rope
     assert notes == [
         "fused_norms: asked for, but FSDP replaces the parameters it patches by flat shards, and it was "
         "never run on those: off"
@@ -145,6 +147,7 @@ def test_a_lever_forced_on_where_it_cannot_run_steps_aside_with_the_reason():
         "fused_norms",
         "uncast_adapter_inputs",
         "fused_lora_add",
+        "lean_rope",
     ]
     assert [note.split(":")[0] for note in notes] == ["flex_attention", "compile_blocks", "liger", "bf16_adapters"]
     assert "sm_80" in notes[0] and "sm_75" in notes[0] and "grad scaler" in notes[3]
@@ -237,6 +240,38 @@ def test_fused_lora_add_is_as_accurate_as_peft_and_saves_passes():
     assert fused[2] <= peft[2] - 2 * 7 * 30  # the scaling and the add, per LoRA layer
     model = add_lora(load_model("embedded")[0], LoraSettings(r=8, dropout=0.1))
     assert speed.fuse_lora_add(model) == 0  # dropout copies x anyway: PEFT's forward stays
+
+
+def test_lean_rope_gives_the_models_rope_with_fewer_passes_and_only_inside_its_layers():
+    """The half-width RoPE gives transformers' values and gradients, with fewer elementwise passes; the modeling
+    file's own function is back after each call, so another model in the process keeps it."""
+    import transformers.models.llama.modeling_llama as llama
+
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    own = llama.apply_rotary_pos_emb
+
+    def run(lean, dtype=torch.float32):
+        model, _ = load_model("embedded")
+        model.to(dtype)
+        if lean:
+            assert speed.lean_rope(model) == model.config.num_hidden_layers
+            assert speed.lean_rope(model) == model.config.num_hidden_layers  # again: nothing changes
+        ops = (torch.ops.aten.mul.Tensor, torch.ops.aten.cat.default, torch.ops.aten.neg.default)
+        counter = CountOps(*ops, torch.ops.aten.add.Tensor)
+        with counter:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if "layers.0.self_attn" in n}
+        return loss, grads, counter.count
+
+    stock, lean = run(lean=False), run(lean=True)
+    assert llama.apply_rotary_pos_emb is own
+    torch.testing.assert_close(lean[0], stock[0], rtol=1e-6, atol=0)
+    for name, grad in stock[1].items():
+        torch.testing.assert_close(lean[1][name], grad, rtol=1e-4, atol=1e-6)
+    assert lean[2] <= stock[2] - 5 * 2 * 30  # forward: negation, concatenation and sum, for q and k, per layer
+    stock16, lean16 = run(lean=False, dtype=torch.bfloat16), run(lean=True, dtype=torch.bfloat16)
+    assert lean16[0].item() == pytest.approx(stock16[0].item(), rel=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
