@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     }
     if second.returncode != 0:
         report["stderr_tail"] = second.stderr[-1500:]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "fsdp_resume_stderr.log").write_text(second.stderr)  # the training process's own error
     report["checkpoint_files"] = left  # what the relaunch had to resume from, and what it said about it
     report["relaunch_said"] = [
         line for line in second.stdout.splitlines() if re.search(r"[Cc]heckpoint|[Rr]esum", line)
