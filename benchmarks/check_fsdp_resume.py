@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         time.sleep(0.05)
     # The launcher and every training process, mid-run: torch's launcher starts its workers in sessions of their
     # own, so killing the launcher's process group would leave them training.
-    for process in [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]:
+    launcher = psutil.Process(first.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
         process.kill()
     first.wait()
     left = sorted(p.name for p in state.parent.iterdir()) if state else []  # what the killed run's checkpoint holds
@@ -71,16 +72,15 @@ def main(argv=None) -> int:
         "steps": result and result["steps"],
         "adapter_saved": bool(result and Path(result["adapter_dir"], "adapter_model.safetensors").is_file()),
     }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if second.returncode != 0:
         report["stderr_tail"] = second.stderr[-1500:]
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "fsdp_resume_stderr.log").write_text(second.stderr)  # the training process's own error
+        (out / "fsdp_resume_stderr.log").write_text(second.stderr)  # the training process's own error
     report["checkpoint_files"] = left  # what the relaunch had to resume from, and what it said about it
     report["relaunch_said"] = [
         line for line in second.stdout.splitlines() if re.search(r"[Cc]heckpoint|[Rr]esum", line)
     ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "fsdp_resume.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
     ok = report["resumed_from"] is not None and report["steps"] == 6 and report["adapter_saved"]
