@@ -386,6 +386,11 @@ def sft_config(train: TrainSettings, precision: str, has_eval: bool, fast_kwargs
     optim = train.optim
     if "paged" in optim and hardware.device != "cuda":
         optim = "adamw_torch"  # paged optimizers page optimizer state through CUDA unified memory
+    if distributed.fsdp() and any(word in optim for word in ("paged", "bnb", "8bit", "32bit")):
+        # bitsandbytes' optimizers hide their states from FSDP's checkpoint (nested in a dict FSDP cannot load
+        # back), so a run could not resume; the adapters' states are sharded and small, torch's AdamW holds them.
+        print(f"Optimizer: adamw_torch instead of {optim} under FSDP, so that its checkpoints resume")
+        optim = "adamw_torch"
     steps_hint = train.max_steps if train.max_steps > 0 else None
     kwargs = dict(
         output_dir=train.output_dir,

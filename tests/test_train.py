@@ -14,6 +14,7 @@ from lora_kit import (
     load_model,
     preset,
 )
+from lora_kit import distributed
 from lora_kit.data import tokenize_conversations
 from lora_kit.errors import LoraKitError
 from lora_kit.evaluate import perplexity
@@ -71,6 +72,18 @@ def test_activation_offloading_is_asked_of_trl_only_on_a_gpu():
         TrainSettings(offload_activations="yes")
     config = sft_config(TrainSettings(offload_activations=True, report_to="none"), "fp32", False)
     assert config.activation_offloading is False  # this machine has no CUDA: nothing to copy to
+
+
+def test_fsdp_trains_with_an_optimizer_whose_checkpoint_it_can_load(monkeypatch, capsys):
+    from lora_kit.train import sft_config
+
+    # bitsandbytes nests its optimizer states in a dict, which FSDP saves but cannot load back: no resume.
+    assert sft_config(TrainSettings(optim="adamw_bnb_8bit", report_to="none"), "fp32", False).optim == "adamw_bnb_8bit"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(distributed, "processes", lambda: 2)  # launched: this machine has no GPU to shard over
+    for optim in ("paged_adamw_32bit", "adamw_bnb_8bit", "adamw_torch"):
+        assert sft_config(TrainSettings(optim=optim, report_to="none"), "fp32", False).optim == "adamw_torch"
+    assert "adamw_torch instead of adamw_bnb_8bit under FSDP" in capsys.readouterr().out
 
 
 def test_trainable_parameters_follow_r_and_targets(base):
