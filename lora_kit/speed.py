@@ -93,6 +93,12 @@ class Levers:
     five full-width ones (a negation, a concatenation, two products and a sum) and autograd as many back; same values
     up to a 16-bit rounding. None: on for a GPU where neither Liger's RoPE nor compiled blocks (which fuse it) run."""
 
+    kept_attention: bool | None = None
+    """Under gradient checkpointing, each attention layer's output (and its log-sum-exp) waits in CPU RAM from the
+    forward pass to the layer's recompute, which then skips the attention kernel: one attention forward per step
+    instead of two, the largest share of a long sample's step. None: on for a GPU where the block inputs already wait
+    in CPU RAM (TrainSettings.offload_activations, the long-context setting), outside compiled blocks."""
+
     @classmethod
     def off(cls) -> Levers:
         """Every lever off: the stock transformers + peft + trl recipe."""
@@ -111,6 +117,7 @@ class Levers:
         max_length: int | None = None,
         tiled: bool = False,
         sharded: bool = False,
+        offloaded: bool = False,
     ) -> tuple[Levers, list[str]]:
         """These levers with every None answered, and one note per lever forced on that cannot run here (now off).
 
@@ -120,6 +127,7 @@ class Levers:
         tiled: TrainSettings.tile_layers, which wraps each MLP and norm in tiles of its own, so blocks stay eager.
         sharded: the run is launched with FSDP, which swaps the model's parameters for flat shards; the levers that
         patch layers or the optimizer were never run on those, and stay off.
+        offloaded: TrainSettings.offload_activations (with gradient checkpointing): block inputs wait in CPU RAM.
         """
         cap = _capability(hardware_capability)
         if precision not in VALID_PRECISIONS:
@@ -184,6 +192,7 @@ class Levers:
             ),
             fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled, fsdp),
             lean_rope=choose("lean_rope", gpu and not rope and not compiled, fsdp),
+            kept_attention=choose("kept_attention", gpu and offloaded and not compiled, fsdp),
         )
         return decided, notes
 
@@ -260,6 +269,9 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
     if levers.lean_rope:
         n = lean_rope(trainer.model)
         done.append(f"RoPE: {n} attention layers rotate in half-width passes")
+    if levers.kept_attention:
+        n = keep_attention(trainer.model)
+        done.append(f"attention: {n} layers keep their output in CPU RAM for the recompute")
     if levers.compile_blocks:
         n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")
@@ -664,6 +676,108 @@ def _rope_function():
             return out, None, None
 
     return _RoPE
+
+
+def keep_attention(model) -> int:
+    """Make each attention layer of ``model`` keep its attention kernel's outputs (in CPU RAM, on a GPU) from a
+    training forward pass to the same layer's recompute under gradient checkpointing, which takes them instead of
+    running the kernel again; returns how many layers. The autograd node of the kernel is built as usual, from the
+    recomputed query, key and value and the kept outputs, so gradients are those of a recompute. Only sdpa's fused
+    kernels are kept (other attention recomputes as before); a layer run forward twice before one backward pass (which
+    the Trainer's loop never does) cannot tell its outputs apart and recomputes both."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    for layer in layers:
+        if not hasattr(layer, "_lora_kit_kept"):
+            own = layer.forward  # the class's, or another lever's
+            layer.forward = functools.partial(_forward_keeping_attention, layer, own)
+            layer._lora_kit_kept = _Kept()
+    return len(layers)
+
+
+class _Kept:
+    """One attention layer's kept kernel outputs, oldest first, and whether they can be told apart."""
+
+    def __init__(self) -> None:
+        self.outputs: list = []
+        self.ambiguous = False
+
+
+def _forward_keeping_attention(layer, own, *args, **kwargs):
+    import torch
+
+    if not (layer.training and torch.is_grad_enabled()):
+        return own(*args, **kwargs)
+    recompute = torch._C._current_graph_task_id() != -1  # inside a backward pass: gradient checkpointing's recompute
+    with _kept_attention_mode()(layer._lora_kit_kept, recompute):
+        return own(*args, **kwargs)
+
+
+@functools.cache
+def _kept_attention_mode():
+    """The TorchDispatchMode of ``keep_attention`` (built on first use: this module does not import torch). It sits
+    below autograd, as selective activation checkpointing's caching modes do."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    aten = torch.ops.aten
+    kernels = {
+        getattr(aten, name).default
+        for name in (
+            "_scaled_dot_product_cudnn_attention",
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_flash_attention_for_cpu",
+        )
+        if hasattr(aten, name)
+    }
+    streams = {}
+
+    class OnHost:
+        def __init__(self, host, copied):
+            self.host, self.copied = host, copied
+
+    def to_host(value):
+        if not isinstance(value, torch.Tensor) or value.device.type != "cuda":
+            return value
+        stream = streams.setdefault(value.device, torch.cuda.Stream(value.device))
+        stream.wait_stream(torch.cuda.current_stream(value.device))
+        with torch.cuda.stream(stream):
+            host = torch.empty_like(value, device="cpu", pin_memory=True)  # same strides as the kernel's output
+            host.copy_(value, non_blocking=True)
+        value.record_stream(stream)  # not reused by the allocator before the copy ends
+        return OnHost(host, stream.record_event())
+
+    def to_device(value, device):
+        if not isinstance(value, OnHost):
+            return value
+        torch.cuda.current_stream(device).wait_event(value.copied)
+        return value.host.to(device, non_blocking=True)
+
+    class KeptAttention(TorchDispatchMode):
+        def __init__(self, kept: _Kept, recompute: bool):
+            super().__init__()
+            self.kept, self.recompute = kept, recompute
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            kept = self.kept
+            if func not in kernels:
+                return func(*args, **kwargs)
+            if not self.recompute:
+                out = func(*args, **kwargs)
+                kept.ambiguous = kept.ambiguous or bool(kept.outputs)
+                kept.outputs.append(tree_map(to_host, out))
+                return out
+            if not kept.outputs:
+                return func(*args, **kwargs)
+            outputs = kept.outputs.pop()
+            if kept.ambiguous:
+                kept.ambiguous = bool(kept.outputs)
+                return func(*args, **kwargs)
+            return tree_map(lambda value: to_device(value, args[0].device), outputs)
+
+    return KeptAttention
 
 
 def compile_layers(model, autotune_pointwise: bool = False) -> int:

@@ -459,7 +459,14 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
     distributed.check_fsdp(method, precision, train.tile_layers)
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
     levers, notes = train.chosen_levers.decide(
-        detect_hardware(), precision, method, lengths, train.max_length, train.tile_layers, distributed.fsdp()
+        detect_hardware(),
+        precision,
+        method,
+        lengths,
+        train.max_length,
+        train.tile_layers,
+        distributed.fsdp(),
+        offloaded=train.offload_activations and train.gradient_checkpointing,
     )
     for note in notes:
         print(f"Speed levers: {note}")

@@ -69,6 +69,11 @@ def test_t4_gets_packing_and_the_levers_without_triton_only():
     levers, _ = decided((7, 5), "fp16", lengths=FULL)
     assert levers.on() == t4
     assert speed.batch_shape(4, 4, levers) == (4, 4)
+    # block inputs in CPU RAM (the long-context setting): the attention outputs wait there too, outside compiled blocks
+    offloaded = speed.Levers().decide((7, 5), "fp16", "qlora", FULL, 2048, offloaded=True)[0]
+    assert offloaded.on() == [*t4, "kept_attention"]
+    assert not speed.Levers().decide((9, 0), "bf16", "qlora", FULL, 2048, offloaded=True)[0].kept_attention
+    assert not speed.Levers().decide(None, "fp32", "qlora", FULL, 2048, offloaded=True)[0].kept_attention
 
 
 def test_h100_decides_per_data_shape():
@@ -272,6 +277,45 @@ def test_lean_rope_gives_the_models_rope_with_fewer_passes_and_only_inside_its_l
     assert lean[2] <= stock[2] - 5 * 2 * 30  # forward: negation, concatenation and sum, for q and k, per layer
     stock16, lean16 = run(lean=False, dtype=torch.bfloat16), run(lean=True, dtype=torch.bfloat16)
     assert lean16[0].item() == pytest.approx(stock16[0].item(), rel=2e-2)
+
+
+def test_kept_attention_gives_the_recomputes_gradients_with_one_attention_kernel_per_layer():
+    """Under gradient checkpointing the recompute takes each layer's kept attention outputs instead of running the
+    kernel again: same loss and gradients, half the attention kernels; outside training nothing is kept."""
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default  # sdpa's fused kernel on a CPU
+
+    def run(kept, forwards=1):
+        model, _ = load_model("embedded")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        if kept:
+            assert speed.keep_attention(model) == speed.keep_attention(model) == model.config.num_hidden_layers
+        counter = CountOps(kernel)
+        with counter:
+            loss = sum(model(input_ids=ids, labels=ids).loss for _ in range(forwards))
+            loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return model, loss, grads, counter.count
+
+    _, loss, grads, kernels = run(kept=False)
+    model, kept_loss, kept_grads, kept_kernels = run(kept=True)
+    layers = model.config.num_hidden_layers
+    assert (kernels, kept_kernels) == (2 * layers, layers)
+    torch.testing.assert_close(kept_loss, loss, rtol=0, atol=0)
+    assert grads.keys() == kept_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=0, atol=0)
+    assert all(not m._lora_kit_kept.outputs for m in model.modules() if hasattr(m, "_lora_kit_kept"))
+    # Two forward passes before one backward: the outputs cannot be told apart, so both recompute (same gradients).
+    _, twice_loss, twice_grads, twice_kernels = run(kept=True, forwards=2)
+    assert twice_kernels == 4 * layers
+    for name, grad in grads.items():
+        torch.testing.assert_close(twice_grads[name], 2 * grad, rtol=1e-5, atol=1e-7)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(not m._lora_kit_kept.outputs for m in model.modules() if hasattr(m, "_lora_kit_kept"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
