@@ -694,6 +694,27 @@ def keep_attention(model) -> int:
     return len(layers)
 
 
+def kept_attention_too_large(model, tokens: int, available_gib: float | None = None, element_bytes: int = 2):
+    """Why ``keep_attention`` should stay off for ``tokens`` tokens per micro-batch, or None where it fits: every
+    layer's attention output (``element_bytes`` per value) and fp32 log-sum-exp wait in CPU RAM between the forward
+    pass and the recompute, beside the block inputs that activation offloading keeps there (about as much again), so
+    they may take at most half of the RAM available (default: what this machine has free now)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    need = config.num_hidden_layers * tokens * heads * (element_bytes * head_dim + 4) / 2**30
+    if available_gib is None:
+        import psutil
+
+        available_gib = psutil.virtual_memory().available / 2**30
+    if need <= available_gib / 2:
+        return None
+    return (
+        f"the attention outputs of {tokens} tokens would take {need:.1f} GiB of CPU RAM, more than half of the "
+        f"{available_gib:.1f} GiB available, where the block inputs wait too"
+    )
+
+
 class _Kept:
     """One attention layer's kept kernel outputs, oldest first, and whether they can be told apart."""
 

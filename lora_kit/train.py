@@ -98,7 +98,8 @@ class TrainSettings:
     """Keep the activations saved for backward (with checkpointing: each block's input) in CPU RAM instead of GPU
     memory (TRL's activation offloading): room for longer samples or more of them per micro-batch, at the price of
     copies over PCIe (a few percent of speed on packed rows, more on short steps) and about 0.25 MiB of pinned CPU RAM
-    per token for a 7B model. CUDA only."""
+    per token for a 7B model. CUDA only. With it the attention outputs wait in CPU RAM too (Levers.kept_attention,
+    as much RAM again), so the recompute skips the attention kernel: faster on long samples."""
     tile_layers: bool = False
     """Run the per-token parts of each decoder layer, its MLP and RMSNorms, over the sequence in tiles of hidden_size
     tokens (the tiled MLP of Arctic long-sequence training, extended to the norms): the MLP keeps only its input and
@@ -468,6 +469,11 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         distributed.fsdp(),
         offloaded=train.offload_activations and train.gradient_checkpointing,
     )
+    tokens = train.micro_batch_size * train.max_length
+    if levers.kept_attention and train.chosen_levers.kept_attention is None:
+        if why := speed.kept_attention_too_large(model, tokens):
+            levers = replace(levers, kept_attention=False)
+            notes.append(f"kept_attention: off, {why}")
     for note in notes:
         print(f"Speed levers: {note}")
     if levers.on():

@@ -307,6 +307,22 @@ def test_kept_attention_gives_the_recomputes_gradients_with_one_attention_kernel
     for name, grad in grads.items():
         torch.testing.assert_close(kept_grads[name], grad, rtol=0, atol=0)
     assert all(not m._lora_kit_kept.outputs for m in model.modules() if hasattr(m, "_lora_kit_kept"))
+    # What it holds between the passes is what kept_attention_too_large counts (fp32 here)
+    model(input_ids=ids, labels=ids)
+    held = sum(
+        t.numel() * t.element_size()
+        for m in model.modules()
+        if hasattr(m, "_lora_kit_kept")
+        for t in torch.utils._pytree.tree_leaves(m._lora_kit_kept.outputs)
+        if isinstance(t, torch.Tensor)
+    )
+    gib = held / 2**30
+    assert speed.kept_attention_too_large(model, ids.numel(), available_gib=2 * gib, element_bytes=4) is None
+    why = speed.kept_attention_too_large(model, ids.numel(), available_gib=1.9 * gib, element_bytes=4)
+    assert why.startswith(f"the attention outputs of {ids.numel()} tokens would take")
+    for m in model.modules():
+        if hasattr(m, "_lora_kit_kept"):
+            m._lora_kit_kept.outputs.clear()
     # Two forward passes before one backward: the outputs cannot be told apart, so both recompute (same gradients).
     _, twice_loss, twice_grads, twice_kernels = run(kept=True, forwards=2)
     assert twice_kernels == 4 * layers
