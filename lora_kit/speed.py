@@ -690,7 +690,7 @@ def keep_attention(model) -> int:
         if not hasattr(layer, "_lora_kit_kept"):
             own = layer.forward  # the class's, or another lever's
             layer.forward = functools.partial(_forward_keeping_attention, layer, own)
-            layer._lora_kit_kept = _Kept()
+        layer._lora_kit_kept = _Kept()  # a new run forgets what an interrupted one kept
     return len(layers)
 
 

@@ -320,9 +320,8 @@ def test_kept_attention_gives_the_recomputes_gradients_with_one_attention_kernel
     assert speed.kept_attention_too_large(model, ids.numel(), available_gib=2 * gib, element_bytes=4) is None
     why = speed.kept_attention_too_large(model, ids.numel(), available_gib=1.9 * gib, element_bytes=4)
     assert why.startswith(f"the attention outputs of {ids.numel()} tokens would take")
-    for m in model.modules():
-        if hasattr(m, "_lora_kit_kept"):
-            m._lora_kit_kept.outputs.clear()
+    speed.keep_attention(model)  # a new run (as after an interrupted step) forgets what was kept
+    assert all(not m._lora_kit_kept.outputs for m in model.modules() if hasattr(m, "_lora_kit_kept"))
     # Two forward passes before one backward: the outputs cannot be told apart, so both recompute (same gradients).
     _, twice_loss, twice_grads, twice_kernels = run(kept=True, forwards=2)
     assert twice_kernels == 4 * layers
