@@ -716,7 +716,7 @@ def kept_attention_too_large(model, tokens: int, available_gib: float | None = N
 
 
 class _Kept:
-    """One attention layer's kept kernel outputs, oldest first, and whether they can be told apart."""
+    """One attention layer's kept kernel outputs, and whether they can be told apart (not after two forward passes)."""
 
     def __init__(self) -> None:
         self.outputs: list = []
@@ -788,7 +788,8 @@ def _kept_attention_mode():
             if not self.recompute:
                 out = func(*args, **kwargs)
                 kept.ambiguous = kept.ambiguous or bool(kept.outputs)
-                kept.outputs.append(tree_map(to_host, out))
+                if len(kept.outputs) < 2:  # beyond two, all recompute anyway (and without checkpointing none would)
+                    kept.outputs.append(tree_map(to_host, out))
                 return out
             if not kept.outputs:
                 return func(*args, **kwargs)

@@ -325,6 +325,10 @@ def test_kept_attention_gives_the_recomputes_gradients_with_one_attention_kernel
     # Two forward passes before one backward: the outputs cannot be told apart, so both recompute (same gradients).
     _, twice_loss, twice_grads, twice_kernels = run(kept=True, forwards=2)
     assert twice_kernels == 4 * layers
+    _, _, thrice_grads, thrice_kernels = run(kept=True, forwards=3)  # at most two kept per layer: no pile-up
+    assert thrice_kernels == 6 * layers
+    for name, grad in grads.items():
+        torch.testing.assert_close(thrice_grads[name], 3 * grad, rtol=1e-5, atol=1e-7)
     for name, grad in grads.items():
         torch.testing.assert_close(twice_grads[name], 2 * grad, rtol=1e-5, atol=1e-7)
     model.eval()
