@@ -716,11 +716,12 @@ def kept_attention_too_large(model, tokens: int, available_gib: float | None = N
 
 
 class _Kept:
-    """One attention layer's kept kernel outputs, and whether they can be told apart (not after two forward passes)."""
+    """One attention layer's forward passes not yet recomputed, and the kernel outputs of the only one (None where
+    there are several: they cannot be told apart)."""
 
     def __init__(self) -> None:
-        self.outputs: list = []
-        self.ambiguous = False
+        self.pending = 0
+        self.outputs = None
 
 
 def _forward_keeping_attention(layer, own, *args, **kwargs):
@@ -787,15 +788,12 @@ def _kept_attention_mode():
                 return func(*args, **kwargs)
             if not self.recompute:
                 out = func(*args, **kwargs)
-                kept.ambiguous = kept.ambiguous or bool(kept.outputs)
-                if len(kept.outputs) < 2:  # beyond two, all recompute anyway (and without checkpointing none would)
-                    kept.outputs.append(tree_map(to_host, out))
+                kept.pending += 1
+                kept.outputs = tree_map(to_host, out) if kept.pending == 1 else None
                 return out
-            if not kept.outputs:
-                return func(*args, **kwargs)
-            outputs = kept.outputs.pop()
-            if kept.ambiguous:
-                kept.ambiguous = bool(kept.outputs)
+            outputs, kept.outputs = kept.outputs, None
+            kept.pending = max(kept.pending - 1, 0)
+            if outputs is None:
                 return func(*args, **kwargs)
             return tree_map(lambda value: to_device(value, args[0].device), outputs)
 

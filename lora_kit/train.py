@@ -469,9 +469,8 @@ def build_trainer(model, tokenizer, train_dataset, eval_dataset=None, *, lora=No
         distributed.fsdp(),
         offloaded=train.offload_activations and train.gradient_checkpointing,
     )
-    tokens = train.micro_batch_size * train.max_length
     if levers.kept_attention and train.chosen_levers.kept_attention is None:
-        if why := speed.kept_attention_too_large(model, tokens):
+        if why := speed.kept_attention_too_large(model, train.micro_batch_size * train.max_length):
             levers = replace(levers, kept_attention=False)
             notes.append(f"kept_attention: off, {why}")
     for note in notes:
