@@ -86,7 +86,9 @@ def perplexity(model, dataset, tokenizer=None, batch_size: int = 8, max_length: 
             for j, i in enumerate(rows):  # right padding: causal attention never looks at the pads
                 n = len(all_ids[i])
                 ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(all_ids[i]), torch.tensor(all_labels[i]), 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            # use_cache=False: a model fresh from loading would otherwise keep every layer's keys and values of
+            # the batch (8 GiB in fp32 for 8 x 1,024 tokens of a 7B), which a T4 does not have beside the weights.
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             # Position t predicts token t+1; keep only the positions whose next token carries loss
             # (in fp32, so half-precision models do not round the sum).
             shift_labels = labels[:, 1:].to(device)

@@ -58,6 +58,19 @@ def test_perplexity_is_finite_deterministic_and_falls_after_training(trained):
         )
 
 
+def test_perplexity_keeps_no_key_value_cache(trained):
+    # A model fresh from loading has use_cache on; a cache of the whole batch is what ran a 7B out of a T4's memory.
+    model, caches = trained["model"], []
+    handle = model.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    use_cache, model.config.use_cache = model.config.use_cache, True
+    try:
+        evaluate.perplexity(model, trained["eval"], trained["tok"], batch_size=4)
+    finally:
+        handle.remove()
+        model.config.use_cache = use_cache
+    assert caches and all(cache is None for cache in caches)
+
+
 def test_perplexity_needs_a_tokenizer_for_messages(trained):
     with pytest.raises(LoraKitError, match="needs the tokenizer"):
         evaluate.perplexity(trained["model"], trained["eval"])
