@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,8 @@ SHAPES = {
     "smollm2-1.7b": ("LlamaConfig", memory.SMOLLM2_1_7B),
     "qwen2.5-7b": ("Qwen2Config", memory.decoder_shape(3584, 18944, 28, 28, 4, 152064, False)),
     "tiny": ("LlamaConfig", memory.decoder_shape(64, 172, 2, 4, 4, 512, False, context=512)),
+    # Llama-2-70B's shape (GQA, 8 key/value heads): FSDP + QLoRA across GPUs; build it with storage="float8".
+    "llama2-70b": ("LlamaConfig", memory.decoder_shape(8192, 28672, 80, 64, 8, 32000, False)),
 }
 QUANTIZATION = {"qlora": "nf4", "lora8": "8bit", "lora": "none"}
 # The notebooks' recipes: the QLoRA tutorial's paged optimizer and dropout for qlora, plain AdamW for the others.
@@ -179,27 +182,62 @@ def estimate(point: dict) -> memory.MemoryBreakdown:
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-def build_checkpoint(folder: Path, shape: str) -> Path:
-    """A random-weight fp16 checkpoint of ``shape`` with a word-level tokenizer of its vocabulary; reused if built."""
+STORAGE = {"float16": "float16", "float8": "float8_e4m3fn"}  # --storage -> the torch dtype the files hold
+
+
+def build_checkpoint(folder: Path, shape: str, storage: str = "float16") -> Path:
+    """A random-weight checkpoint of ``shape`` with a word-level tokenizer of its vocabulary; reused if built.
+
+    Written one tensor at a time into 2 GB shards (normal(0, 0.02) for the matrices, as transformers initialises
+    them, ones for the norms), so that a 70B shape never has to fit the GPU or RAM at once. ``storage`` "float16" is
+    what real checkpoints hold; "float8" halves the files (a 70B: 69 GB instead of 138) for a disk that cannot hold
+    them, and transformers casts the values to the dtype it loads in. Speed and memory do not depend on the values.
+    """
     import torch
     import transformers
     from bench_train import build_tokenizer
+    from safetensors.torch import save_file
 
     config_class, dims = SHAPES[shape]
+    recipe = dims if storage == "float16" else {**dims, "storage": storage}  # float16 folders built before stay valid
     marker = folder / "built.json"  # written last: a folder without it is an interrupted build
-    if marker.is_file() and json.loads(marker.read_text()) == dims:
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return folder
+    shutil.rmtree(folder, ignore_errors=True)  # an interrupted build of this script's own scratch folder
+    folder.mkdir(parents=True)
     config = getattr(transformers, config_class)(**dims, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in transformers.AutoModelForCausalLM.from_config(config).named_parameters()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    model.save_pretrained(folder, max_shard_size="2GB")
+    generator = torch.Generator(device).manual_seed(0)
+    dtype = getattr(torch, STORAGE[storage])
+    weight_map, shard, shard_bytes, total = {}, {}, 0, 0
+
+    def write():
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for name, size in shapes.items():  # a tied head is one parameter, listed once
+        value = torch.ones if name.endswith("norm.weight") else torch.empty
+        tensor = value(size, device=device, dtype=torch.float16)
+        if value is torch.empty:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        shard[name] = tensor.to(dtype).cpu()
+        shard_bytes += shard[name].nbytes
+        total += shard[name].nbytes
+        if shard_bytes >= 2 * 10**9:
+            write()
+            shard_bytes = 0
+    if shard:
+        write()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config.dtype = torch.float16  # what the weights stand for; loading casts them to the dtype asked for
+    config.save_pretrained(folder)
     build_tokenizer(dims["vocab_size"]).save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    marker.write_text(json.dumps(dims))
+    marker.write_text(json.dumps(recipe))
     return folder
 
 

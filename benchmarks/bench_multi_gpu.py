@@ -13,6 +13,13 @@ single process with ``peft.AutoPeftModelForCausalLM`` and run once.
 accumulation is divided among the processes), so the loss curves compare step for step. Results in
 ``--out/multi_gpu.json``: the runs, ``dp_speedup`` (ddp:N tokens/s over ddp:1) and ``fsdp_peak_ratio`` (the
 largest per-GPU peak of fsdp:N over ddp:1's peak), where the runs exist.
+
+FSDP's measure is a model one GPU barely holds, Llama-2-70B's shape. Its fp16 files (138 GB) do not fit the GPU
+machine's disk, so they are written in float8 (69 GB; loading casts them to bf16 and quantizes them to NF4 as usual),
+and a shorter length keeps the weights, which FSDP shards, the larger part of the peak:
+
+    python3 benchmarks/bench_multi_gpu.py --runs ddp:1,fsdp:2 --shape llama2-70b --storage float8 \
+        --length 1024 --micro-batch 1 --steps 6 --samples 64 --out $OUT
 """
 
 from __future__ import annotations
@@ -169,6 +176,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="ddp:1,ddp:2,fsdp:2", help="KIND:PROCESSES, comma separated (ddp or fsdp)")
     p.add_argument("--shape", default="llama2-7b", help="a shape of bench_memory.SHAPES")
+    p.add_argument("--storage", default="float16", choices=["float16", "float8"], help="dtype of the checkpoint files")
     p.add_argument("--length", type=int, default=2048, help="tokens per sample (every sample is cut to it)")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--accumulation", type=int, default=4, help="of one process; divided among N processes")
@@ -186,7 +194,7 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = build_checkpoint(work / args.shape, args.shape)
+    checkpoint = build_checkpoint(work / args.shape, args.shape, args.storage)
     data = chat_file(work / "chats.jsonl", args.samples + 8, args.length, SHAPES[args.shape][1]["vocab_size"])
     rows = []
     for item in args.runs.split(","):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -308,3 +309,24 @@ def test_bench_memory_tiny_cpu(tmp_path):
     assert all(p["last_loss"] > 0 and p["estimated_gib"] > 0 for p in grid)
     fitted = json.loads((out / "memory_autofit.json").read_text())["points"]
     assert len(fitted) == 3 and all(p["budget_gib"] == 15.0 and p["steps"] == 20 for p in fitted)
+
+
+def test_checkpoints_are_written_tensor_by_tensor_and_float8_files_load_as_the_float16_values_rounded(tmp_path):
+    """The 70B shape's files only fit the GPU machine's disk in float8; transformers must cast them back as it loads."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    import lora_kit
+
+    loaded = {}
+    for storage in ("float16", "float8"):
+        folder = bench_memory.build_checkpoint(tmp_path / storage, "tiny", storage)
+        assert bench_memory.build_checkpoint(tmp_path / storage, "tiny", storage) == folder  # built once
+        model, _ = lora_kit.load_model(str(folder), "none")
+        loaded[storage] = {name: p.detach().float() for name, p in model.named_parameters()}
+    assert loaded["float16"].keys() == loaded["float8"].keys() and len(loaded["float8"]) == 21
+    for name, value in loaded["float16"].items():
+        assert torch.equal(loaded["float8"][name], value.to(torch.float8_e4m3fn).float()), name
+    norm = loaded["float8"]["model.norm.weight"]
+    assert torch.equal(norm, torch.ones_like(norm))
+    assert 0.015 < loaded["float16"]["model.layers.0.mlp.up_proj.weight"].std() < 0.025
