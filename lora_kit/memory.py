@@ -726,9 +726,11 @@ def plot_memory_breakdown(
             ha="center",
             va="bottom",
             fontsize="small",
+            bbox=dict(facecolor="white", edgecolor="none", pad=1),  # readable where the GPU's line crosses it
+            zorder=3,
         )
     if gpu_gib:
-        ax.axhline(gpu_gib, color="black", linestyle="--", linewidth=1, label=gpu_name)
+        ax.axhline(gpu_gib, color="black", linestyle="--", linewidth=1, label=gpu_name, zorder=2)
     ax.set_xticks(positions, labels)
     ax.set_xlabel("method")
     ax.set_ylabel("memory (GiB)")
