@@ -119,7 +119,10 @@ def run(settings: CourseSettings, merge: bool = True, log=print) -> dict | None:
     if merge:
         check = merging.merge_adapter(adapter_dir, settings.merged_dir, base="original", card=card)
         result.update(
-            merged_dir=str(settings.merged_dir), merged_matches_adapter=check.ok, merge_max_rel_diff=check.max_rel_diff
+            merged_dir=str(settings.merged_dir),
+            merged_matches_adapter=check.ok,  # every weight read back; the logits too where logits_checked
+            merge_logits_checked=check.logits_checked,  # False where an fp32 copy does not fit (a 7B on a T4)
+            merge_max_rel_diff=check.max_rel_diff,
         )
         result.update(_export(settings, log))
     result["total_seconds"] = round(time.time() - t0, 1)
