@@ -103,8 +103,9 @@ def one_run(method: str, checkpoint: Path, chats: Path, work: Path, args) -> dic
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
         output, rc = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as err:
-        output, rc = f"{err.stdout or ''}{err.stderr or ''}\nstopped after {args.timeout} s", None
+    except subprocess.TimeoutExpired as err:  # its output comes as bytes whatever text= said
+        output = b"".join(part or b"" for part in (err.stdout, err.stderr)).decode(errors="replace")
+        output, rc = f"{output}\nstopped after {args.timeout} s", None
     wall = time.time() - start
     (Path(args.out) / f"{method}_t4.log").write_text(output)
     results = [found for line in output.splitlines() if (found := _result(line))]
