@@ -211,25 +211,24 @@ def build_checkpoint(folder: Path, shape: str, storage: str = "float16") -> Path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device).manual_seed(0)
     dtype = getattr(torch, STORAGE[storage])
-    weight_map, shard, shard_bytes, total = {}, {}, 0, 0
+    weight_map, files, shard, total = {}, [], {}, 0
 
     def write():
-        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
+        files.append(f"model-{len(files) + 1:05d}.safetensors")
+        save_file(shard, str(folder / files[-1]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, files[-1]))
         shard.clear()
 
     for name, size in shapes.items():  # a tied head is one parameter, listed once
-        value = torch.ones if name.endswith("norm.weight") else torch.empty
-        tensor = value(size, device=device, dtype=torch.float16)
-        if value is torch.empty:
+        tensor = torch.empty(size, device=device, dtype=torch.float16)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
             tensor.normal_(0.0, 0.02, generator=generator)
         shard[name] = tensor.to(dtype).cpu()
-        shard_bytes += shard[name].nbytes
         total += shard[name].nbytes
-        if shard_bytes >= 2 * 10**9:
+        if sum(t.nbytes for t in shard.values()) >= 2 * 10**9:
             write()
-            shard_bytes = 0
     if shard:
         write()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
