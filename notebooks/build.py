@@ -671,7 +671,11 @@ CELLS = [
     the tutorials do, with PEFT's `AutoPeftModelForCausalLM`: it reads the base model's name from the adapter
     folder, loads the base (stored as in training), and puts the adapter on it. The tokenizer comes from
     the adapter folder, template included. It is asked a held-out question the fine-tuned model answered
-    right in section 8 (the first one, if it answered none right); its answer should match section 8's.
+    right in section 8 (the first one, if it answered none right); its answer should match section 8's. Where
+    it does not, the cell finds the first token where the two part and how far apart the reloaded model's
+    logits for the two tokens are there, with the prompt alone and in a padded batch as section 8 generated.
+    A near tie that the batch can tip is arithmetic, not a fault (an 8-bit base computes a row differently in
+    another batch); a wide gap would mean a different adapter.
     """),
     code("""
     from peft import AutoPeftModelForCausalLM
@@ -685,7 +689,8 @@ CELLS = [
     reloaded_tok = AutoTokenizer.from_pretrained(cfg.adapter_dir)
     i = course.showcase_index(results)
     answer = generate(reloaded, reloaded_tok, [course.prompt_of(eval_ds, i)], max_new_tokens=cfg.max_new_tokens)[0]
-    print(f"held-out example {i}, reloaded adapter: {answer}\\nsame as section 8: {answer == course.tuned_answer(results, i)}")
+    print(f"held-out example {i}, reloaded adapter: {answer}")
+    print(course.reload_report(reloaded, reloaded_tok, course.prompt_of(eval_ds, i), answer, course.tuned_answer(results, i)))
     del reloaded; free_memory()
     """),
     md(
