@@ -17,7 +17,8 @@ test: install
 	$(PIP) install -r requirements-dev.txt
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	LORA_KIT_SMOKE=1 $(PYTHON) -m pytest
+	# Two processes, one thread each, a test file per process at a time (tests in one file share fixtures).
+	LORA_KIT_SMOKE=1 $(PYTHON) -m pytest -n 2 --dist loadfile
 
 lint:
 	$(PYTHON) -m ruff check .
