@@ -212,6 +212,9 @@ class Generation:
     """Tokens generated, the end-of-turn token included."""
     stopped: bool
     """True when the model ended its turn (EOS); False when it ran into max_new_tokens."""
+    tokens: list[int]
+    """The answer's token ids as generated, the end-of-turn token left out. Two runs' answers compare exactly
+    by these; decoded text does not always tokenize back to the same ids."""
 
 
 @torch.no_grad()
@@ -239,7 +242,7 @@ def generate_details(
                     end = next((k for k, t in enumerate(row) if t in eos_ids), None)
                     kept = row if end is None else row[:end]
                     text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                    results.append(Generation(text, len(kept) if end is None else end + 1, end is not None))
+                    results.append(Generation(text, len(kept) if end is None else end + 1, end is not None, kept))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return results
@@ -345,6 +348,8 @@ class TaskScore:
     predictions: list[str]
     scores: list[float] = field(default_factory=list)
     """One score per prediction (failures count as 0.0)."""
+    tokens: list[list[int]] = field(default_factory=list)
+    """Each prediction's token ids as generated (``Generation.tokens``)."""
 
     def as_dict(self) -> dict:
         return {"score": self.score, "n": self.n, "failures": self.failures}
@@ -371,7 +376,8 @@ def task_score(
             "so there is no reference answer to score against."
         )
     references = [m[-1]["content"] for m in conversations]
-    predictions = generate(model, tokenizer, conversations, settings, batch_size=batch_size)
+    generations = generate_details(model, tokenizer, conversations, settings, batch_size=batch_size)
+    predictions = [g.text for g in generations]
     scores, failures = [], 0
     for pred, ref in zip(predictions, references):
         try:
@@ -382,7 +388,9 @@ def task_score(
         except Exception:  # noqa: BLE001 - a user's scorer may fail on odd text; count it, do not crash
             scores.append(0.0)
             failures += 1
-    return TaskScore(sum(scores) / max(len(scores), 1), len(scores), failures, predictions, scores)
+    return TaskScore(
+        sum(scores) / max(len(scores), 1), len(scores), failures, predictions, scores, [g.tokens for g in generations]
+    )
 
 
 def compare_answers(model, tokenizer, prompts, settings: GenerationSettings | None = None):

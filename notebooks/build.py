@@ -680,7 +680,7 @@ CELLS = [
     code("""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
-    from lora_kit.evaluate import generate
+    from lora_kit.evaluate import generate_details
 
     free_memory(trainer, model)  # what still points at them (the chat box, the optimizer) lets go
     del trainer, model
@@ -688,9 +688,10 @@ CELLS = [
     reloaded = AutoPeftModelForCausalLM.from_pretrained(cfg.adapter_dir, **course.reload_kwargs(cfg))
     reloaded_tok = AutoTokenizer.from_pretrained(cfg.adapter_dir)
     i = course.showcase_index(results)
-    answer = generate(reloaded, reloaded_tok, [course.prompt_of(eval_ds, i)], max_new_tokens=cfg.max_new_tokens)[0]
-    print(f"held-out example {i}, reloaded adapter: {answer}")
-    print(course.reload_report(reloaded, reloaded_tok, course.prompt_of(eval_ds, i), answer, course.tuned_answer(results, i)))
+    prompt = course.prompt_of(eval_ds, i)
+    (answer,) = generate_details(reloaded, reloaded_tok, [prompt], max_new_tokens=cfg.max_new_tokens)
+    print(f"held-out example {i}, reloaded adapter: {answer.text}")
+    print(course.reload_report(reloaded, reloaded_tok, prompt, answer.tokens, course.tuned_tokens(results, i)))
     del reloaded; free_memory()
     """),
     md(
@@ -737,6 +738,7 @@ CELLS = [
     """),
     code("""
     from transformers import AutoModelForCausalLM
+    from lora_kit.evaluate import generate
 
     load_kwargs, why = course.merged_load_kwargs(cfg.merged_dir, cfg)
     print(why)
@@ -744,7 +746,7 @@ CELLS = [
     merged_tok = AutoTokenizer.from_pretrained(cfg.merged_dir)
     merged_answer = generate(merged, merged_tok, [course.prompt_of(eval_ds, i)], max_new_tokens=cfg.max_new_tokens)[0]
     print(f"held-out example {i}, merged model: {merged_answer}")
-    print(course.merged_answer_report(merged_answer, answer, eval_ds, i, cfg, MERGE_BASE))
+    print(course.merged_answer_report(merged_answer, answer.text, eval_ds, i, cfg, MERGE_BASE))
     del merged; free_memory()
     """),
     md("""

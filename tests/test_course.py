@@ -464,20 +464,27 @@ def test_showcase_and_merged_answer_report_say_which_answer_is_right():
 
 def test_reload_report_finds_where_two_answers_part_and_the_logit_gap_there(monkeypatch):
     from lora_kit import load_model
-    from lora_kit.evaluate import generate
+    from lora_kit.data import render_chat
+    from lora_kit.evaluate import generate_details
 
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
     gaps = {}
     for quantization in ("none", "8bit"):
         model, tok = load_model("embedded", quantization)
-        answer = generate(model, tok, [prompt], max_new_tokens=12)[0]
-        assert course.reload_report(model, tok, prompt, answer, answer).endswith("word for word.")
-        other = answer[: answer.index(" France")] + " Lyon"  # "The capital of Lyon": far from greedy's choice
-        wide = course.reload_report(model, tok, prompt, answer, other)
+        (answer,) = generate_details(model, tok, [prompt], max_new_tokens=12)
+        assert course.reload_report(model, tok, prompt, answer.tokens, answer.tokens).endswith("word for word.")
+        rendered = render_chat(tok, prompt)
+        other = rendered + answer.text[: answer.text.index(" France")] + " Lyon"  # far from greedy's choice
+        other = tok(other, add_special_tokens=False).input_ids[len(tok(rendered, add_special_tokens=False).input_ids) :]
+        wide = course.reload_report(model, tok, prompt, answer.tokens, other)
         assert "' France' here, ' Lyon' in section 8" in wide and "more than the batch" in wide
         gaps[quantization] = [float(g) for g in re.findall(r"([\d.]+) apart", wide)]
+        # an answer that stops early parts from a longer one at its end of turn
+        assert "' France' here, '<|im_end|>' in section 8" in course.reload_report(
+            model, tok, prompt, answer.tokens, other[: len(other) - 1]
+        )
     alone, batched = gaps["none"]
     assert alone == batched > course.NEAR_TIE_LOGITS  # 16-bit: the batch changes nothing
     assert gaps["8bit"][0] != gaps["8bit"][1]  # 8-bit: the same row computes differently in a padded batch
     monkeypatch.setattr(course, "NEAR_TIE_LOGITS", max(gaps["8bit"]) + 1)  # the same gap read as a tie
-    assert "a near tie" in course.reload_report(model, tok, prompt, answer, other)
+    assert "a near tie" in course.reload_report(model, tok, prompt, answer.tokens, other)

@@ -95,6 +95,9 @@ def test_finetuned_model_stops_at_eos(trained):
     assert all(r.stopped for r in results), [r for r in results if not r.stopped]
     assert all(r.new_tokens < MAX_NEW for r in results)
     assert all(r.text.startswith("{") for r in results)  # it learned the format
+    # the ids as generated: the end-of-turn token left out, and they decode to the text
+    assert all(len(r.tokens) == r.new_tokens - 1 for r in results)
+    assert all(trained["tok"].decode(r.tokens, skip_special_tokens=True).strip() == r.text for r in results)
 
 
 def test_streaming_joins_to_the_greedy_answer(trained):
@@ -135,6 +138,7 @@ def test_task_score_counts_scorer_failures(trained):
     assert result.score == pytest.approx(0.5)
     assert result.scores == [1.0, 0.0, 0.0, 1.0]
     assert result.predictions == calls
+    assert [trained["tok"].decode(t, skip_special_tokens=True).strip() for t in result.tokens] == calls
     # The default scorer (the demo task's JSON exact match) scores these same answers without failing.
     assert all(lora_kit.json_exact_match(p, m[-1]["content"]) in (0.0, 1.0) for p, m in zip(calls, ds["messages"]))
 
