@@ -672,8 +672,10 @@ CELLS = [
     folder, loads the base (stored as in training), and puts the adapter on it. The tokenizer comes from
     the adapter folder, template included. It is asked a held-out question the fine-tuned model answered
     right in section 8 (the first one, if it answered none right); its answer should match section 8's. Where
-    it does not, the cell finds the first token where the two part and how far apart the reloaded model's
-    logits for the two tokens are there, with the prompt alone and in a padded batch as section 8 generated.
+    it does not, the cell finds the first token where the two part (comparing the token ids each model
+    generated, not their text, which does not always tokenize back to the same ids) and how far apart the
+    reloaded model's logits for the two tokens are there, with the prompt alone and in a padded batch as
+    section 8 generated.
     A near tie that the batch can tip is arithmetic, not a fault (an 8-bit base computes a row differently in
     another batch); a wide gap would mean a different adapter.
     """),
