@@ -208,13 +208,16 @@ class Generation:
     """One answer and how it ended."""
 
     text: str
-    new_tokens: int
-    """Tokens generated, the end-of-turn token included."""
     stopped: bool
     """True when the model ended its turn (EOS); False when it ran into max_new_tokens."""
     tokens: list[int]
     """The answer's token ids as generated, the end-of-turn token left out. Two runs' answers compare exactly
     by these; decoded text does not always tokenize back to the same ids."""
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens generated, the end-of-turn token included."""
+        return len(self.tokens) + self.stopped
 
 
 @torch.no_grad()
@@ -242,7 +245,7 @@ def generate_details(
                     end = next((k for k, t in enumerate(row) if t in eos_ids), None)
                     kept = row if end is None else row[:end]
                     text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-                    results.append(Generation(text, len(kept) if end is None else end + 1, end is not None, kept))
+                    results.append(Generation(text, end is not None, kept))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return results
