@@ -32,29 +32,19 @@ def verdict(report: str) -> str:
     return "other"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--out", default=None, help="a JSON file for the counts")
-    args = p.parse_args(argv)
-
+def random_llama(tok, hidden: int = 1024, layers: int = 8):
+    """A random-weight Llama in bf16 on the CPU, with the embedded tokenizer's vocabulary. At the default size
+    (about 180M parameters, most of them the vocabulary) random weights give logits of a few units; a 2-layer toy's
+    are all near ties."""
     import torch
-    from notebooks_on_gpu import write_chat_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lora_kit import course, load_tokenizer
-    from lora_kit.evaluate import generate_details
-
-    tok = load_tokenizer("embedded")
-    # Big enough that random weights give logits of a few units (a 2-layer toy's are all near ties), small enough
-    # for a CPU: about 180M parameters, most of them the embedded tokenizer's vocabulary.
     config = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -62,17 +52,29 @@ def main(argv=None) -> int:
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
-    chat = write_chat_file(Path("/tmp/check_reload_report/chat.jsonl"), rows=args.prompts)
-    rows = [json.loads(line)["text"] for line in chat.read_text().splitlines()]
-    prompts = [[{"role": "user", "content": r.split("[INST]")[1].split("[/INST]")[0].strip()}] for r in rows]
 
-    batched = generate_details(model, tok, prompts, max_new_tokens=args.new_tokens, batch_size=16)
+def chat_prompts(n: int, folder=Path("/tmp/check_reload_report")) -> list[list[dict]]:
+    """The user turns of ``n`` rows of the notebooks' GPU-run chat file."""
+    from notebooks_on_gpu import write_chat_file
+
+    rows = [
+        json.loads(line)["text"] for line in write_chat_file(folder / "chat.jsonl", rows=n).read_text().splitlines()
+    ]
+    return [[{"role": "user", "content": r.split("[INST]")[1].split("[/INST]")[0].strip()}] for r in rows]
+
+
+def compare(model, tok, prompts, new_tokens: int = 64) -> dict:
+    """Each prompt answered in a padded batch and alone; every pair that differs reported from ids and from text."""
+    from lora_kit import course
+    from lora_kit.evaluate import generate_details
+
+    batched = generate_details(model, tok, prompts, max_new_tokens=new_tokens, batch_size=16)
     counts = {"prompts": len(prompts), "alone_equals_batched": 0, "text_tokenizes_back_to_ids": 0}
     from_ids, from_text = {}, {}
     for prompt, b in zip(prompts, batched):
-        (a,) = generate_details(model, tok, [prompt], max_new_tokens=args.new_tokens)
+        (a,) = generate_details(model, tok, [prompt], max_new_tokens=new_tokens)
         counts["text_tokenizes_back_to_ids"] += tok(b.text, add_special_tokens=False).input_ids == b.tokens
         if a.tokens == b.tokens:
             counts["alone_equals_batched"] += 1
@@ -82,12 +84,25 @@ def main(argv=None) -> int:
         again = [tok(x.text, add_special_tokens=False).input_ids for x in (a, b)]
         kind = verdict(course.reload_report(model, tok, prompt, *again))
         from_text[kind] = from_text.get(kind, 0) + 1
-    counts.update(verdicts_from_ids=from_ids, verdicts_from_retokenized_text=from_text)
+    return {**counts, "verdicts_from_ids": from_ids, "verdicts_from_retokenized_text": from_text}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", default=None, help="a JSON file for the counts")
+    args = p.parse_args(argv)
+
+    from lora_kit import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    counts = compare(random_llama(tok), tok, chat_prompts(args.prompts), args.new_tokens)
     line = json.dumps(counts)
     print(line)
     if args.out:
         Path(args.out).write_text(line + "\n")
-    return 0 if set(from_ids) <= {"near tie"} else 1
+    return 0 if set(counts["verdicts_from_ids"]) <= {"near tie"} else 1
 
 
 if __name__ == "__main__":

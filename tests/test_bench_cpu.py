@@ -330,3 +330,22 @@ def test_checkpoints_are_written_tensor_by_tensor_and_float8_files_load_as_the_f
     norm = loaded["float8"]["model.norm.weight"]
     assert torch.equal(norm, torch.ones_like(norm))
     assert 0.015 < loaded["float16"]["model.layers.0.mlp.up_proj.weight"].std() < 0.025
+
+
+def test_reload_report_reads_batch_arithmetic_as_a_near_tie_from_the_generated_ids(tmp_path):
+    # bf16 random weights, as on the GPU: answers generated alone and in a padded batch part where the top two logits
+    # nearly tie. Read from the ids generated, every such parting is a near tie; read from the decoded text tokenized
+    # again (which garbled answers do not survive), some look like a different adapter.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import check_reload_report
+
+    from lora_kit import load_tokenizer
+
+    tok = load_tokenizer("embedded")
+    model = check_reload_report.random_llama(tok, hidden=512, layers=4)
+    counts = check_reload_report.compare(model, tok, check_reload_report.chat_prompts(16, tmp_path), new_tokens=48)
+    parted = counts["prompts"] - counts["alone_equals_batched"]
+    assert parted >= 4, counts  # the check has partings to read
+    assert counts["verdicts_from_ids"] == {"near tie": parted}, counts
+    assert counts["text_tokenizes_back_to_ids"] < counts["prompts"], counts
+    assert counts["verdicts_from_retokenized_text"].get("more than", 0) >= 1, counts  # what the ids fix
