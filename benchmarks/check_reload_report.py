@@ -75,14 +75,15 @@ def compare(model, tok, prompts, new_tokens: int = 64) -> dict:
     from_ids, from_text = {}, {}
     for prompt, b in zip(prompts, batched):
         (a,) = generate_details(model, tok, [prompt], max_new_tokens=new_tokens)
-        counts["text_tokenizes_back_to_ids"] += tok(b.text, add_special_tokens=False).input_ids == b.tokens
+        b_again = tok(b.text, add_special_tokens=False).input_ids
+        counts["text_tokenizes_back_to_ids"] += b_again == b.tokens
         if a.tokens == b.tokens:
             counts["alone_equals_batched"] += 1
             continue
         kind = verdict(course.reload_report(model, tok, prompt, a.tokens, b.tokens))
         from_ids[kind] = from_ids.get(kind, 0) + 1
-        again = [tok(x.text, add_special_tokens=False).input_ids for x in (a, b)]
-        kind = verdict(course.reload_report(model, tok, prompt, *again))
+        a_again = tok(a.text, add_special_tokens=False).input_ids
+        kind = verdict(course.reload_report(model, tok, prompt, a_again, b_again))
         from_text[kind] = from_text.get(kind, 0) + 1
     return {**counts, "verdicts_from_ids": from_ids, "verdicts_from_retokenized_text": from_text}
 
