@@ -946,6 +946,7 @@ def write_profile(prof, out_dir, name, wall_s, steps, timed_step_s):
             f"{1e3 * timed_step_s:.0f} ms per timed step ({100 * gpu_us / 1e6 / steps / timed_step_s:.0f}% busy)\n"
             f"sync/copy calls: {json.dumps(syncs)}\n\n"
         )
+        fh.write(idle_gaps(prof.events(), DeviceType.CUDA))
         fh.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70))
         fh.write("\n\n")
         fh.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
@@ -954,6 +955,27 @@ def write_profile(prof, out_dir, name, wall_s, steps, timed_step_s):
         f"timed step {1e3 * timed_step_s:.0f} ms",
         flush=True,
     )
+
+
+def idle_gaps(events, device_type, top=20, min_us=20.0) -> str:
+    """Where the GPU waits: the gaps between one kernel's end and the next kernel's start (the host was still
+    launching, or waiting), summed by the pair of kernels on either side. Under the profiler the host runs slower,
+    so the gaps are longer than in the timed steps; their places are what this shows."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == device_type)
+    by_pair, total, end, before = {}, 0.0, None, None
+    for start, stop, name in kernels:
+        if end is not None and start - end > min_us:
+            pair = (before[:50], name[:50])
+            gap = start - end
+            total += gap
+            count, summed = by_pair.get(pair, (0, 0.0))
+            by_pair[pair] = (count + 1, summed + gap)
+        if end is None or stop > end:
+            end, before = stop, name
+    lines = [f"GPU idle in gaps over {min_us:.0f} us: {total / 1e3:.1f} ms in all; the largest sums by neighbours:"]
+    for (after, then), (count, summed) in sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {summed / 1e3:8.1f} ms  {count:5d} gaps  after {after}  before {then}")
+    return "\n".join(lines) + "\n\n"
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
