@@ -107,6 +107,9 @@ RECIPES = {
     "lora_kit_nocompile": {"fast": True, "levers": {"compile_blocks": False}},
     "lora_kit_nosync": {"fast": True, "levers": {"one_sync_optimizer": False}},
     "lora_kit_nolean": {"fast": True, "levers": {"lean_update": False}},
+    "lora_kit_bnb4bit": {"fast": True, "levers": {"torch_4bit_matmul": False}},
+    # lora_kit without Liger's kernels: torch's fused RMSNorm for the norms, Inductor's SwiGLU in the compiled blocks
+    "lora_kit_noliger": {"fast": True, "levers": {"liger": False}},
     # experiments: whole decoder layers compiled where lora_kit compiles blocks (norms and residual adds inside the
     # compiled code, one compiled region per layer instead of two), with and without Liger's kernels
     "lora_kit_layers": {"fast": True, "levers": {"compile_blocks": False}, "whole_layers": True},

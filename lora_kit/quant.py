@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 
 import torch
 
@@ -317,6 +318,95 @@ def _lean_forward(module):
         return _int8_forward(module, x)
 
     return forward
+
+
+def _dequantize_4bit(
+    packed, code, absmax, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, dtype
+):
+    """bitsandbytes' 4-bit dequantization in torch operations, the kernel's arithmetic step for step: each level times
+    its block's absmax in fp32 (a double-quantized absmax decoded first, as its own 8-bit code times the scale of
+    its block of ``absmax_blocksize``, plus the offset), then one rounding to ``dtype``."""
+    if absmax_code is not None:
+        block = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
+        absmax = absmax_code[absmax.long()] * absmax_scale[block] + offset
+    byte = packed.view(torch.uint8).reshape(-1)
+    levels = torch.stack((byte >> 4, byte & 15), dim=-1).reshape(-1)  # the high half-byte holds the earlier value
+    values = code[levels.long()].view(-1, blocksize) * absmax.float().view(-1, 1)
+    return values.reshape(shape).to(dtype)
+
+
+class _FrozenTorch4bitMatmul(torch.autograd.Function):
+    """``y = x W^T`` through a frozen 4-bit weight dequantized by ``_dequantize_4bit`` in the forward and again in the
+    backward: only the packed weight is kept between them, as bitsandbytes' own matmul keeps it."""
+
+    @staticmethod
+    def forward(ctx, x, packed, code, absmax, absmax_code, absmax_scale, offset, sizes, shape):
+        ctx.save_for_backward(packed, code, absmax, absmax_code, absmax_scale, offset)
+        ctx.sizes, ctx.shape = sizes, shape
+        weight = _dequantize_4bit(packed, code, absmax, absmax_code, absmax_scale, offset, *sizes, shape, x.dtype)
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight = _dequantize_4bit(*ctx.saved_tensors, *ctx.sizes, ctx.shape, grad_out.dtype)
+        return (grad_out @ weight,) + (None,) * 8
+
+
+def torch_4bit_matmul(model) -> int:
+    """Route every frozen bitsandbytes ``Linear4bit`` of ``model`` through ``_FrozenTorch4bitMatmul``; return how many.
+
+    Inside compiled code only: torch.compile fuses these torch operations into one kernel per weight, where
+    bitsandbytes' opaque op launches three and runs its Python for each projection, twice a step under gradient
+    checkpointing. Eager calls keep bitsandbytes' own path (its kernels are faster there, its gemv for one token
+    especially), as do weights whose size is not a whole number of blocks.
+    """
+    import importlib.metadata
+
+    import bitsandbytes as bnb
+
+    version = importlib.metadata.version("bitsandbytes")
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+        and not m.weight.requires_grad
+        and m.weight.quant_state is not None
+        and m.weight.numel() * 2 % m.weight.quant_state.blocksize == 0
+    ]
+    if layers and not version.startswith(_BNB_4BIT_CHECKED):
+        logging.getLogger(__name__).warning(
+            "bitsandbytes %s: the torch 4-bit matmul was checked on %s only; leaving its own matmul in place.",
+            version,
+            ", ".join(_BNB_4BIT_CHECKED),
+        )
+        return 0
+    for module in layers:
+        module.forward = types.MethodType(_torch_4bit_forward, module)  # a copy of the model rebinds it to the copy
+    return len(layers)
+
+
+# The bitsandbytes releases whose 4-bit layout and arithmetic _dequantize_4bit was checked against.
+_BNB_4BIT_CHECKED = ("0.50",)
+
+
+def _torch_4bit_forward(self, x, *args, **kwargs):
+    """A frozen ``Linear4bit``'s forward: bitsandbytes' own when eager, ``_FrozenTorch4bitMatmul`` when compiled."""
+    if not torch.compiler.is_compiling():  # eager (generation, evaluation): bitsandbytes' kernels are faster
+        return type(self).forward(self, x, *args, **kwargs)
+    state = self.weight.quant_state
+    inner = state.state2 if state.nested else None
+    tensors = (
+        self.weight,
+        state.code,
+        state.absmax,
+        *((inner.code, inner.absmax, state.offset) if inner else (None,) * 3),
+    )
+    sizes = (state.blocksize, inner.blocksize if inner else 0)
+    dtype = self.compute_dtype or x.dtype  # bitsandbytes computes in compute_dtype and hands back x's dtype
+    out = _FrozenTorch4bitMatmul.apply(x.to(dtype), *tensors, sizes, state.shape)
+    if self.bias is not None:
+        out = out + self.bias.to(dtype)
+    return out.to(x.dtype)
 
 
 def round_trip(weight: torch.Tensor, quantization: str, dtype: torch.dtype) -> torch.Tensor:

@@ -93,6 +93,12 @@ class Levers:
     five full-width ones (a negation, a concatenation, two products and a sum) and autograd as many back; same values
     up to a 16-bit rounding. None: on for a GPU where neither Liger's RoPE nor compiled blocks (which fuse it) run."""
 
+    torch_4bit_matmul: bool | None = None
+    """Inside compiled blocks, each frozen 4-bit projection dequantizes its weight in torch operations that the
+    compiler fuses into one kernel, and again in the backward (quant.torch_4bit_matmul): bitsandbytes' opaque op
+    launches three kernels and runs its Python per projection, which left the GPU waiting. The same values as
+    bitsandbytes' dequantization, bit for bit. None: on where blocks are compiled."""
+
     kept_attention: bool | None = None
     """Under gradient checkpointing, each attention layer's output (and its log-sum-exp) waits in CPU RAM from the
     forward pass to the layer's recompute, which then skips the attention kernel: one attention forward per step
@@ -192,6 +198,7 @@ class Levers:
             ),
             fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled, fsdp),
             lean_rope=choose("lean_rope", gpu and not rope and not compiled, fsdp),
+            torch_4bit_matmul=choose("torch_4bit_matmul", compiled, fsdp),
             kept_attention=choose("kept_attention", gpu and offloaded and not compiled, fsdp),
         )
         return decided, notes
@@ -272,6 +279,12 @@ def after_trainer_built(trainer, levers: Levers) -> list[str]:
     if levers.kept_attention:
         n = keep_attention(trainer.model)
         done.append(f"attention: {n} layers keep their output in CPU RAM for the recompute")
+    if levers.torch_4bit_matmul:
+        from .quant import torch_4bit_matmul
+
+        n = torch_4bit_matmul(trainer.model)
+        if n:
+            done.append(f"4-bit base: {n} projections dequantize in torch operations, fused in the compiled blocks")
     if levers.compile_blocks:
         n = compile_layers(trainer.model, autotune_pointwise=levers.autotune_pointwise)
         done.append(f"torch.compile: {n} attention/MLP blocks (first step compiles them)")

@@ -154,6 +154,46 @@ def test_lean_int8_backward_keeps_gradients_and_lets_go_of_inputs():
     assert alive == [True, False]
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_torch_4bit_matmul_has_bitsandbytes_values_when_compiled_and_leaves_eager_calls_alone(double_quant):
+    import copy
+
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    stock = bnb.nn.Linear4bit(256, 192, compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4")
+    stock.load_state_dict(torch.nn.Linear(256, 192).state_dict())
+    stock = stock.to("cpu").requires_grad_(False)
+    ours = copy.deepcopy(stock)
+    assert quant.torch_4bit_matmul(torch.nn.Sequential(ours, torch.nn.Linear(3, 3))) == 1
+    # the weight decoded in torch operations: bitsandbytes' values, bit for bit, and one rounding to 16 bits
+    state = stock.weight.quant_state
+    inner = state.state2 if double_quant else None
+    tensors = (state.code, state.absmax, *((inner.code, inner.absmax, state.offset) if inner else (None,) * 3))
+    sizes = (state.blocksize, inner.blocksize if inner else 0)
+    weight = quant.dequantize_4bit_weight(stock.weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        decoded = quant._dequantize_4bit(stock.weight, *tensors, *sizes, state.shape, dtype)
+        assert torch.equal(decoded, weight.to(dtype))
+    x = torch.randn(2, 7, 256, requires_grad=True)
+    grad = torch.randn(2, 7, 192)
+    # eager: bitsandbytes' own path, the same bits
+    assert torch.equal(ours(x), stock(x))
+    # compiled: y = x W^T + b, and x's gradient through W, with no bitsandbytes op left in the traced code
+    traced = []
+
+    def backend(graph_module, example_inputs):
+        traced.extend(str(n.target) for m in graph_module.modules() if hasattr(m, "graph") for n in m.graph.nodes)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda gm, _: gm)(graph_module, example_inputs)
+
+    y = torch.compile(ours, backend=backend)(x)
+    y.backward(grad)
+    assert traced and not [t for t in traced if "bitsandbytes" in t]
+    assert [t for t in traced if "autograd_function_apply" in t or "FrozenTorch4bit" in t]
+    assert torch.allclose(y, x @ weight.T + stock.bias, atol=1e-5)
+    assert torch.allclose(x.grad, grad @ weight, atol=1e-5)
+
+
 def test_load_model_8bit_uses_the_lean_backward():
     from lora_kit import load_model
 
