@@ -107,7 +107,8 @@ RECIPES = {
     "lora_kit_nocompile": {"fast": True, "levers": {"compile_blocks": False}},
     "lora_kit_nosync": {"fast": True, "levers": {"one_sync_optimizer": False}},
     "lora_kit_nolean": {"fast": True, "levers": {"lean_update": False}},
-    "lora_kit_bnb4bit": {"fast": True, "levers": {"torch_4bit_matmul": False}},
+    # lora_kit with each frozen 4-bit weight decoded by torch operations inside the compiled blocks
+    "lora_kit_torch4bit": {"fast": True, "levers": {"torch_4bit_matmul": True}},
     # lora_kit without Liger's kernels: torch's fused RMSNorm for the norms, Inductor's SwiGLU in the compiled blocks
     "lora_kit_noliger": {"fast": True, "levers": {"liger": False}},
     # experiments: whole decoder layers compiled where lora_kit compiles blocks (norms and residual adds inside the

@@ -97,7 +97,8 @@ class Levers:
     """Inside compiled blocks, each frozen 4-bit projection dequantizes its weight in torch operations that the
     compiler fuses into one kernel, and again in the backward (quant.torch_4bit_matmul): bitsandbytes' opaque op
     launches three kernels and runs its Python per projection, which left the GPU waiting. The same values as
-    bitsandbytes' dequantization, bit for bit. None: on where blocks are compiled."""
+    bitsandbytes' dequantization, bit for bit. None: off (an opt-in lever until measured on a GPU); it can run only
+    where blocks are compiled."""
 
     kept_attention: bool | None = None
     """Under gradient checkpointing, each attention layer's output (and its log-sum-exp) waits in CPU RAM from the
@@ -198,7 +199,9 @@ class Levers:
             ),
             fused_lora_add=choose("fused_lora_add", gpu and sixteen_bit and not compiled, fsdp),
             lean_rope=choose("lean_rope", gpu and not rope and not compiled, fsdp),
-            torch_4bit_matmul=choose("torch_4bit_matmul", compiled, fsdp),
+            torch_4bit_matmul=choose(
+                "torch_4bit_matmul", False, fsdp or (None if compiled else "it acts inside compiled blocks only")
+            ),
             kept_attention=choose("kept_attention", gpu and offloaded and not compiled, fsdp),
         )
         return decided, notes

@@ -94,7 +94,9 @@ def test_h100_decides_per_data_shape():
     assert not decided((9, 0), "bf16", "lora", FULL)[0].uncast_adapter_inputs
     assert decided((9, 0), "bf16", "lora", CHAT)[0].uncast_adapter_inputs
     assert chat.fused_lora_add and not full.fused_lora_add  # compiled blocks fuse the add themselves
-    assert full.torch_4bit_matmul and not chat.torch_4bit_matmul  # a 4-bit weight's dequantization, where compiled
+    assert not full.torch_4bit_matmul and not chat.torch_4bit_matmul  # opt-in, and only where blocks are compiled
+    assert decided((9, 0), "bf16", lengths=FULL, torch_4bit_matmul=True)[0].torch_4bit_matmul
+    assert "compiled blocks only" in decided((9, 0), "bf16", lengths=CHAT, torch_4bit_matmul=True)[1][0]
     assert chat.lean_rope == (not liger) and not full.lean_rope  # Liger's RoPE or Inductor's instead
     # an 8-bit base is never compiled; fp32 compute compiles nothing
     assert not decided((9, 0), "bf16", "lora8", FULL)[0].compile_blocks
