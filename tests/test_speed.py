@@ -786,6 +786,44 @@ def test_compiled_blocks_keep_the_loss_curve_of_the_embedded_model(tmp_path):
     assert curve_c == pytest.approx(curve_e, rel=3e-2)
 
 
+def test_torch_4bit_matmul_in_compiled_blocks_keeps_the_loss_and_gradients_of_the_embedded_qlora_model():
+    """quant.torch_4bit_matmul inside compile_layers (CPU, Inductor's C++ backend) with gradient checkpointing: the
+    loss and LoRA gradients of bitsandbytes' path; eager calls afterwards still go through bitsandbytes."""
+    import copy
+
+    from lora_kit import LoraSettings, add_lora, load_model, quant
+
+    torch.manual_seed(0)
+    model, _ = load_model("embedded", quantization="nf4")
+    model = add_lora(model, LoraSettings(r=8, alpha=16, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 would leave A without a gradient to compare
+            torch.nn.init.normal_(p, std=0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(0, 1000, (2, 64))
+
+    def loss_and_grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(model)
+    ours = copy.deepcopy(model)
+    layers = model.config.num_hidden_layers
+    assert quant.torch_4bit_matmul(ours) == 7 * layers  # every projection of every layer
+    assert speed.compile_layers(ours) == 2 * layers
+    loss_t, grads_t = loss_and_grads(ours)
+    assert loss_t == pytest.approx(loss, rel=1e-6)
+    assert grads_t.keys() == grads.keys()
+    for name, g in grads.items():
+        assert float((grads_t[name] - g).abs().max() / g.abs().max()) < 1e-4, name
+    with speed.eager_inference(ours), torch.no_grad():
+        assert torch.equal(ours(input_ids=ids[:, :8]).logits, model(input_ids=ids[:, :8]).logits)
+
+
 def test_eager_inference_switches_training_levers_off_and_back():
     from lora_kit import load_model, speed
     from lora_kit.evaluate import generate
