@@ -244,8 +244,24 @@ def plot_nf4_levels(title: str = "Where the 16 four-bit levels sit"):
 
 # --- 8-bit bases in training ------------------------------------------------------------------
 
-# The bitsandbytes releases this was checked against; on others lean_int8_backward steps aside.
-_INT8_CHECKED = ("0.50",)
+# The bitsandbytes releases whose internals lean_int8_backward and torch_4bit_matmul were checked against (the int8
+# layer's state, the 4-bit layout and arithmetic); on others both step aside.
+_BNB_CHECKED = ("0.50",)
+
+
+def _checked_bitsandbytes(what: str) -> bool:
+    import importlib.metadata
+
+    version = importlib.metadata.version("bitsandbytes")
+    if version.startswith(_BNB_CHECKED):
+        return True
+    logging.getLogger(__name__).warning(
+        "bitsandbytes %s: %s was checked on %s only; leaving its own matmul in place.",
+        version,
+        what,
+        ", ".join(_BNB_CHECKED),
+    )
+    return False
 
 
 class _QuietInt8Cast(logging.Filter):
@@ -293,18 +309,10 @@ def lean_int8_backward(model) -> int:
 
     The inputs bitsandbytes keeps would run a 7B on a 15 GB T4 out of memory; the gradients stay its own.
     """
-    import importlib.metadata
-
     import bitsandbytes as bnb
 
-    version = importlib.metadata.version("bitsandbytes")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt) and not m.weight.requires_grad]
-    if layers and not version.startswith(_INT8_CHECKED):
-        logging.getLogger(__name__).warning(
-            "bitsandbytes %s: the lean 8-bit backward was checked on %s only; leaving its own matmul in place.",
-            version,
-            ", ".join(_INT8_CHECKED),
-        )
+    if layers and not _checked_bitsandbytes("the lean 8-bit backward"):
         return 0
     for module in layers:
         module.forward = _lean_forward(module)
@@ -360,11 +368,8 @@ def torch_4bit_matmul(model) -> int:
     checkpointing. Eager calls keep bitsandbytes' own path (its kernels are faster there, its gemv for one token
     especially), as do weights whose size is not a whole number of blocks.
     """
-    import importlib.metadata
-
     import bitsandbytes as bnb
 
-    version = importlib.metadata.version("bitsandbytes")
     layers = [
         m
         for m in model.modules()
@@ -373,20 +378,11 @@ def torch_4bit_matmul(model) -> int:
         and m.weight.quant_state is not None
         and m.weight.numel() * 2 % m.weight.quant_state.blocksize == 0
     ]
-    if layers and not version.startswith(_BNB_4BIT_CHECKED):
-        logging.getLogger(__name__).warning(
-            "bitsandbytes %s: the torch 4-bit matmul was checked on %s only; leaving its own matmul in place.",
-            version,
-            ", ".join(_BNB_4BIT_CHECKED),
-        )
+    if layers and not _checked_bitsandbytes("the torch 4-bit matmul"):
         return 0
     for module in layers:
         module.forward = types.MethodType(_torch_4bit_forward, module)  # a copy of the model rebinds it to the copy
     return len(layers)
-
-
-# The bitsandbytes releases whose 4-bit layout and arithmetic _dequantize_4bit was checked against.
-_BNB_4BIT_CHECKED = ("0.50",)
 
 
 def _torch_4bit_forward(self, x, *args, **kwargs):

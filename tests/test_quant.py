@@ -219,3 +219,23 @@ def test_bitsandbytes_per_matmul_cast_message_stays_out_of_the_output(caplog):
         logging.getLogger("bitsandbytes.autograd._functions").warning("another bitsandbytes warning")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["another bitsandbytes warning"]
+
+
+def test_patches_of_bitsandbytes_internals_step_aside_on_an_unchecked_release(monkeypatch, caplog):
+    import importlib.metadata
+
+    import bitsandbytes as bnb
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "9.9.0" if name == "bitsandbytes" else real_version(name)
+    )
+    four_bit = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32).to("cpu").requires_grad_(False)
+    eight_bit = _int8_layer(torch.randn(96, 64) * 0.05)
+    with caplog.at_level(logging.WARNING, logger="lora_kit.quant"):
+        assert quant.torch_4bit_matmul(torch.nn.Sequential(four_bit)) == 0
+        assert quant.lean_int8_backward(torch.nn.Sequential(eight_bit)) == 0
+    assert "forward" not in vars(four_bit) and "forward" not in vars(eight_bit)  # their own forward stays
+    ours = [r.getMessage() for r in caplog.records if r.name == "lora_kit.quant"]
+    assert [m.split(":")[0] for m in ours] == ["bitsandbytes 9.9.0"] * 2
+    assert "the torch 4-bit matmul was checked on 0.50 only" in ours[0]
