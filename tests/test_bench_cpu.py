@@ -104,6 +104,34 @@ def test_peak_breakdown_replays_the_allocation_trace():
     }
 
 
+def test_idle_gaps_sums_the_gpu_waits_by_the_kernels_on_either_side():
+    import types
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    def event(start, end, name, device=1):
+        return types.SimpleNamespace(
+            time_range=types.SimpleNamespace(start=start, end=end), name=name, device_type=device
+        )
+
+    events = [
+        event(0, 10, "decode"),
+        event(100, 200, "matmul"),  # 90 us after decode
+        event(150, 160, "overlapping"),  # inside matmul: no gap
+        event(300, 310, "decode"),  # 100 us after matmul
+        event(400, 410, "matmul"),  # 90 us after decode
+        event(410, 415, "norm"),  # back to back: no gap
+        event(0, 1000, "a host op", device=0),  # not a kernel
+    ]
+    text = bench_train.idle_gaps(events, 1, min_us=20)
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("GPU idle in gaps over 20 us: 0.3 ms in all")
+    assert "0.2 ms      2 gaps  after decode  before matmul" in lines[1]
+    assert "0.1 ms      1 gaps  after matmul  before decode" in lines[2]
+    assert len(lines) == 3
+
+
 def test_cold_compile_gives_each_recipe_subprocess_empty_compiler_caches(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_train
