@@ -328,6 +328,9 @@ def _lean_forward(module):
     return forward
 
 
+# --- 4-bit bases in compiled training ----------------------------------------------------------
+
+
 def _dequantize_4bit(
     packed, code, absmax, absmax_code, absmax_scale, offset, blocksize, absmax_blocksize, shape, dtype
 ):
@@ -376,7 +379,7 @@ def torch_4bit_matmul(model) -> int:
         if isinstance(m, bnb.nn.Linear4bit)
         and not m.weight.requires_grad
         and m.weight.quant_state is not None
-        and m.weight.numel() * 2 % m.weight.quant_state.blocksize == 0
+        and m.weight.quant_state.shape.numel() % m.weight.quant_state.blocksize == 0
     ]
     if layers and not _checked_bitsandbytes("the torch 4-bit matmul"):
         return 0
