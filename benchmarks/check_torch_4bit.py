@@ -50,29 +50,24 @@ def main():
         stock = layer(out_features, in_features)
         ours = copy.deepcopy(stock)
         quant.torch_4bit_matmul(torch.nn.Sequential(ours))
-        state = stock.weight.quant_state
-        inner = state.state2
-        decoded = quant._dequantize_4bit(
-            stock.weight, state.code, state.absmax, inner.code, inner.absmax, state.offset,
-            state.blocksize, inner.blocksize, state.shape, torch.bfloat16,
-        )  # fmt: skip
-        import bitsandbytes.functional as F
-
-        same_bits = torch.equal(decoded, F.dequantize_4bit(stock.weight, state).to(torch.bfloat16))
+        tensors, sizes = quant._4bit_parts(stock.weight)
+        decoded = quant._dequantize_4bit(*tensors, *sizes, stock.weight.quant_state.shape, torch.bfloat16)
+        same_bits = torch.equal(decoded, quant.dequantize_4bit_weight(stock.weight).to(torch.bfloat16))
         x = torch.randn(args.tokens, in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(args.tokens, out_features, device="cuda", dtype=torch.bfloat16)
+        compiled = [torch.compile(stock), torch.compile(ours)]
         outputs = []
-        for module in (stock, ours):
+        for module in compiled:
             x.grad = None
-            y = torch.compile(module)(x)
+            y = module(x)
             y.backward(grad)
             outputs.append((y.detach(), x.grad.clone()))
         rows[name] = {
             "same_bits": same_bits,
             "max_output_difference": (outputs[0][0] - outputs[1][0]).abs().max().item(),
             "max_input_grad_difference": (outputs[0][1] - outputs[1][1]).abs().max().item(),
-            "bitsandbytes_ms": timed(torch.compile(stock), x, grad),
-            "torch_ms": timed(torch.compile(ours), x, grad),
+            "bitsandbytes_ms": timed(compiled[0], x, grad),
+            "torch_ms": timed(compiled[1], x, grad),
         }
         print(name, json.dumps(rows[name]), flush=True)
     if args.json_out:

@@ -346,6 +346,15 @@ def _dequantize_4bit(
     return values.reshape(shape).to(dtype)
 
 
+def _4bit_parts(weight):
+    """A ``Params4bit``'s packed values and quantization tensors, then its block sizes, as ``_dequantize_4bit`` takes
+    them (no second-level tensors, and a second block size of 0, without double quantization)."""
+    state = weight.quant_state
+    inner = state.state2 if state.nested else None
+    second = (inner.code, inner.absmax, state.offset) if inner else (None,) * 3
+    return (weight, state.code, state.absmax, *second), (state.blocksize, inner.blocksize if inner else 0)
+
+
 class _FrozenTorch4bitMatmul(torch.autograd.Function):
     """``y = x W^T`` through a frozen 4-bit weight dequantized by ``_dequantize_4bit`` in the forward and again in the
     backward: only the packed weight is kept between them, as bitsandbytes' own matmul keeps it."""
@@ -392,17 +401,9 @@ def _torch_4bit_forward(self, x, *args, **kwargs):
     """A frozen ``Linear4bit``'s forward: bitsandbytes' own when eager, ``_FrozenTorch4bitMatmul`` when compiled."""
     if not torch.compiler.is_compiling():  # eager (generation, evaluation): bitsandbytes' kernels are faster
         return type(self).forward(self, x, *args, **kwargs)
-    state = self.weight.quant_state
-    inner = state.state2 if state.nested else None
-    tensors = (
-        self.weight,
-        state.code,
-        state.absmax,
-        *((inner.code, inner.absmax, state.offset) if inner else (None,) * 3),
-    )
-    sizes = (state.blocksize, inner.blocksize if inner else 0)
+    tensors, sizes = _4bit_parts(self.weight)
     dtype = self.compute_dtype or x.dtype  # bitsandbytes computes in compute_dtype and hands back x's dtype
-    out = _FrozenTorch4bitMatmul.apply(x.to(dtype), *tensors, sizes, state.shape)
+    out = _FrozenTorch4bitMatmul.apply(x.to(dtype), *tensors, sizes, self.weight.quant_state.shape)
     if self.bias is not None:
         out = out + self.bias.to(dtype)
     return out.to(x.dtype)

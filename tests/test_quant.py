@@ -167,13 +167,10 @@ def test_torch_4bit_matmul_has_bitsandbytes_values_when_compiled_and_leaves_eage
     ours = copy.deepcopy(stock)
     assert quant.torch_4bit_matmul(torch.nn.Sequential(ours, torch.nn.Linear(3, 3))) == 1
     # the weight decoded in torch operations: bitsandbytes' values, bit for bit, and one rounding to 16 bits
-    state = stock.weight.quant_state
-    inner = state.state2 if double_quant else None
-    tensors = (state.code, state.absmax, *((inner.code, inner.absmax, state.offset) if inner else (None,) * 3))
-    sizes = (state.blocksize, inner.blocksize if inner else 0)
+    tensors, sizes = quant._4bit_parts(stock.weight)
     weight = quant.dequantize_4bit_weight(stock.weight)
     for dtype in (torch.float32, torch.bfloat16):
-        decoded = quant._dequantize_4bit(stock.weight, *tensors, *sizes, state.shape, dtype)
+        decoded = quant._dequantize_4bit(*tensors, *sizes, stock.weight.quant_state.shape, dtype)
         assert torch.equal(decoded, weight.to(dtype))
     x = torch.randn(2, 7, 256, requires_grad=True)
     grad = torch.randn(2, 7, 192)
